@@ -1,0 +1,24 @@
+"""Pure tensor functions behind string registries: advantage estimators, losses, shaping, distillation.
+
+Nothing here touches models, files or the network; everything takes and returns tensors.
+"""
+
+from critique_rl.algos.advantages import ADVANTAGE_ESTIMATORS, compute_advantages, register_advantage
+from critique_rl.algos.losses import (
+    LOSS_AGGREGATIONS,
+    aggregate_loss,
+    entropy_from_logits,
+    kl_k3,
+    ppo_clip_loss,
+)
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
+    "aggregate_loss",
+    "compute_advantages",
+    "entropy_from_logits",
+    "kl_k3",
+    "ppo_clip_loss",
+    "register_advantage",
+]

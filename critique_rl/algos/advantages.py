@@ -1,0 +1,69 @@
+"""Group-relative advantage estimators (pure functions, string registry).
+
+Every estimator takes ``rewards`` of shape ``[G, n]`` (G groups of n samples of the same prompt; a mixed
+Critique-GRPO group is just a wider row) and an optional boolean ``mask`` of the same shape (False = the
+sample is not part of the group, e.g. gated out or padding) and returns advantages ``[G, n]``, zero where
+masked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+AdvantageFn = Callable[..., torch.Tensor]
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {}
+
+
+def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
+    def deco(fn: AdvantageFn) -> AdvantageFn:
+        ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+
+    return deco
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(x.dtype)
+    return (x * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1.0)
+
+
+def _masked_std(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    m = mask.to(x.dtype)
+    cnt = m.sum(-1, keepdim=True)
+    mean = _masked_mean(x, mask)
+    var = (((x - mean) * m) ** 2).sum(-1, keepdim=True) / (cnt - (1.0 if unbiased else 0.0)).clamp_min(1.0)
+    return var.sqrt()
+
+
+@register_advantage("dr_grpo")
+def dr_grpo_advantages(rewards: torch.Tensor, mask: torch.Tensor | None = None, **_: object) -> torch.Tensor:
+    """Dr.GRPO (arXiv:2503.20783): ``A_i = R_i - mean_j R_j`` over the group; no std normalisation.
+
+    Dropping the std removes the question-difficulty bias of GRPO (groups with tiny spread get huge
+    advantages). Length normalisation is removed separately by the ``token_sum_norm`` loss aggregation.
+    """
+    mask = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask
+    return (rewards - _masked_mean(rewards, mask)) * mask
+
+
+@register_advantage("grpo")
+def grpo_advantages(
+    rewards: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-6, **_: object
+) -> torch.Tensor:
+    """GRPO (DeepSeekMath, arXiv:2402.03300): ``A_i = (R_i - mean_j R_j) / (std_j R_j + eps)``.
+
+    ``std`` is the unbiased sample standard deviation of the group (as in TRL / verl).
+    """
+    mask = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask
+    return (rewards - _masked_mean(rewards, mask)) / (_masked_std(rewards, mask) + eps) * mask
+
+
+def compute_advantages(
+    name: str, rewards: torch.Tensor, mask: torch.Tensor | None = None, **kwargs: object
+) -> torch.Tensor:
+    """Look up estimator ``name`` in the registry and apply it to ``rewards`` ``[G, n]``."""
+    if name not in ADVANTAGE_ESTIMATORS:
+        raise KeyError(f"unknown advantage estimator '{name}'; known: {sorted(ADVANTAGE_ESTIMATORS)}")
+    return ADVANTAGE_ESTIMATORS[name](rewards, mask=mask, **kwargs)

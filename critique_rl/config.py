@@ -1,0 +1,364 @@
+"""Configuration dataclasses, YAML loading and strict validation.
+
+One documented dataclass per concern, TRL-style: every field carries its default and, where it comes from a
+paper, the arXiv id. ``TrainConfig`` is the run config (aliased as ``CritiqueGRPOConfig``); the critic and
+the memory have nested configs under the keys ``critic:`` and ``memory:``. Every YAML key is a field.
+
+Validation is strict: unknown keys, wrong types and impossible combinations raise :class:`ConfigError`
+naming the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from critique_rl.errors import ConfigError, UserError
+
+
+@dataclass
+class CriticConfig:
+    """Which critic writes critiques, and how the client behaves (Critique-GRPO, arXiv:2506.03106)."""
+
+    backend: Literal["none", "rule", "hf", "openai"] = "rule"
+    """`rule`: templates from the verifier and reference, no model. `hf`: a local transformers model
+    (`model` is a path, or `policy` for self-critique). `openai`: any OpenAI-compatible endpoint."""
+    kind: Literal["indicative", "ground_truth", "cot"] = "ground_truth"
+    """`indicative`: verdict only; `ground_truth`: verdict plus the reference answer; `cot`: a step-by-step
+    critique written by a model that ends in a parseable verdict."""
+    model: str | None = None
+    """Model name (openai backend) or local path / `policy` (hf backend)."""
+    base_url: str | None = None
+    """OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 for a vLLM server. None = api.openai.com."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the API key. The key itself is never stored or logged."""
+    temperature: float = 0.0
+    max_tokens: int = 256
+    max_concurrency: int = 8
+    """Most requests in flight at once."""
+    timeout_s: float = 30.0
+    """Per-request timeout in seconds."""
+    max_retries: int = 3
+    """Retries after the first try, with exponential backoff and jitter; Retry-After is honoured."""
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 8.0
+    cache_path: str | None = None
+    """SQLite cache of API replies, keyed by (model, messages, params). None = <output_dir>/critic_cache.sqlite."""
+    max_regenerations: int = 2
+    """`cot` critiques whose verdict disagrees with the verifier are regenerated up to this many times."""
+    fallback_kind: Literal["auto", "ground_truth", "indicative"] = "auto"
+    """Kind used when a critique cannot be had. `auto`: ground_truth when a reference exists, else indicative."""
+    template_dir: str | None = None
+    """Folder with user jinja2 templates overriding the packaged ones (rendered in jinja2's sandbox)."""
+
+    def __post_init__(self) -> None:
+        _positive("critic.max_concurrency", self.max_concurrency)
+        _positive("critic.timeout_s", self.timeout_s)
+        _non_negative("critic.max_retries", self.max_retries)
+        _non_negative("critic.max_regenerations", self.max_regenerations)
+        _positive("critic.max_tokens", self.max_tokens)
+        if self.backend == "openai" and not self.model:
+            raise ConfigError("critic.model", self.model, "the openai backend needs a model name, e.g. gpt-4o-mini")
+        if self.kind == "cot" and self.backend == "rule":
+            raise ConfigError(
+                "critic.kind", self.kind, "the rule backend cannot write cot critiques; use backend hf or openai"
+            )
+
+
+@dataclass
+class MemoryConfig:
+    """SkillRL-style memory: demonstrations from successes, lessons abstracted from failures."""
+
+    enabled: bool = False
+    bank_path: str | None = None
+    """SQLite file of the bank. None = <output_dir>/memory.sqlite."""
+    top_k_demos: int = 2
+    top_k_lessons: int = 2
+    token_budget: int = 256
+    """Most tokens (whitespace words) of retrieved context rendered into a prompt."""
+    embeddings: Literal["auto", "sentence_transformers", "lexical"] = "auto"
+    """`auto`: sentence-transformers when installed (extra `embeddings`), else lexical BM25."""
+    dedup_threshold: float = 0.9
+    """A new lesson whose similarity to an existing one is above this merges into it."""
+    abstraction: Literal["rule", "critic"] = "rule"
+    """How failures become lessons: rule-based from verifier + critique, or by the critic with lesson.j2."""
+
+    def __post_init__(self) -> None:
+        _non_negative("memory.top_k_demos", self.top_k_demos)
+        _non_negative("memory.top_k_lessons", self.top_k_lessons)
+        _positive("memory.token_budget", self.token_budget)
+        if not 0.0 < self.dedup_threshold <= 1.0:
+            raise ConfigError("memory.dedup_threshold", self.dedup_threshold, "use a value in (0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    """One training run: model, data, SFT warm-up, GRPO / Critique-GRPO, logging and checkpoints."""
+
+    # --- model and data ------------------------------------------------------------------------------------
+    model: str = "tiny"
+    """`tiny`: build a small Llama + byte-level BPE tokenizer in-process. Else a local HF model directory."""
+    task: str = "addition"
+    """Built-in task (`addition`, `reverse`) or one registered with `critique_rl.tasks.register_task`."""
+    train_file: str | None = None
+    """Optional JSONL/parquet file or saved HF dataset dir with columns `prompt`, `answer` (overrides task data)."""
+    eval_file: str | None = None
+    verifier: str | None = None
+    """Dotted path `pkg.module:function(completion, answer) -> bool` for user datasets. None = the task's."""
+    output_dir: str = "runs/demo"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    use_chat_template: Literal["auto", "yes", "no"] = "auto"
+    """Wrap prompts in the tokenizer's chat template. `auto`: when the tokenizer has one."""
+
+    # --- tiny model (model == "tiny") ---------------------------------------------------------------------
+    tiny_hidden_size: int = 128
+    tiny_layers: int = 2
+    tiny_heads: int = 4
+    """head_dim = hidden/heads must be >= 32 so a CPU vLLM can serve the same model."""
+    tiny_vocab_size: int = 320
+
+    # --- SFT warm-up (imitation before exploration) -------------------------------------------------------
+    sft_steps: int = 300
+    sft_batch_size: int = 64
+    sft_learning_rate: float = 3e-3
+    sft_examples: int = 4000
+
+    # --- RL ----------------------------------------------------------------------------------------------
+    max_steps: int = 60
+    num_generations: int = 8
+    """Group size n (samples per prompt). GRPO needs >= 2 (arXiv:2402.03300)."""
+    generation_batch_size: int = 128
+    """Completions sampled per step (= prompts per step x num_generations)."""
+    mini_batch_size: int = 64
+    """Completions per optimizer micro-batch; gradients accumulate over the whole generation batch."""
+    num_iterations: int = 1
+    """Optimizer passes over each generation batch (mu in GRPO). >1 makes the PPO ratio non-trivial."""
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 8
+    advantage_estimator: str = "dr_grpo"
+    """`dr_grpo`: A = R - mean (arXiv:2503.20783); `grpo`: (R - mean)/std (arXiv:2402.03300)."""
+    loss_aggregation: Literal["token_sum_norm", "token_mean", "seq_mean_token_mean"] = "token_sum_norm"
+    """`token_sum_norm`: token sum / constant (Dr.GRPO, arXiv:2503.20783); `token_mean` (DAPO,
+    arXiv:2503.14476); `seq_mean_token_mean` (original GRPO)."""
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.28
+    """Asymmetric clip range; the higher upper bound is DAPO's clip-higher (arXiv:2503.14476)."""
+    kl_beta: float = 0.0
+    """Weight of the k3 KL estimator to a frozen reference policy (0 = no reference model kept)."""
+    entropy_coef: float = 0.0
+    reward_funcs: list[str] = field(default_factory=lambda: ["correctness"])
+    reward_weights: list[float] | None = None
+    rollout_backend: Literal["hf", "vllm"] = "hf"
+
+    # --- evaluation, logging, checkpoints -----------------------------------------------------------------
+    eval_n: int = 200
+    """Held-out problems for the before/after table."""
+    eval_every: int = 0
+    """Evaluate every N RL steps (0 = only before and after RL)."""
+    eval_batch_size: int = 200
+    log_rollouts: int = 16
+    """Rollouts per step written to rollouts.jsonl."""
+    checkpoint_every: int = 20
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ConfigError(
+                "num_generations", self.num_generations, "group advantages need at least 2 samples per prompt; use >= 2"
+            )
+        if self.generation_batch_size % self.num_generations:
+            raise ConfigError(
+                "generation_batch_size",
+                self.generation_batch_size,
+                f"must be divisible by num_generations ({self.num_generations}); "
+                f"e.g. {self.num_generations * max(1, self.generation_batch_size // self.num_generations)}",
+            )
+        if self.mini_batch_size < 1 or self.generation_batch_size % self.mini_batch_size:
+            raise ConfigError(
+                "mini_batch_size",
+                self.mini_batch_size,
+                f"must divide generation_batch_size ({self.generation_batch_size})",
+            )
+        if self.tiny_hidden_size % self.tiny_heads or self.tiny_hidden_size // self.tiny_heads < 32:
+            raise ConfigError(
+                "tiny_heads",
+                self.tiny_heads,
+                f"tiny_hidden_size ({self.tiny_hidden_size}) / tiny_heads must be an integer >= 32 (CPU vLLM needs head_dim >= 32)",
+            )
+        for name in ("max_steps", "sft_steps", "warmup_steps", "kl_beta", "entropy_coef", "eval_every", "log_rollouts"):
+            _non_negative(name, getattr(self, name))
+        for name in ("num_iterations", "learning_rate", "max_new_tokens", "eval_n", "eval_batch_size",
+                     "sft_batch_size", "sft_examples", "keep_checkpoints", "temperature", "max_grad_norm",
+                     "checkpoint_every", "tiny_layers", "tiny_vocab_size"):
+            _positive(name, getattr(self, name))
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError("top_p", self.top_p, "use a value in (0, 1]")
+        if self.clip_eps_low < 0 or self.clip_eps_high < 0:
+            raise ConfigError("clip_eps_low", self.clip_eps_low, "clip ranges must be >= 0")
+        if not self.reward_funcs:
+            raise ConfigError("reward_funcs", self.reward_funcs, "name at least one reward function, e.g. [correctness]")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ConfigError(
+                "reward_weights",
+                self.reward_weights,
+                f"give one weight per reward function ({len(self.reward_funcs)}: {self.reward_funcs})",
+            )
+        if self.model != "tiny" and not Path(self.model).expanduser().is_dir():
+            raise ConfigError(
+                "model",
+                self.model,
+                "not a readable local model directory; pass a folder saved with save_pretrained, or `tiny`",
+            )
+        if self.kl_beta > 0 and self.num_iterations < 1:
+            raise ConfigError("num_iterations", self.num_iterations, "must be >= 1")
+        from critique_rl.algos import ADVANTAGE_ESTIMATORS  # late import: algos imports only torch
+
+        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise ConfigError(
+                "advantage_estimator",
+                self.advantage_estimator,
+                f"choose one of {sorted(ADVANTAGE_ESTIMATORS)}",
+            )
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.generation_batch_size // self.num_generations
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+CritiqueGRPOConfig = TrainConfig
+
+
+# ---------------------------------------------------------------------------------------------------------
+# strict loading
+# ---------------------------------------------------------------------------------------------------------
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(name, value, "must be > 0")
+
+
+def _non_negative(name: str, value: float) -> None:
+    if value < 0:
+        raise ConfigError(name, value, "must be >= 0")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    bad = ConfigError(path, value, f"expected {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise bad
+        return from_dict(tp, value, prefix=f"{path}.")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types by field name."""
+    if not isinstance(data, dict):
+        raise ConfigError(prefix.rstrip(".") or "config", data, "expected a mapping of field: value")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known fields: {', '.join(names)}"
+            raise ConfigError(f"{prefix}{key}", value, f"unknown key; {hint}")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Load a YAML run config (or the embedded defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file '{path}' does not exist; pass a YAML file or no argument for the demo")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file '{path}' must hold a mapping of field: value at the top level")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(TrainConfig, data)

@@ -1,0 +1,56 @@
+"""Built-in verifiable tasks and the registry for user tasks."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+from critique_rl.errors import UserError
+from critique_rl.tasks.arithmetic import ADDITION
+from critique_rl.tasks.base import Example, Task, final_answer_span, parse_number
+from critique_rl.tasks.strings import REVERSE
+
+TASKS: dict[str, Task] = {t.name: t for t in (ADDITION, REVERSE)}
+
+
+def register_task(task: Task) -> Task:
+    """Make ``task`` available by name (``task: <name>`` in a config) without editing the package."""
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise UserError(f"config field 'task' = {name!r}: unknown task; choose one of {sorted(TASKS)} "
+                        "or register yours with critique_rl.tasks.register_task")
+    return TASKS[name]
+
+
+def load_callable(spec: str, what: str = "verifier") -> Callable:
+    """Load ``pkg.module:attr`` or ``path/to/file.py:attr``. The spec comes from the user's own config."""
+    if ":" not in spec:
+        raise UserError(f"{what} '{spec}' must look like 'package.module:function' or 'file.py:function'")
+    mod_name, attr = spec.rsplit(":", 1)
+    try:
+        if mod_name.endswith(".py"):
+            path = Path(mod_name).expanduser()
+            if not path.is_file():
+                raise UserError(f"{what} file '{mod_name}' does not exist")
+            mspec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(mspec)
+            assert mspec.loader is not None
+            mspec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise UserError(f"{what} '{spec}': cannot import '{mod_name}' ({exc})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise UserError(f"{what} '{spec}': '{attr}' is not a callable in '{mod_name}'")
+    return fn
+
+
+__all__ = ["TASKS", "Example", "Task", "final_answer_span", "get_task", "load_callable", "parse_number",
+           "register_task"]

@@ -1,0 +1,49 @@
+"""Two-digit addition: ``"47+38="`` -> ``"85"``. Train and eval pairs are disjoint by construction."""
+
+from __future__ import annotations
+
+import random
+
+from critique_rl.tasks.base import Example, Task, parse_number
+
+_ALL_PAIRS = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+_EVAL_POOL = 1000
+
+
+def _split_pairs(split: str) -> list[tuple[int, int]]:
+    pairs = list(_ALL_PAIRS)
+    random.Random(1234).shuffle(pairs)  # fixed split, independent of the run seed
+    return pairs[:_EVAL_POOL] if split == "eval" else pairs[_EVAL_POOL:]
+
+
+def make_addition(split: str, n: int, seed: int = 0) -> list[Example]:
+    """``n`` problems from ``split`` ("train" samples with replacement, "eval" without)."""
+    pool = _split_pairs(split)
+    rng = random.Random(seed)
+    if split == "eval":
+        chosen = rng.sample(pool, min(n, len(pool)))
+    else:
+        chosen = [rng.choice(pool) for _ in range(n)]
+    return [{"prompt": f"{a}+{b}=", "answer": str(a + b), "a": a, "b": b} for a, b in chosen]
+
+
+def verify_number(completion: str, answer: str) -> bool:
+    got = parse_number(completion)
+    return got is not None and abs(got - float(answer)) < 1e-9
+
+
+def extract_number(completion: str) -> str | None:
+    got = parse_number(completion)
+    if got is None:
+        return None
+    return str(int(got)) if got == int(got) else str(got)
+
+
+ADDITION = Task(
+    name="addition",
+    make_examples=make_addition,
+    verify=verify_number,
+    extract=extract_number,
+    description="two-digit addition, answer is the sum",
+    max_new_tokens=6,
+)
