@@ -149,7 +149,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 8
+    max_new_tokens: int | None = None
+    """Most tokens per completion. None = the task's own limit (e.g. 6 for addition, 16 with confidence)."""
     advantage_estimator: str = "dr_grpo"
     """`dr_grpo`: A = R - mean (arXiv:2503.20783); `grpo`: (R - mean)/std (arXiv:2402.03300)."""
     loss_aggregation: Literal["token_sum_norm", "token_mean", "seq_mean_token_mean"] = "token_sum_norm"
@@ -162,7 +163,22 @@ class TrainConfig:
     """Weight of the k3 KL estimator to a frozen reference policy (0 = no reference model kept)."""
     entropy_coef: float = 0.0
     reward_funcs: list[str] = field(default_factory=lambda: ["correctness"])
+    """Registry names (`correctness`, `format`, `overlong`, `brier`) or `pkg.module:fn` / `file.py:fn`."""
     reward_weights: list[float] | None = None
+    """One weight b_k per reward function (default all 1.0)."""
+    reward_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Keyword arguments per reward name, e.g. {format: {pattern: '\\d+'}, overlong: {max_length: 16}}."""
+    reward_aggregator: str = "weighted_sum"
+    """How K rewards become one advantage: `weighted_sum` (sum_k b_k r_k, then `advantage_estimator`),
+    `gdpo` (arXiv:2601.05242), `dvao` (arXiv:2605.25604, variance-adaptive weights)."""
+    gates: list[str] = field(default_factory=list)
+    """Rubric gates (DRO, arXiv:2506.13351): `has_answer`, `max_length`, `format` or `pkg.module:fn`; a
+    failing rollout gets no gradient and a group with none passing is dropped."""
+    gate_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    w_lambda: float = 0.1
+    """W-REINFORCE weight of correct samples (arXiv:2506.01347); used by `w_reinforce`."""
+    reward_threshold: float = 0.5
+    """A reward above this counts as correct for `w_reinforce` / `psr` / `nsr`."""
     rollout_backend: Literal["hf", "vllm"] = "hf"
 
     # --- evaluation, logging, checkpoints -----------------------------------------------------------------
@@ -206,7 +222,7 @@ class TrainConfig:
             )
         for name in ("max_steps", "sft_steps", "warmup_steps", "kl_beta", "entropy_coef", "eval_every", "log_rollouts"):
             _non_negative(name, getattr(self, name))
-        for name in ("num_iterations", "learning_rate", "max_new_tokens", "eval_n", "eval_batch_size",
+        for name in ("num_iterations", "learning_rate", "eval_n", "eval_batch_size",
                      "sft_batch_size", "sft_examples", "keep_checkpoints", "temperature", "max_grad_norm",
                      "checkpoint_every", "tiny_layers", "tiny_vocab_size"):
             _positive(name, getattr(self, name))
@@ -230,7 +246,12 @@ class TrainConfig:
             )
         if self.kl_beta > 0 and self.num_iterations < 1:
             raise ConfigError("num_iterations", self.num_iterations, "must be >= 1")
-        from critique_rl.algos import ADVANTAGE_ESTIMATORS  # late import: algos imports only torch
+        from critique_rl.algos import ADVANTAGE_ESTIMATORS, AGGREGATORS  # late import: algos imports only torch
+
+        if self.reward_aggregator not in AGGREGATORS:
+            raise ConfigError("reward_aggregator", self.reward_aggregator, f"choose one of {sorted(AGGREGATORS)}")
+        if self.max_new_tokens is not None:
+            _positive("max_new_tokens", self.max_new_tokens)
 
         if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
             raise ConfigError(
@@ -275,6 +296,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -307,6 +330,13 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if value in typing.get_args(tp):
             return value
         raise bad
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        _, inner = typing.get_args(tp)
+        return {str(k): _coerce(v, inner, f"{path}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise bad

@@ -102,3 +102,20 @@ def load_policy(path: str | Path, device: str = "auto", dtype: torch.dtype | Non
         dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype)
     return model.to(dev), tokenizer
+
+
+def wants_chat_template(tokenizer, mode: str = "auto") -> bool:
+    """Whether prompts get wrapped in the tokenizer's chat template (`auto`: when it has one)."""
+    if mode == "yes":
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("config field 'use_chat_template' = 'yes' but the tokenizer has no chat template; use auto")
+        return True
+    return mode == "auto" and bool(getattr(tokenizer, "chat_template", None))
+
+
+def format_prompt(tokenizer, text: str, use_chat: bool, system: str | None = None) -> str:
+    """The text the policy is conditioned on: raw ``text``, or a one-turn chat with a generation prompt."""
+    if not use_chat:
+        return text if system is None else f"{system}\n{text}"
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -22,3 +22,7 @@ __all__ = [
     "ppo_clip_loss",
     "register_advantage",
 ]
+from critique_rl.algos.aggregators import AGGREGATORS, aggregate_rewards, register_aggregator  # noqa: E402
+from critique_rl.algos.gates import apply_gates  # noqa: E402
+
+__all__ += ["AGGREGATORS", "aggregate_rewards", "apply_gates", "register_aggregator"]

@@ -1,11 +1,43 @@
-"""Critic protocol: batched requests in, critiques out (Critique-GRPO, arXiv:2506.03106)."""
+"""Critic protocol: batched requests in, critiques out (Critique-GRPO, arXiv:2506.03106).
+
+Three kinds of critique (paper, Sec. 3):
+
+- ``indicative``: the verdict only ("Your answer 84 is incorrect.").
+- ``ground_truth``: the verdict plus the reference answer ("... The correct answer is 85.").
+- ``cot``: a step-by-step critique written by a model that ends in a parseable verdict line
+  (``Verdict: correct`` / ``Verdict: incorrect``). When the verifier's verdict is known and the critic's
+  disagrees (or cannot be parsed), the critique is regenerated up to ``max_regenerations`` times and then
+  replaced by the fallback kind.
+
+Failure policy: a critique that cannot be had never raises into training. It is replaced by a rule critique
+of the fallback kind (``auto`` = ``ground_truth`` when a reference exists, else ``indicative``), marked
+``fallback=True`` with a short ``error``, and counted in :meth:`BaseCritic.metrics`.
+
+Critic text is data: it is only ever rendered as a template *variable* (jinja2 sandbox), never compiled,
+evaluated, passed to a shell or used as a path.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+
+from critique_rl.templates import render
+
+logger = logging.getLogger("critique_rl.critics")
 
 CritiqueKind = Literal["indicative", "ground_truth", "cot"]
+KINDS: tuple[str, ...] = ("indicative", "ground_truth", "cot")
+FALLBACK_KINDS: tuple[str, ...] = ("auto", "ground_truth", "indicative")
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -19,6 +51,8 @@ class CritiqueRequest:
     verdict: bool | None = None
     """The verifier's verdict on the response, when known."""
     metadata: dict[str, Any] = field(default_factory=dict)
+    """Free-form extras. ``metadata["answer"]``, when set, is the response's parsed final answer (e.g. from
+    ``Task.extract``) and is quoted by rule critiques; otherwise the final-answer span is used."""
 
 
 @dataclass
@@ -36,6 +70,21 @@ class Critique:
     regenerations: int = 0
     cached: bool = False
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (used by the CLI and logs)."""
+        return {
+            "text": self.text,
+            "verdict": self.verdict,
+            "kind": self.kind,
+            "fallback": self.fallback,
+            "error": self.error,
+            "latency": round(self.latency_s, 4),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "regenerations": self.regenerations,
+            "cached": self.cached,
+        }
+
 
 @runtime_checkable
 class Critic(Protocol):
@@ -48,3 +97,380 @@ class Critic(Protocol):
     async def acritique(self, requests: list[CritiqueRequest]) -> list[Critique]: ...
 
     def metrics(self) -> dict[str, float]: ...
+
+
+# ----------------------------------------------------------------------------------------------------------
+# verdict parsing and rule rendering (shared by every backend and by the fallback path)
+
+_VERDICT = re.compile(
+    r"verdict\s*[:=\-]?\s*[*_`\"'\[(]*\s*(incorrect|correct|wrong|right|false|true)\b", re.IGNORECASE
+)
+_POSITIVE = {"correct", "right", "true"}
+
+
+def parse_verdict(text: str) -> bool | None:
+    """The verdict a ``cot`` critique ends in: the last ``Verdict: correct|incorrect`` in ``text``.
+
+    Also accepts ``right/wrong`` and ``true/false`` and light markdown (``**Verdict:** incorrect``).
+    Returns None when there is no verdict line.
+    """
+    found = _VERDICT.findall(text or "")
+    if not found:
+        return None
+    return found[-1].lower() in _POSITIVE
+
+
+def response_answer(request: CritiqueRequest, max_chars: int = 40) -> str:
+    """The short answer a rule critique quotes: ``metadata["answer"]`` or the response's final-answer span."""
+    answer = request.metadata.get("answer") if request.metadata else None
+    if answer is None:
+        from critique_rl.tasks.base import final_answer_span
+
+        answer = final_answer_span(request.response or "")
+    answer = " ".join(str(answer).split())
+    if len(answer) > max_chars:
+        answer = answer[: max_chars - 3].rstrip() + "..."
+    return answer
+
+
+def resolve_fallback_kind(fallback_kind: str, request: CritiqueRequest) -> str:
+    """``auto`` -> ``ground_truth`` when the request has a reference, else ``indicative``.
+
+    ``ground_truth`` without a reference degrades to ``indicative`` (there is nothing to quote).
+    """
+    if fallback_kind == "indicative":
+        return "indicative"
+    return "ground_truth" if request.reference not in (None, "") else "indicative"
+
+
+def render_rule(kind: str, request: CritiqueRequest, template_dir: str | None = None) -> str:
+    """Render the rule critique of ``kind`` (``indicative`` or ``ground_truth``) for ``request``."""
+    if kind not in ("indicative", "ground_truth"):
+        raise ValueError(f"rule critiques are indicative or ground_truth, not {kind!r}")
+    return render(
+        f"critique_{kind}.j2",
+        template_dir,
+        answer=response_answer(request),
+        verdict=request.verdict,
+        reference=request.reference if request.reference not in (None, "") else None,
+        question=request.question,
+    )
+
+
+def custom_prompt(request: CritiqueRequest) -> str | None:
+    """``metadata["prompt"]`` when the caller supplies its own prompt (e.g. lesson abstraction with
+    ``lesson.j2``): model critics then send it verbatim and return the raw reply (kind ``prompt``, no verdict
+    check); None for an ordinary critique request."""
+    prompt = request.metadata.get("prompt") if request.metadata else None
+    return prompt if isinstance(prompt, str) and prompt.strip() else None
+
+
+def short_error(reason: str, max_chars: int = 160) -> str:
+    """One line, at most ``max_chars`` characters."""
+    line = " ".join(str(reason).split())
+    return line if len(line) <= max_chars else line[: max_chars - 3] + "..."
+
+
+# ----------------------------------------------------------------------------------------------------------
+# metrics
+
+
+class CriticStats:
+    """Thread-safe counters behind :meth:`BaseCritic.metrics` (cumulative until :meth:`reset`)."""
+
+    COUNTERS = (
+        "requests",
+        "errors",
+        "fallbacks",
+        "cache_hits",
+        "verdict_disagreements",
+        "unparsable_verdicts",
+        "regenerations",
+        "retries",
+        "prompt_tokens",
+        "completion_tokens",
+    )
+
+    def __init__(self, max_latencies: int = 10_000) -> None:
+        self._lock = threading.Lock()
+        self._max_latencies = max_latencies
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero every counter and forget latencies."""
+        with self._lock:
+            self.counts: dict[str, int] = dict.fromkeys(self.COUNTERS, 0)
+            self.latencies: deque[float] = deque(maxlen=self._max_latencies)
+
+    def add(self, name: str, value: int = 1) -> None:
+        """Increase counter ``name`` by ``value``."""
+        with self._lock:
+            self.counts[name] += value
+
+    def record(self, critique: Critique) -> None:
+        """Count one finished critique (its latency and whether it fell back)."""
+        with self._lock:
+            self.counts["requests"] += 1
+            self.latencies.append(critique.latency_s)
+            if critique.fallback:
+                self.counts["fallbacks"] += 1
+
+    def as_dict(self) -> dict[str, float]:
+        """``critic/<name>`` -> value, plus latency p50/p95 in seconds."""
+        with self._lock:
+            out = {f"critic/{k}": float(v) for k, v in self.counts.items()}
+            lat = sorted(self.latencies)
+        out["critic/latency_p50"] = _percentile(lat, 0.50)
+        out["critic/latency_p95"] = _percentile(lat, 0.95)
+        return out
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the shared base class
+
+
+@dataclass
+class Generation:
+    """One model reply (used by model backends): text, usage, latency, cache flag."""
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    cached: bool = False
+
+
+class CritiqueFailure(Exception):
+    """A generation that could not be had; ``reason`` is short and safe to log (no secrets)."""
+
+    def __init__(self, reason: str, latency_s: float = 0.0) -> None:
+        super().__init__(reason)
+        self.reason = short_error(reason)
+        self.latency_s = latency_s
+
+
+def run_sync(make_coro: Callable[[], Awaitable[_T]]) -> _T:
+    """Run a coroutine from sync code: ``asyncio.run`` when no loop runs in this thread, else in a worker
+    thread with its own loop (so ``critique()`` also works inside Jupyter or an async framework)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make_coro())  # type: ignore[arg-type]
+    box: dict[str, Any] = {}
+
+    def worker() -> None:
+        try:
+            box["value"] = asyncio.run(make_coro())  # type: ignore[arg-type]
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    t = threading.Thread(target=worker, name="critique-rl-critic", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+class BaseCritic:
+    """Shared machinery: kinds, fallback, cot verdict checking with regeneration, metrics, sync wrapper.
+
+    Model backends implement :meth:`_generate`, which returns one :class:`Generation` or
+    :class:`CritiqueFailure` per item of a batch; everything else is here.
+    """
+
+    kind: str
+
+    def __init__(
+        self,
+        kind: str = "ground_truth",
+        *,
+        fallback_kind: str = "auto",
+        max_regenerations: int = 2,
+        template_dir: str | None = None,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"critic kind must be one of {KINDS}, got {kind!r}")
+        if fallback_kind not in FALLBACK_KINDS:
+            raise ValueError(f"critic fallback_kind must be one of {FALLBACK_KINDS}, got {fallback_kind!r}")
+        if max_regenerations < 0:
+            raise ValueError(f"critic max_regenerations must be >= 0, got {max_regenerations}")
+        self.kind = kind
+        self.fallback_kind = fallback_kind
+        self.max_regenerations = max_regenerations
+        self.template_dir = template_dir
+        self.stats = CriticStats()
+
+    # -- public API ------------------------------------------------------------------------------------
+    def critique(self, requests: list[CritiqueRequest]) -> list[Critique]:
+        """Critique a batch from sync code (runs an event loop internally). Never raises for a failed
+        critique: failures come back as fallback critiques."""
+        return run_sync(lambda: self.acritique(requests))
+
+    async def acritique(self, requests: list[CritiqueRequest]) -> list[Critique]:
+        """Critique a batch. Non-``cot`` kinds are rule critiques (no model call); requests carrying a
+        free-form ``metadata["prompt"]`` are answered verbatim by the model (see :func:`custom_prompt`)."""
+        requests = list(requests)
+        out: list[Critique | None] = [None] * len(requests)
+        free = [i for i, r in enumerate(requests) if custom_prompt(r) is not None]
+        free_set = set(free)
+        rest = [i for i in range(len(requests)) if i not in free_set]
+        cot = [i for i in rest if self.kind == "cot"]
+        for i in rest:
+            if self.kind != "cot":
+                out[i] = self._rule_critique(requests[i], self.kind)
+        if cot:
+            try:
+                done = await self._cot_batch([requests[i] for i in cot])
+            except Exception as exc:  # last line of defence: never raise into training
+                logger.warning("critic backend failed for a batch of %d: %s", len(cot), type(exc).__name__)
+                reason = short_error(f"{type(exc).__name__}: {exc}")
+                done = [self.fallback(requests[i], reason) for i in cot]
+                self.stats.add("errors", len(cot))
+            for i, c in zip(cot, done, strict=True):
+                out[i] = c
+        if free:
+            for i, c in zip(free, await self._free_batch([requests[i] for i in free]), strict=True):
+                out[i] = c
+        for c in out:
+            assert c is not None
+            self.stats.record(c)
+        return out  # type: ignore[return-value]
+
+    def metrics(self, reset: bool = False) -> dict[str, float]:
+        """``critic/requests, errors, fallbacks, cache_hits, latency_p50, latency_p95, verdict_disagreements,
+        regenerations, prompt_tokens, completion_tokens`` (plus ``retries``, ``unparsable_verdicts``),
+        cumulative since construction or the last ``reset``."""
+        out = self.stats.as_dict()
+        if reset:
+            self.stats.reset()
+        return out
+
+    def fallback(self, request: CritiqueRequest, reason: str, *, latency_s: float = 0.0, **extra: Any) -> Critique:
+        """The rule critique of the fallback kind, marked ``fallback=True`` with ``error=reason``."""
+        kind = resolve_fallback_kind(self.fallback_kind, request)
+        return Critique(
+            text=render_rule(kind, request, self.template_dir),
+            verdict=request.verdict,
+            kind=kind,
+            latency_s=latency_s,
+            fallback=True,
+            error=short_error(reason),
+            **extra,
+        )
+
+    async def aclose(self) -> None:
+        """Release resources (cache connections...). Safe to call more than once."""
+
+    def close(self) -> None:
+        """Sync :meth:`aclose`."""
+        run_sync(self.aclose)
+
+    # -- internals -------------------------------------------------------------------------------------
+    def _rule_critique(self, request: CritiqueRequest, kind: str) -> Critique:
+        t0 = time.perf_counter()
+        if kind == "ground_truth" and request.reference in (None, ""):
+            return self.fallback(request, "no reference answer for a ground_truth critique")
+        text = render_rule(kind, request, self.template_dir)
+        return Critique(text=text, verdict=request.verdict, kind=kind, latency_s=time.perf_counter() - t0)
+
+    async def _generate(self, items: list[tuple[CritiqueRequest, int]]) -> list[Generation | CritiqueFailure]:
+        """Generate one cot critique per ``(request, regeneration_index)``; implemented by model backends."""
+        raise NotImplementedError(f"{type(self).__name__} cannot write cot critiques")
+
+    async def _free_batch(self, requests: list[CritiqueRequest]) -> list[Critique]:
+        """Answer free-form prompts verbatim (kind ``prompt``, no verdict). A failure gives empty text with
+        ``fallback=True`` and ``error`` set (a rule critique would not answer the prompt)."""
+        try:
+            gens = await self._generate([(r, 0) for r in requests])
+        except NotImplementedError:
+            gens = [CritiqueFailure(f"{type(self).__name__} cannot answer free-form prompts")] * len(requests)
+        except Exception as exc:
+            gens = [CritiqueFailure(f"{type(exc).__name__}: {exc}")] * len(requests)
+        out = []
+        for gen in gens:
+            if isinstance(gen, CritiqueFailure):
+                self.stats.add("errors")
+                out.append(Critique(text="", verdict=None, kind="prompt", latency_s=gen.latency_s, fallback=True,
+                                    error=gen.reason))
+                continue
+            if gen.cached:
+                self.stats.add("cache_hits")
+            else:
+                self.stats.add("prompt_tokens", gen.prompt_tokens)
+                self.stats.add("completion_tokens", gen.completion_tokens)
+            out.append(Critique(text=gen.text.strip(), verdict=None, kind="prompt", latency_s=gen.latency_s,
+                                prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+                                cached=gen.cached))
+        return out
+
+    async def _cot_batch(self, requests: list[CritiqueRequest]) -> list[Critique]:
+        """Rounds of generation: round r regenerates the critiques whose verdict disagreed in round r-1."""
+        results: list[Critique | None] = [None] * len(requests)
+        spent = [0.0] * len(requests)
+        p_tok = [0] * len(requests)
+        c_tok = [0] * len(requests)
+        all_cached = [True] * len(requests)
+        pending = list(range(len(requests)))
+        for round_idx in range(self.max_regenerations + 1):
+            if not pending:
+                break
+            if round_idx:
+                self.stats.add("regenerations", len(pending))
+            gens = await self._generate([(requests[i], round_idx) for i in pending])
+            retry: list[int] = []
+            for i, gen in zip(pending, gens, strict=True):
+                req = requests[i]
+                if isinstance(gen, CritiqueFailure):
+                    spent[i] += gen.latency_s
+                    self.stats.add("errors")
+                    logger.info("critique failed, falling back: %s", gen.reason)
+                    results[i] = self.fallback(
+                        req, gen.reason, latency_s=spent[i], regenerations=round_idx,
+                        prompt_tokens=p_tok[i], completion_tokens=c_tok[i],
+                    )
+                    continue
+                spent[i] += gen.latency_s
+                p_tok[i] += gen.prompt_tokens
+                c_tok[i] += gen.completion_tokens
+                all_cached[i] = all_cached[i] and gen.cached
+                if gen.cached:
+                    self.stats.add("cache_hits")
+                else:  # only tokens actually paid for count towards the usage totals
+                    self.stats.add("prompt_tokens", gen.prompt_tokens)
+                    self.stats.add("completion_tokens", gen.completion_tokens)
+                verdict = parse_verdict(gen.text)
+                problem = None
+                if verdict is None:
+                    self.stats.add("unparsable_verdicts")
+                    problem = "no parseable verdict in the cot critique"
+                elif req.verdict is not None and verdict != req.verdict:
+                    self.stats.add("verdict_disagreements")
+                    problem = "cot verdict disagrees with the verifier"
+                if problem is None:
+                    results[i] = Critique(
+                        text=gen.text.strip(), verdict=verdict, kind="cot", latency_s=spent[i],
+                        prompt_tokens=p_tok[i], completion_tokens=c_tok[i], regenerations=round_idx,
+                        cached=all_cached[i],
+                    )
+                elif round_idx < self.max_regenerations:
+                    retry.append(i)
+                else:
+                    logger.info("%s after %d regenerations; falling back", problem, round_idx)
+                    results[i] = self.fallback(
+                        req, f"{problem} after {round_idx} regenerations", latency_s=spent[i],
+                        regenerations=round_idx, prompt_tokens=p_tok[i], completion_tokens=c_tok[i],
+                        cached=all_cached[i],
+                    )
+            pending = retry
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]

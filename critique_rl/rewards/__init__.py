@@ -1,5 +1,42 @@
-"""Reward functions, their registry, and multi-objective aggregation."""
+"""Reward functions, their registry, rubric gates, and scoring (aggregation lives in ``critique_rl.algos``)."""
 
-from critique_rl.rewards.base import REWARD_FUNCS, RewardFunc, build_reward_funcs, register_reward
+from critique_rl.rewards.base import (
+    REWARD_FUNCS,
+    RewardFunc,
+    acall_reward,
+    ascore_rewards,
+    build_reward_funcs,
+    call_reward,
+    func_name,
+    register_reward,
+    score_rewards,
+)
+from critique_rl.rewards.builtin import (
+    DEFAULT_FORMAT_PATTERNS,
+    brier_reward,
+    overlong_penalty,
+    parse_confidence,
+)
+from critique_rl.rewards.gates import GATES, Gate, aevaluate_gates, build_gates, evaluate_gates, register_gate
 
-__all__ = ["REWARD_FUNCS", "RewardFunc", "build_reward_funcs", "register_reward"]
+__all__ = [
+    "DEFAULT_FORMAT_PATTERNS",
+    "GATES",
+    "REWARD_FUNCS",
+    "Gate",
+    "RewardFunc",
+    "acall_reward",
+    "aevaluate_gates",
+    "ascore_rewards",
+    "brier_reward",
+    "build_gates",
+    "build_reward_funcs",
+    "call_reward",
+    "evaluate_gates",
+    "func_name",
+    "overlong_penalty",
+    "parse_confidence",
+    "register_gate",
+    "register_reward",
+    "score_rewards",
+]

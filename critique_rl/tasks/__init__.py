@@ -10,9 +10,10 @@ from pathlib import Path
 from critique_rl.errors import UserError
 from critique_rl.tasks.arithmetic import ADDITION
 from critique_rl.tasks.base import Example, Task, final_answer_span, parse_number
+from critique_rl.tasks.confidence import ADDITION_CONF
 from critique_rl.tasks.strings import REVERSE
 
-TASKS: dict[str, Task] = {t.name: t for t in (ADDITION, REVERSE)}
+TASKS: dict[str, Task] = {t.name: t for t in (ADDITION, REVERSE, ADDITION_CONF)}
 
 
 def register_task(task: Task) -> Task:

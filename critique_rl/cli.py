@@ -1,0 +1,114 @@
+"""The `critique-rl` command: train, eval, critique, memory.
+
+Any :class:`UserError` (bad config, flag, file) is printed as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from critique_rl.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="RL post-training of language models with language feedback.")
+err = Console(stderr=True)
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Argument(None, help="YAML run config; omit for the embedded CPU demo."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Run directory (overrides the config)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="RL steps (overrides the config)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run directory."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Run seed (overrides the config)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (logs only)."),
+) -> None:
+    """Train. With no CONFIG: the embedded demo (tiny model, addition, SFT warm-up, Critique-GRPO on CPU)."""
+    from critique_rl.config import load_config
+    from critique_rl.train.trainer import CritiqueGRPOTrainer, summary_table
+
+    overrides = {"output_dir": output_dir, "max_steps": max_steps, "seed": seed}
+    if no_progress:
+        overrides["progress"] = False
+    cfg = load_config(config, **overrides)
+    summary = CritiqueGRPOTrainer(args=cfg).train(resume=resume)
+    Console().print(summary_table(summary))
+    Console().print(f"run directory: {cfg.output_dir} (metrics.jsonl, rollouts.jsonl, curves.png, summary.json)")
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: Path = typer.Argument(..., help="A model directory (run_dir/final or a checkpoint-*/model)."),
+    task: str = typer.Option("addition", "--task", help="Built-in or registered task."),
+    k: int = typer.Option(1, "--k", help="pass@k from k samples per problem (k=1: greedy accuracy only)."),
+    n: int = typer.Option(200, "--n", help="Held-out problems."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature for pass@k."),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Evaluate a saved policy: accuracy (greedy), pass@k, mean completion length. Prints JSON."""
+    from critique_rl.models import format_prompt, load_policy, wants_chat_template
+    from critique_rl.rollout import HFGenerator
+    from critique_rl.tasks import get_task
+    from critique_rl.train.evaluate import evaluate
+    from critique_rl.train.trainer import EVAL_SEED
+
+    if k < 1:
+        raise UserError(f"--k {k}: must be >= 1")
+    path = checkpoint / "model" if (checkpoint / "model" / "config.json").is_file() else checkpoint
+    t = get_task(task)
+    model, tok = load_policy(path, device=device)
+    use_chat = wants_chat_template(tok)
+    rows = t.make_examples("eval", n, EVAL_SEED)
+    result = evaluate(HFGenerator(model, tok), rows, lambda r: format_prompt(tok, r["prompt"], use_chat), t.verify,
+                      t.max_new_tokens, k=k, temperature=temperature)
+    result["task"] = task
+    typer.echo(json.dumps(result))
+
+
+def _register_optional() -> None:
+    """Subcommands that live in their own modules."""
+    try:
+        from critique_rl.cli_critique import CritiqueCommand, critique_command
+    except ImportError:  # pragma: no cover - module always shipped
+        pass
+    else:
+        app.command("critique", cls=CritiqueCommand)(critique_command)
+    try:
+        from critique_rl.cli_memory import memory_app
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        app.add_typer(memory_app, name="memory")
+
+
+_register_optional()
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        sys.exit(code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

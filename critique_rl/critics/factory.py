@@ -1,0 +1,80 @@
+"""Build the configured critic from a :class:`~critique_rl.config.CriticConfig`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from critique_rl.config import CriticConfig
+from critique_rl.critics.base import BaseCritic
+from critique_rl.errors import UserError
+
+CACHE_FILENAME = "critic_cache.sqlite"
+
+
+def build_critic(
+    cfg: CriticConfig,
+    *,
+    policy: Any | None = None,
+    tokenizer: Any | None = None,
+    output_dir: str | Path | None = None,
+) -> BaseCritic | None:
+    """The critic for ``cfg`` (None for backend ``none``).
+
+    - ``rule``: :class:`RuleCritic` (kind ``indicative`` or ``ground_truth``).
+    - ``hf``: :class:`HFCritic` on ``cfg.model`` (a local path), or on ``policy``/``tokenizer`` when
+      ``cfg.model`` is None or ``"policy"`` (self-critique).
+    - ``openai``: :class:`OpenAICritic`; the cache is ``cfg.cache_path``, else
+      ``<output_dir>/critic_cache.sqlite``, else none.
+    """
+    if cfg.backend == "none":
+        return None
+    common = {"fallback_kind": cfg.fallback_kind, "template_dir": cfg.template_dir}
+    if cfg.backend == "rule":
+        from critique_rl.critics.rule import RuleCritic
+
+        return RuleCritic(kind=cfg.kind, **common)
+    if cfg.backend == "hf":
+        from critique_rl.critics.hf import HFCritic
+
+        if cfg.model in (None, "", "policy"):
+            if policy is None or tokenizer is None:
+                raise UserError(
+                    "config field 'critic.model' is unset (or 'policy') but no policy model/tokenizer was "
+                    "passed; set critic.model to a local model directory"
+                )
+            model: Any = policy
+        else:
+            model = cfg.model
+        return HFCritic(
+            model,
+            tokenizer if model is policy else None,
+            kind=cfg.kind,
+            max_new_tokens=cfg.max_tokens,
+            temperature=cfg.temperature,
+            max_regenerations=cfg.max_regenerations,
+            **common,
+        )
+    if cfg.backend == "openai":
+        from critique_rl.critics.openai_api import OpenAICritic
+
+        cache_path = cfg.cache_path
+        if cache_path is None and output_dir is not None:
+            cache_path = str(Path(output_dir) / CACHE_FILENAME)
+        return OpenAICritic(
+            model=cfg.model or "",
+            kind=cfg.kind,
+            base_url=cfg.base_url,
+            api_key_env=cfg.api_key_env,
+            temperature=cfg.temperature,
+            max_tokens=cfg.max_tokens,
+            max_concurrency=cfg.max_concurrency,
+            timeout_s=cfg.timeout_s,
+            max_retries=cfg.max_retries,
+            backoff_base_s=cfg.backoff_base_s,
+            backoff_max_s=cfg.backoff_max_s,
+            cache_path=cache_path,
+            max_regenerations=cfg.max_regenerations,
+            **common,
+        )
+    raise UserError(f"config field 'critic.backend' = {cfg.backend!r}: choose none, rule, hf or openai")

@@ -1,0 +1,37 @@
+"""The Generator protocol: any rollout engine (transformers, vLLM, a server) that samples completions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass
+class Completion:
+    """One sampled completion. ``logprobs`` are the sampling log-probabilities of ``token_ids`` (under
+    logits / temperature); ``token_ids`` include the EOS token when the completion finished."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finished: bool
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+    greedy: bool = False
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """``generate(prompts, params)`` returns, per prompt, ``params.n`` completions."""
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]: ...
+
+    def sync_weights(self) -> None:
+        """Make the engine sample from the policy's current weights (no-op when they share memory)."""
+        ...
