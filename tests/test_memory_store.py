@@ -85,7 +85,7 @@ def _writer(path: str, worker: int, n: int, go: object, out: object) -> None:
     """Child process: n records, each its own transaction; successes are distinct demos, every third
     episode fails into the same lesson (merges). All workers start writing together."""
     bank = MemoryBank(path, MemoryConfig(embeddings="lexical"))
-    go.wait(60)  # type: ignore[attr-defined]
+    go.wait(60)  # type: ignore[attr-defined]  # a Barrier: every worker has opened the bank
     t0 = time.time()
     for i in range(n):
         if i % 3 == 0:
@@ -100,12 +100,10 @@ def _writer(path: str, worker: int, n: int, go: object, out: object) -> None:
 def _hammer(tmp_path: Path, workers: int, n: int) -> None:
     path = str(tmp_path / "shared.sqlite")
     ctx = mp.get_context("spawn")
-    go, out = ctx.Event(), ctx.Queue()
+    go, out = ctx.Barrier(workers), ctx.Queue()
     procs = [ctx.Process(target=_writer, args=(path, w, n, go, out)) for w in range(workers)]
     for p in procs:
         p.start()
-    time.sleep(0.2)
-    go.set()
     spans = [out.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(timeout=120)

@@ -213,6 +213,10 @@ def _check_types(rec: Record, where: str) -> None:
         v = getattr(rec, name)
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             raise UserError(f"{where}: field '{name}' = {v!r}; expected a unix timestamp")
+    if rec.source_step is not None and (not isinstance(rec.source_step, int) or isinstance(rec.source_step, bool)):
+        raise UserError(f"{where}: field 'source_step' = {rec.source_step!r}; expected an integer or null")
+    if rec.source_run is not None and not isinstance(rec.source_run, str):
+        raise UserError(f"{where}: field 'source_run' must be a string or null")
     if not all(isinstance(t, str) for t in rec.tags):
         raise UserError(f"{where}: field 'tags' must be a list of strings")
     if not isinstance(rec.id, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", rec.id):

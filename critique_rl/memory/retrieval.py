@@ -17,7 +17,6 @@ import importlib.util
 import os
 import re
 import sqlite3
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -108,15 +107,13 @@ class SentenceTransformerEmbedder:
         self.device = device
         self.batch_size = batch_size
         self._model: Any = None
-        self._lock = threading.Lock()
 
     @property
     def model(self) -> Any:
         """The loaded model (loaded on first use)."""
-        with self._lock:
-            if self._model is None:
-                self._model = _load_sentence_transformer(self.model_path, self.device)
-            return self._model
+        if self._model is None:
+            self._model = _load_sentence_transformer(self.model_path, self.device)
+        return self._model
 
     @property
     def dim(self) -> int:
@@ -163,7 +160,10 @@ class SearchIndex:
     def __init__(self, store: MemoryStore, embedder: Embedder | None = None) -> None:
         self.store = store
         self.embedder = embedder
-        self._lock = threading.RLock()
+        # the store's lock: one lock for both, so a write (store -> index) and a search (index -> store)
+        # can never wait on each other from two threads
+        self._lock = store._lock
+        self._pending: list[tuple[str, np.ndarray]] = []
         self._reset()
 
     def _reset(self) -> None:
@@ -225,9 +225,11 @@ class SearchIndex:
                 self.tag_rows.setdefault(t, []).append(pos)
             if kind == "lesson":
                 self.sigs[pos] = signature(key_text)
-        self.kinds = np.concatenate([self.kinds, np.array([r[2] == "lesson" for r in rows], dtype=np.int8)])
+        added = np.array([r[2] == "lesson" for r in rows], dtype=np.int8)
+        self.kinds = np.concatenate([self.kinds, added])
         self.n = start + len(rows)
-        self._bm25.clear()
+        for kid in set(added.tolist()):  # BM25 is rebuilt lazily, only for the kind that grew
+            self._bm25.pop(kid, None)
         if self.embedder is not None:
             self._append_embeddings(rows, start)
 
@@ -244,7 +246,7 @@ class SearchIndex:
             fresh = self.embedder.encode([rows[i][3] for i in missing])
             for j, i in enumerate(missing):
                 vecs[i] = fresh[j]
-            self._pending = [(rows[i][1], fresh[j]) for j, i in enumerate(missing)]
+            self._pending.extend((rows[i][1], fresh[j]) for j, i in enumerate(missing))
         dim = len(vecs[0])  # type: ignore[arg-type]
         if self._mat.shape[1] != dim:
             self._mat = np.zeros((max(1024, self.n), dim), dtype=np.float32)
@@ -256,7 +258,7 @@ class SearchIndex:
 
     def persist_backfill(self) -> int:
         """Write embeddings computed for rows that had none (its own transaction); returns rows written."""
-        pending = getattr(self, "_pending", None)
+        pending = self._pending
         if not pending or self.embedder is None:
             return 0
         self._pending = []

@@ -39,6 +39,16 @@ def extract_number(completion: str) -> str | None:
     return str(int(got)) if got == int(got) else str(got)
 
 
+def needs_carry(ex: Example) -> bool:
+    """Whether the ones digits sum to 10 or more."""
+    return int(ex["a"]) % 10 + int(ex["b"]) % 10 >= 10
+
+
+def drop_carry(ex: Example) -> str | None:
+    """The classic mistake: forget to carry the 1 from the ones into the tens (47+38 -> 75)."""
+    return str(int(ex["a"]) + int(ex["b"]) - 10) if needs_carry(ex) else None
+
+
 ADDITION = Task(
     name="addition",
     make_examples=make_addition,
@@ -46,4 +56,5 @@ ADDITION = Task(
     extract=extract_number,
     description="two-digit addition, answer is the sum",
     max_new_tokens=6,
+    mistake=drop_carry,
 )

@@ -52,6 +52,10 @@ class Task:
     sft_completion: Callable[[Example], str] = field(default=lambda ex: ex["answer"])
     """The completion the SFT warm-up imitates for an example."""
     max_new_tokens: int = 8
+    mistake: Callable[[Example], str | None] | None = None
+    """The task's typical mistake: a wrong completion for an example (None where it does not apply). The SFT
+    warm-up imitates a demonstrator that makes it at rate ``sft_mistake_rate``, the systematic error RL,
+    critiques and memory lessons are there to fix."""
 
     def texts_for_tokenizer(self, n: int = 2000, seed: int = 0) -> list[str]:
         rows = self.make_examples("train", n, seed)

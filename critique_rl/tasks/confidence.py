@@ -7,7 +7,7 @@ ignores the tag (``final_answer_span`` strips it); the ``brier`` reward scores i
 
 from __future__ import annotations
 
-from critique_rl.tasks.arithmetic import extract_number, make_addition, verify_number
+from critique_rl.tasks.arithmetic import drop_carry, extract_number, make_addition, verify_number
 from critique_rl.tasks.base import Example, Task
 
 CONFIDENCE_FORMAT = r"\s*-?\d+\s*<confidence>\s*(?:0(?:\.\d+)?|1(?:\.0+)?|\.\d+)\s*</confidence>\s*"
@@ -35,6 +35,12 @@ def sft_completion_conf(ex: Example) -> str:
     return f"{ex['answer']} <confidence>{sft_confidence(ex)}</confidence>"
 
 
+def mistake_conf(ex: Example) -> str | None:
+    """The dropped-carry mistake, stated with the same confidence as a correct demonstration."""
+    wrong = drop_carry(ex)
+    return None if wrong is None else f"{wrong} <confidence>{sft_confidence(ex)}</confidence>"
+
+
 ADDITION_CONF = Task(
     name="addition_conf",
     make_examples=make_addition,
@@ -42,5 +48,6 @@ ADDITION_CONF = Task(
     extract=extract_number,
     description="two-digit addition, answer then <confidence>q</confidence> (brier reward, RLCR)",
     sft_completion=sft_completion_conf,
+    mistake=mistake_conf,
     max_new_tokens=16,  # longest SFT target is 12 tokens + EOS; slack for 2-decimal q
 )

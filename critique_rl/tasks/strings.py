@@ -42,6 +42,12 @@ def verify_word(completion: str, answer: str) -> bool:
     return extract_word(completion) == answer.strip().lower()
 
 
+def swap_ends(ex: Example) -> str | None:
+    """The typical mistake: swap the first and last letters only (abcd -> dbca); same as reversing for 3 letters."""
+    w = ex["word"]
+    return None if len(w) <= 3 else w[-1] + w[1:-1] + w[0]
+
+
 REVERSE = Task(
     name="reverse",
     make_examples=make_reverse,
@@ -49,4 +55,5 @@ REVERSE = Task(
     extract=extract_word,
     description="reverse a 3-5 letter word",
     max_new_tokens=8,
+    mistake=swap_ends,
 )

@@ -19,14 +19,34 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-from critique_rl.algos import aggregate_loss, aggregate_rewards, apply_gates, entropy_from_logits, kl_k3, ppo_clip_loss
+from critique_rl.algos import (
+    aggregate_loss,
+    aggregate_rewards,
+    apply_gates,
+    entropy_from_logits,
+    kl_k3,
+    ppo_clip_loss,
+)
 from critique_rl.config import TrainConfig
 from critique_rl.data import load_rows
 from critique_rl.errors import UserError
-from critique_rl.models import build_tiny_model, build_tiny_tokenizer, format_prompt, load_policy, wants_chat_template
+from critique_rl.models import (
+    build_tiny_model,
+    build_tiny_tokenizer,
+    format_prompt,
+    load_policy,
+    wants_chat_template,
+)
 from critique_rl.rewards import build_gates, build_reward_funcs, evaluate_gates, func_name, score_rewards
 from critique_rl.rollout import HFGenerator, SamplingParams
 from critique_rl.tasks import Task, get_task, load_callable
@@ -162,7 +182,7 @@ class CritiqueGRPOTrainer:
             t0 = time.perf_counter()
             losses = sft_warmup(
                 self.model, self.tokenizer, self.train_rows,
-                prompt_fn=self.prompt_text, completion_fn=self.task.sft_completion,
+                prompt_fn=self.prompt_text, completion_fn=self._demonstration,
                 steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_learning_rate, seed=cfg.seed,
                 on_step=(lambda s, loss: progress.update(task_id, advance=1, description=f"SFT loss {loss:.3f}"))
                 if progress else None,
@@ -170,6 +190,15 @@ class CritiqueGRPOTrainer:
             self.summary["sft_final_loss"] = losses[-1]
             self.summary["sft_seconds"] = time.perf_counter() - t0
         self.summary["eval_accuracy_before_rl"] = self._evaluate()["accuracy"]
+
+    def _demonstration(self, row: dict[str, Any]) -> str:
+        """SFT target: the task's completion, or its typical mistake at ``sft_mistake_rate`` (seeded per row)."""
+        rate, mistake = self.cfg.sft_mistake_rate, self.task.mistake
+        if rate > 0 and mistake is not None:
+            wrong = mistake(row)
+            if wrong is not None and random.Random(f"{self.cfg.seed}:{row['prompt']}").random() < rate:
+                return wrong
+        return self.task.sft_completion(row)
 
     def _evaluate(self) -> dict[str, float]:
         gen = HFGenerator(self.accelerator.unwrap_model(self.model), self.tokenizer, batch_size=cfg_bs(self.cfg))

@@ -1,0 +1,64 @@
+import pytest
+import yaml
+
+from critique_rl.config import DEMO_PRESET, TrainConfig, from_dict, load_config
+from critique_rl.errors import ConfigError, UserError
+
+
+def test_defaults_are_valid_and_demo_preset_applies():
+    cfg = load_config(None)
+    assert cfg.sft_mistake_rate == DEMO_PRESET["sft_mistake_rate"]
+    assert cfg.prompts_per_step * cfg.num_generations == cfg.generation_batch_size
+
+
+def test_unknown_key_suggests_the_close_field():
+    with pytest.raises(ConfigError) as e:
+        from_dict(TrainConfig, {"num_generation": 4})
+    assert e.value.field == "num_generation" and "num_generations" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"num_generations": "eight"}, "num_generations"),
+        ({"learning_rate": True}, "learning_rate"),
+        ({"reward_funcs": "correctness"}, "reward_funcs"),
+        ({"critic": {"timeout_s": "fast"}}, "critic.timeout_s"),
+        ({"critic": {"backend": "magic"}}, "critic.backend"),
+        ({"memory": {"nope": 1}}, "memory.nope"),
+        ({"num_generations": 1}, "num_generations"),
+        ({"generation_batch_size": 30, "num_generations": 8}, "generation_batch_size"),
+        ({"mini_batch_size": 48}, "mini_batch_size"),
+        ({"tiny_hidden_size": 64, "tiny_heads": 4}, "tiny_heads"),
+        ({"model": "/no/such/model/dir"}, "model"),
+        ({"advantage_estimator": "ppo"}, "advantage_estimator"),
+        ({"reward_weights": [1.0, 2.0]}, "reward_weights"),
+        ({"critic": {"backend": "openai"}}, "critic.model"),
+    ],
+)
+def test_bad_values_name_the_field(data, field):
+    with pytest.raises(ConfigError) as e:
+        from_dict(TrainConfig, data)
+    assert e.value.field == field
+    assert field in str(e.value)
+
+
+def test_int_is_accepted_for_float_and_yaml_roundtrip(tmp_path):
+    cfg = from_dict(TrainConfig, {"learning_rate": 1, "critic": {"backend": "rule"}})
+    assert cfg.learning_rate == 1.0
+    path = tmp_path / "c.yaml"
+    cfg.save_yaml(path)
+    again = load_config(path)
+    assert again == cfg
+
+
+def test_load_config_errors_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(UserError, match="mapping"):
+        load_config(bad)

@@ -1,0 +1,65 @@
+import pytest
+
+from critique_rl.tasks import Task, get_task, parse_number, register_task
+from critique_rl.tasks.arithmetic import drop_carry
+from critique_rl.errors import UserError
+
+
+@pytest.mark.parametrize("name", ["addition", "reverse", "addition_conf"])
+def test_splits_are_disjoint_and_seeded(name):
+    t = get_task(name)
+    train = t.make_examples("train", 3000, seed=0)
+    evals = t.make_examples("eval", 300, seed=0)
+    assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in evals})
+    assert t.make_examples("train", 50, seed=3) == t.make_examples("train", 50, seed=3)
+    assert t.make_examples("train", 50, seed=3) != t.make_examples("train", 50, seed=4)
+    assert len({r["prompt"] for r in evals}) == 300  # eval problems are distinct
+    for r in train[:50]:
+        assert t.verify(t.sft_completion(r), r["answer"])
+
+
+@pytest.mark.parametrize(
+    "completion, answer, ok",
+    [
+        ("85", "85", True),
+        (" 85 ", "85", True),
+        ("The answer is 85.", "85", True),
+        ("47+38 = 85", "85", True),
+        ("\\boxed{85}", "85", True),
+        ("I think 84. Final answer: 85", "85", True),
+        ("#### 1,085", "1085", True),
+        ("84", "85", False),
+        ("", "85", False),
+        ("eighty-five", "85", False),
+        ("85 <confidence>0.9</confidence>", "85", True),
+    ],
+)
+def test_addition_verifier(completion, answer, ok):
+    assert get_task("addition").verify(completion, answer) is ok
+
+
+def test_reverse_verifier_and_shape():
+    t = get_task("reverse")
+    assert t.verify("dcba", "dcba") and t.verify("Answer: DCBA", "dcba")
+    assert not t.verify("abcd", "dcba") and not t.verify("", "dcba")
+    assert t.extract("the answer is xyz") == "xyz"
+
+
+def test_parse_number_edge_cases():
+    assert parse_number("no digits") is None
+    assert parse_number("-12") == -12.0
+    assert parse_number("3.5 then 7") == 7.0
+
+
+def test_typical_mistake_drops_the_carry():
+    assert drop_carry({"a": 47, "b": 38}) == "75"
+    assert drop_carry({"a": 41, "b": 38}) is None
+
+
+def test_user_task_registration_and_unknown_task():
+    t = Task(name="echo_test", make_examples=lambda s, n, seed: [{"prompt": "x", "answer": "x"}] * n,
+             verify=lambda c, a: c.strip() == a, extract=lambda c: c)
+    register_task(t)
+    assert get_task("echo_test") is t
+    with pytest.raises(UserError, match="unknown task"):
+        get_task("no_such_task")
