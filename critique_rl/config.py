@@ -124,7 +124,7 @@ class TrainConfig:
     tiny_layers: int = 2
     tiny_heads: int = 4
     """head_dim = hidden/heads must be >= 32 so a CPU vLLM can serve the same model."""
-    tiny_vocab_size: int = 320
+    tiny_vocab_size: int = 512
 
     # --- SFT warm-up (imitation before exploration) -------------------------------------------------------
     sft_steps: int = 1000
@@ -185,6 +185,29 @@ class TrainConfig:
     """A reward above this counts as correct for `w_reinforce` / `psr` / `nsr`."""
     rollout_backend: Literal["hf", "vllm"] = "hf"
 
+    # --- Critique-GRPO (arXiv:2506.03106) -----------------------------------------------------------------
+    critique_on: Literal["none", "all_wrong_groups", "wrong", "all"] = "all_wrong_groups"
+    """Which responses get critiques: every response of groups with no correct answer (the groups plain
+    GRPO learns nothing from), every wrong response, or all. `none` (or critic.backend none) = plain GRPO."""
+    refinements_per_group: int = 1
+    """k refinements kept per question (correct first, else random); the group is n initial + k (paper: 7+1)."""
+    offpolicy_gamma: float | None = 0.1
+    """Shaping of refinement tokens, p/(p+gamma) (LUFFY, arXiv:2504.14945); null = no shaping (plain -A log p)."""
+    distill_weight: float = 0.0
+    """w_dir: weight of token-level directive distillation (OpenClaw-RL arXiv:2603.10165, SDPO arXiv:2601.20802);
+    the teacher is the policy conditioned on the critique (the refinement prompt), the student the policy on q."""
+    eval_weight: float = 1.0
+    """w_eval: weight of the group (evaluative) advantage in A_total = w_eval * A_group + w_dir * A_distill."""
+    distill_mode: Literal["sampled_token", "topk_logits"] = "sampled_token"
+    """`sampled_token`: per-token advantage log pi(a|s_enh) - log pi(a|q) in the clipped loss;
+    `topk_logits`: reverse KL over the teacher's top-K tokens plus a tail bin, added to the loss."""
+    distill_topk: int = 20
+    distill_on: Literal["critiqued", "all"] = "critiqued"
+    """Responses distilled: those that got a critique, or all (then every response is critiqued)."""
+    sft_refine_fraction: float = 0.0
+    """Share of SFT rows that also yield a refinement demonstration (wrong answer + ground-truth critique ->
+    correct answer), so a small policy learns to read the refinement prompt."""
+
     # --- evaluation, logging, checkpoints -----------------------------------------------------------------
     eval_n: int = 200
     """Held-out problems for the before/after table."""
@@ -230,6 +253,16 @@ class TrainConfig:
                      "sft_batch_size", "sft_examples", "keep_checkpoints", "temperature", "max_grad_norm",
                      "checkpoint_every", "tiny_layers", "tiny_vocab_size"):
             _positive(name, getattr(self, name))
+        if not 0.0 <= self.sft_refine_fraction <= 1.0:
+            raise ConfigError("sft_refine_fraction", self.sft_refine_fraction, "use a value in [0, 1]")
+        if self.offpolicy_gamma is not None and self.offpolicy_gamma <= 0:
+            raise ConfigError("offpolicy_gamma", self.offpolicy_gamma, "use a value > 0, or null to disable shaping")
+        _non_negative("refinements_per_group", self.refinements_per_group)
+        _non_negative("distill_weight", self.distill_weight)
+        _positive("distill_topk", self.distill_topk)
+        if self.distill_weight > 0 and (self.critic.backend == "none" or self.critique_on == "none"):
+            raise ConfigError("distill_weight", self.distill_weight,
+                              "directive distillation needs critiques; set critic.backend and critique_on, or 0")
         if not 0.0 <= self.sft_mistake_rate <= 1.0:
             raise ConfigError("sft_mistake_rate", self.sft_mistake_rate, "use a value in [0, 1]")
         if not 0.0 < self.top_p <= 1.0:
@@ -390,6 +423,10 @@ DEMO_PRESET: dict[str, Any] = {
     "output_dir": "runs/demo",
     "task": "addition",
     "sft_mistake_rate": 0.6,
+    "sft_refine_fraction": 0.3,
+    "critique_on": "all_wrong_groups",
+    "distill_weight": 0.5,
+    "critic": {"backend": "rule", "kind": "ground_truth"},
 }
 """The embedded demo (`critique-rl train` with no config): tiny model, addition, an imperfect demonstrator
 that drops the carry 60% of the time on carry problems, SFT warm-up, then RL with critiques and memory."""

@@ -1,8 +1,8 @@
 import pytest
 
+from critique_rl.errors import UserError
 from critique_rl.tasks import Task, get_task, parse_number, register_task
 from critique_rl.tasks.arithmetic import drop_carry
-from critique_rl.errors import UserError
 
 
 @pytest.mark.parametrize("name", ["addition", "reverse", "addition_conf"])

@@ -14,19 +14,27 @@ import torch
 from critique_rl.train.batching import pack
 
 
+def length_buckets(lengths: list[int], num_buckets: int = 4) -> list[list[int]]:
+    """Indices grouped into up to ``num_buckets`` buckets of similar length, so a batch of short rows is
+    not padded to the longest row in the dataset (uniform sampling overall: a bucket is drawn with
+    probability proportional to its size, then rows uniformly within it)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    size = -(-len(order) // num_buckets)
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
 def sft_warmup(
     model: torch.nn.Module,
     tokenizer: Any,
-    rows: list[dict[str, Any]],
-    prompt_fn: Callable[[dict[str, Any]], str],
-    completion_fn: Callable[[dict[str, Any]], str],
+    pairs: list[tuple[str, str]],
     steps: int,
     batch_size: int,
     lr: float,
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Cross-entropy on completion tokens (+EOS) only. Returns the per-step losses."""
+    """Cross-entropy on completion tokens (+EOS) only, over (prompt text, completion text) ``pairs``.
+    Returns the per-step losses."""
     if steps <= 0:
         return []
     device = next(model.parameters()).device
@@ -34,12 +42,15 @@ def sft_warmup(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
     gen = torch.Generator().manual_seed(seed)
     eos = tokenizer.eos_token_id
-    prompt_ids = [tokenizer(prompt_fn(r), add_special_tokens=False)["input_ids"] for r in rows]
-    comp_ids = [tokenizer(completion_fn(r), add_special_tokens=False)["input_ids"] + [eos] for r in rows]
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in pairs]
+    comp_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + [eos] for _, c in pairs]
+    buckets = length_buckets([len(p) + len(c) for p, c in zip(prompt_ids, comp_ids, strict=True)])
+    sizes = torch.tensor([len(b) for b in buckets], dtype=torch.float)
     losses = []
     model.train()
     for step in range(steps):
-        idx = torch.randint(len(rows), (batch_size,), generator=gen).tolist()
+        bucket = buckets[int(torch.multinomial(sizes, 1, generator=gen))]
+        idx = [bucket[i] for i in torch.randint(len(bucket), (batch_size,), generator=gen).tolist()]
         batch = pack([prompt_ids[i] for i in idx], [comp_ids[i] for i in idx], tokenizer.pad_token_id).to(device)
         T = batch.completion_len
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,

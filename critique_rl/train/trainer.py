@@ -29,14 +29,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from critique_rl.algos import (
-    aggregate_loss,
-    aggregate_rewards,
-    apply_gates,
-    entropy_from_logits,
-    kl_k3,
-    ppo_clip_loss,
-)
+from critique_rl.algos import aggregate_rewards, apply_gates, sampled_token_advantage
 from critique_rl.config import TrainConfig
 from critique_rl.data import load_rows
 from critique_rl.errors import UserError
@@ -51,11 +44,19 @@ from critique_rl.rewards import build_gates, build_reward_funcs, evaluate_gates,
 from critique_rl.rollout import HFGenerator, SamplingParams
 from critique_rl.tasks import Task, get_task, load_callable
 from critique_rl.train import checkpoint as ckpt
-from critique_rl.train.batching import TokenBatch, completion_logprobs, pack
+from critique_rl.train.batching import pack
+from critique_rl.train.critique_step import (
+    choose_refinements,
+    critique_requests,
+    refine_text,
+    refinement_demos,
+    select_for_critique,
+)
 from critique_rl.train.evaluate import evaluate
 from critique_rl.train.metrics import JsonlWriter, plot_curves
 from critique_rl.train.sampler import PromptSampler
 from critique_rl.train.sft import sft_warmup
+from critique_rl.train.update import UpdateBatch, policy_update, teacher_scores
 
 EVAL_SEED = 12345  # the held-out set does not depend on the run seed, so seeds compare on the same problems
 console = Console(stderr=True)
@@ -136,8 +137,30 @@ class CritiqueGRPOTrainer:
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
 
         self.sampler = PromptSampler(self.train_rows, cfg.seed)
+        self.rng = random.Random(cfg.seed + 1)  # refinement choice; checkpointed
+        if self.critic is None and cfg.critic.backend != "none" and cfg.critique_on != "none":
+            from critique_rl.critics import build_critic
+
+            self.critic = build_critic(cfg.critic, policy=self.model, tokenizer=self.tokenizer, output_dir=self.out)
+        if cfg.critique_on == "none":
+            self.critic = None
+        self.memory_hook = self._build_memory(resume_from)
         cfg.save_yaml(self.out / "config.yaml")
         return resume_from
+
+    def _build_memory(self, resume_from: Path | None) -> Any:
+        cfg = self.cfg
+        if self.memory is None and not cfg.memory.enabled:
+            return None
+        from critique_rl.memory import MemoryBank
+        from critique_rl.train.memory_hook import MemoryHook
+
+        bank_path = Path(cfg.memory.bank_path or self.out / "memory.sqlite")
+        if resume_from is not None and (resume_from / "memory.sqlite").is_file():
+            MemoryHook.restore(resume_from / "memory.sqlite", bank_path)
+        if self.memory is None:
+            self.memory = MemoryBank(bank_path, config=cfg.memory, critic=self.critic)
+        return MemoryHook(self.memory, cfg.memory, self.task.name, run_name=self.out.name, critic=self.critic)
 
     def _rows(self, given: Any, path: str | None, split: str, n: int) -> list[dict[str, Any]]:
         if given is not None:
@@ -160,6 +183,8 @@ class CritiqueGRPOTrainer:
             return self._model_arg.to(self.accelerator.device), self._tokenizer_arg
         if self._model_arg == "tiny":
             texts = [r["prompt"] + self.task.sft_completion(r) for r in self.train_rows[:4000]]
+            texts += [p + c for p, c in refinement_demos(self.task, self.train_rows[:500], 1.0, cfg.seed,
+                                                         self.task.sft_completion, cfg.critic.template_dir)]
             tok = build_tiny_tokenizer(texts, cfg.tiny_vocab_size)
             model = build_tiny_model(tok, cfg.tiny_hidden_size, cfg.tiny_layers, cfg.tiny_heads, seed=cfg.seed)
             return model.to(self.accelerator.device), tok
@@ -180,9 +205,13 @@ class CritiqueGRPOTrainer:
         if cfg.sft_steps > 0:
             task_id = progress.add_task("SFT warm-up", total=cfg.sft_steps) if progress else None
             t0 = time.perf_counter()
+            pairs = [(self.prompt_text(r), self._demonstration(r)) for r in self.train_rows]
+            if cfg.sft_refine_fraction > 0:
+                pairs += [(self.prompt_text({"prompt": p}), c) for p, c in refinement_demos(
+                    self.task, self.train_rows, cfg.sft_refine_fraction, cfg.seed, self.task.sft_completion,
+                    cfg.critic.template_dir)]
             losses = sft_warmup(
-                self.model, self.tokenizer, self.train_rows,
-                prompt_fn=self.prompt_text, completion_fn=self._demonstration,
+                self.model, self.tokenizer, pairs,
                 steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_learning_rate, seed=cfg.seed,
                 on_step=(lambda s, loss: progress.update(task_id, advance=1, description=f"SFT loss {loss:.3f}"))
                 if progress else None,
@@ -233,17 +262,16 @@ class CritiqueGRPOTrainer:
     # ------------------------------------------------------------------------------------------------------
     # one RL step
     # ------------------------------------------------------------------------------------------------------
-    def _sample_groups(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """Sample n completions per prompt and score them. Returns flat lists of length B*n."""
+    def _sample_groups(self, rows: list[dict[str, Any]], contexts: list[str] | None) -> dict[str, Any]:
+        """Sample n completions per prompt. Returns flat lists of length B*n (groups contiguous)."""
         cfg = self.cfg
-        prompts = [self.prompt_text(r) for r in rows]
+        prompts = [self.prompt_text(r, contexts[i] if contexts else None) for i, r in enumerate(rows)]
         params = SamplingParams(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
                                 max_new_tokens=self.max_new_tokens)
         groups = self.generator.generate(prompts, params)
-        flat_rows = [r for r in rows for _ in range(cfg.num_generations)]
-        completions = [c for g in groups for c in g]
-        return {"rows": flat_rows, "prompts": [p for p in prompts for _ in range(cfg.num_generations)],
-                "completions": completions}
+        n = cfg.num_generations
+        return {"rows": [r for r in rows for _ in range(n)], "prompts": [p for p in prompts for _ in range(n)],
+                "completions": [c for g in groups for c in g]}
 
     def _columns(self, rows: list[dict[str, Any]], completions: list[Any]) -> dict[str, list[Any]]:
         columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
@@ -261,106 +289,111 @@ class CritiqueGRPOTrainer:
         passed, rates = evaluate_gates(self.gates, prompts, texts, columns)
         return R, passed, rates
 
-    def _advantages(self, R: torch.Tensor, passed: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Per-sample advantages ``[N]`` and the sample mask ``[N]`` from rewards ``[N, K]``.
-
-        Gated-out samples and dropped groups get mask False (no gradient at all).
-        """
+    def _critique_and_refine(self, sampled: dict[str, Any], correct: list[bool]) -> dict[str, Any] | None:
+        """Critique the selected responses, sample one refinement each, score them (Critique-GRPO)."""
         cfg = self.cfg
-        G = R.shape[0] // group_size
-        mask, kept = apply_gates(torch.ones(G, group_size, dtype=torch.bool), passed.view(G, group_size))
+        n = cfg.num_generations
+        mode = "all" if cfg.distill_on == "all" and cfg.distill_weight > 0 else cfg.critique_on
+        idx = select_for_critique(correct, n, mode)
+        if not idx:
+            return None
+        texts = [c.text for c in sampled["completions"]]
+        requests = critique_requests(self.task, sampled["rows"], texts, correct, idx)
+        critiques = self.critic.critique(requests)
+        teacher_prompts = [
+            self.prompt_text({"prompt": refine_text(sampled["rows"][i]["prompt"], texts[i], c.text,
+                                                    cfg.critic.template_dir)})
+            for i, c in zip(idx, critiques, strict=True)
+        ]
+        refine_idx = idx if mode == cfg.critique_on else select_for_critique(correct, n, cfg.critique_on)
+        pos = {i: j for j, i in enumerate(idx)}
+        ref_src = [i for i in refine_idx if i in pos]
+        outs = self.generator.generate([teacher_prompts[pos[i]] for i in ref_src],
+                                       SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p,
+                                                      max_new_tokens=self.max_new_tokens)) if ref_src else []
+        ref_completions = [o[0] for o in outs]
+        ref_rows = [sampled["rows"][i] for i in ref_src]
+        if ref_src:
+            R_ref, passed_ref, _ = self._score(ref_rows, ref_completions)
+        else:
+            R_ref, passed_ref = torch.zeros(0, len(self.reward_funcs)), torch.zeros(0, dtype=torch.bool)
+        ref_correct = [bool(self.verify(c.text, r["answer"])) for c, r in zip(ref_completions, ref_rows, strict=True)]
+        return {"idx": idx, "critiques": critiques, "teacher_prompts": teacher_prompts, "ref_src": ref_src,
+                "ref_completions": ref_completions, "R_ref": R_ref, "passed_ref": passed_ref,
+                "ref_correct": ref_correct}
+
+    def _mixed_group(self, R: torch.Tensor, passed: torch.Tensor, crit: dict[str, Any] | None):
+        """Rewards ``[G, n+k, K]`` and pass mask ``[G, n+k]`` of initial samples plus kept refinements, and
+        the flat refinement indices kept (into ``crit['ref_src']``) in slot order."""
+        cfg = self.cfg
+        n, K = cfg.num_generations, R.shape[-1]
+        G = R.shape[0] // n
+        k = cfg.refinements_per_group if crit is not None else 0
+        R_mix = torch.full((G, n + k, K), float("nan"))
+        R_mix[:, :n] = R.view(G, n, K)
+        passed_mix = torch.zeros(G, n + k, dtype=torch.bool)
+        passed_mix[:, :n] = passed.view(G, n)
+        kept: list[tuple[int, int, int]] = []  # (group, slot in the mixed group, refinement index)
+        if k:
+            group_of = [i // n for i in crit["ref_src"]]
+            chosen = choose_refinements(group_of, crit["ref_correct"], k, G, self.rng)
+            for g, js in enumerate(chosen):
+                for slot, j in enumerate(js):
+                    R_mix[g, n + slot] = crit["R_ref"][j]
+                    passed_mix[g, n + slot] = bool(crit["passed_ref"][j])
+                    kept.append((g, n + slot, j))
+        return R_mix, passed_mix, kept
+
+    def _advantages(self, R_mix: torch.Tensor, passed_mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Advantages and sample mask ``[G, n+k]``; gated-out samples and dropped groups get mask False."""
+        cfg = self.cfg
+        mask, kept = apply_gates(torch.ones_like(passed_mix), passed_mix)
         adv, diag = aggregate_rewards(
-            cfg.reward_aggregator, R.view(G, group_size, -1), self.reward_weights, mask,
+            cfg.reward_aggregator, R_mix, self.reward_weights, mask,
             estimator=cfg.advantage_estimator, w_lambda=cfg.w_lambda, reward_threshold=cfg.reward_threshold,
         )
         diag["groups_kept"] = kept.float().mean().item()
-        return adv.reshape(-1), mask.reshape(-1), diag
-
-    def _policy_update(self, batch: TokenBatch, advantages: torch.Tensor) -> dict[str, float]:
-        """Clipped policy-gradient update over mini-batches with gradient accumulation.
-
-        Samples whose ``completion_mask`` row is all zero (gated out) contribute no gradient.
-        """
-        cfg, acc = self.cfg, self.accelerator
-        N = batch.input_ids.shape[0]
-        batch = batch.to(acc.device)
-        advantages = advantages.to(acc.device)
-        num_tokens = float(batch.completion_mask.sum().clamp_min(1))
-        norm_const = float(self.max_new_tokens)
-        old_logp = ref_logp = None
-        if cfg.num_iterations > 1 or self.ref_model is not None:
-            with torch.no_grad():
-                chunks_old, chunks_ref = [], []
-                for s in range(0, N, cfg.mini_batch_size):
-                    mb = batch.select(slice(s, s + cfg.mini_batch_size))
-                    if cfg.num_iterations > 1:
-                        chunks_old.append(completion_logprobs(self.model, mb, cfg.temperature)[0])
-                    if self.ref_model is not None:
-                        chunks_ref.append(completion_logprobs(self.ref_model, mb, cfg.temperature)[0])
-                old_logp = torch.cat(chunks_old) if chunks_old else None
-                ref_logp = torch.cat(chunks_ref) if chunks_ref else None
-        stats: dict[str, float] = {"loss/policy": 0.0, "loss/kl": 0.0, "loss/entropy": 0.0, "loss/total": 0.0,
-                                   "clip_frac": 0.0, "entropy": 0.0, "kl": 0.0, "grad_norm": 0.0}
-        self.model.train()
-        n_updates = 0
-        for _ in range(cfg.num_iterations):
-            starts = list(range(0, N, cfg.mini_batch_size))
-            for j, s in enumerate(starts):
-                sl = slice(s, s + cfg.mini_batch_size)
-                mb = batch.select(sl)
-                mask = mb.completion_mask.float()
-                sync = acc.no_sync(self.model) if j < len(starts) - 1 else nullcontext()
-                with sync, acc.autocast():
-                    logp, logits = completion_logprobs(self.model, mb, cfg.temperature, with_logits=True)
-                    old = old_logp[sl] if old_logp is not None else logp.detach()
-                    pg, clipped = ppo_clip_loss(logp, old, advantages[sl], cfg.clip_eps_low, cfg.clip_eps_high)
-                    ent = entropy_from_logits(logits) if cfg.entropy_coef > 0 else None
-                    per_token = pg
-                    if ref_logp is not None:
-                        kl = kl_k3(logp, ref_logp[sl])
-                        per_token = per_token + cfg.kl_beta * kl
-                    if ent is not None:
-                        per_token = per_token - cfg.entropy_coef * ent
-                    agg = dict(mode=cfg.loss_aggregation, num_seqs=N, num_tokens=num_tokens, norm_constant=norm_const)
-                    loss = aggregate_loss(per_token, mask, **agg)
-                acc.backward(loss)
-                with torch.no_grad():
-                    if ent is None:
-                        ent = entropy_from_logits(logits.detach())
-                    stats["loss/total"] += loss.item()
-                    stats["loss/policy"] += aggregate_loss(pg, mask, **agg).item()
-                    stats["clip_frac"] += ((clipped * mask).sum() / num_tokens).item()
-                    stats["entropy"] += ((ent * mask).sum() / num_tokens).item()
-                    if ref_logp is not None:
-                        stats["kl"] += ((kl * mask).sum() / num_tokens).item()
-                        stats["loss/kl"] += cfg.kl_beta * aggregate_loss(kl, mask, **agg).item()
-                    if cfg.entropy_coef > 0:
-                        stats["loss/entropy"] -= cfg.entropy_coef * aggregate_loss(ent, mask, **agg).item()
-            grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step() if n_updates == 0 else None
-            self.optimizer.zero_grad(set_to_none=True)
-            stats["grad_norm"] += float(grad_norm)
-            n_updates += 1
-        for k in ("loss/policy", "loss/kl", "loss/entropy", "loss/total", "clip_frac", "entropy", "kl", "grad_norm"):
-            stats[k] /= n_updates
-        stats["lr"] = self.scheduler.get_last_lr()[0]
-        return stats
+        return adv, mask, diag
 
     def _step(self) -> dict[str, Any]:
         cfg = self.cfg
+        n = cfg.num_generations
         t0 = time.perf_counter()
         rows = self.sampler.next_batch(cfg.prompts_per_step)
-        sampled = self._sample_groups(rows)
+        contexts = self.memory_hook.contexts(rows) if self.memory_hook else None
+        sampled = self._sample_groups(rows, contexts)
         t1 = time.perf_counter()
         R, passed, gate_rates = self._score(sampled["rows"], sampled["completions"])
-        adv, sample_mask, diag = self._advantages(R, passed, cfg.num_generations)
+        texts = [c.text for c in sampled["completions"]]
+        correct = [bool(self.verify(t, r["answer"])) for t, r in zip(texts, sampled["rows"], strict=True)]
         t2 = time.perf_counter()
-        batch = pack([self._encode(p) for p in sampled["prompts"]],
-                     [c.token_ids for c in sampled["completions"]], self.tokenizer.pad_token_id)
-        batch.completion_mask *= sample_mask.unsqueeze(-1).to(batch.completion_mask.dtype)
-        stats = self._policy_update(batch, adv)
+        crit = self._critique_and_refine(sampled, correct) if self.critic is not None else None
         t3 = time.perf_counter()
+        R_mix, passed_mix, kept = self._mixed_group(R, passed, crit)
+        adv, mask, diag = self._advantages(R_mix, passed_mix)
+        G = len(rows)
+
+        # loss rows: initial samples, then kept refinements, all under the plain (sampling) prompt
+        prompt_ids = [self._encode(p) for p in sampled["prompts"]]
+        comp_ids = [c.token_ids for c in sampled["completions"]]
+        row_adv = adv[:, :n].reshape(-1).tolist()
+        row_mask = mask[:, :n].reshape(-1).tolist()
+        offpolicy = [False] * len(comp_ids)
+        for g, slot, j in kept:
+            prompt_ids.append(prompt_ids[g * n])
+            comp_ids.append(crit["ref_completions"][j].token_ids)
+            row_adv.append(adv[g, slot].item())
+            row_mask.append(bool(mask[g, slot]))
+            offpolicy.append(True)
+        tokens = pack(prompt_ids, comp_ids, self.tokenizer.pad_token_id)
+        tokens.completion_mask *= torch.tensor(row_mask, dtype=tokens.completion_mask.dtype).unsqueeze(-1)
+        adv_tok = cfg.eval_weight * torch.tensor(row_adv).unsqueeze(-1).expand(-1, tokens.completion_len).clone()
+        ub = UpdateBatch(tokens=tokens, advantages=adv_tok, offpolicy=torch.tensor(offpolicy))
+        distill_metrics = self._directive_distillation(ub, crit, sampled) if crit and cfg.distill_weight > 0 else {}
+        t4 = time.perf_counter()
+        stats = policy_update(self.model, self.ref_model, self.optimizer, self.scheduler, self.accelerator, ub,
+                              cfg, norm_constant=float(self.max_new_tokens))
+        t5 = time.perf_counter()
 
         metrics: dict[str, Any] = {"step": self.step + 1}
         for k, name in enumerate(self.reward_names):
@@ -368,28 +401,85 @@ class CritiqueGRPOTrainer:
             valid = col[~torch.isnan(col)]
             metrics[f"reward/{name}/mean"] = valid.mean().item() if len(valid) else None
             metrics[f"reward/{name}/std"] = valid.std(unbiased=False).item() if len(valid) else None
-        for k, name in enumerate(self.reward_names):
             metrics[f"reward/{name}/weight"] = float(diag["effective_weight"][k])
         for gname, rate in gate_rates.items():
             metrics[f"gate/{gname}/pass_rate"] = rate
         metrics["gate/groups_kept"] = diag["groups_kept"]
         metrics["reward/mean"] = (torch.nan_to_num(R, nan=0.0) * self.reward_weights).sum(-1).mean().item()
-        correct = torch.tensor([float(self.verify(c.text, r["answer"]))
-                                for c, r in zip(sampled["completions"], sampled["rows"], strict=True)])
-        metrics["train/accuracy"] = correct.mean().item()
-        grouped = correct.view(-1, cfg.num_generations)
-        metrics["train/all_wrong_groups"] = (grouped.sum(-1) == 0).float().mean().item()
-        metrics["train/all_right_groups"] = (grouped.sum(-1) == cfg.num_generations).float().mean().item()
+        grouped = torch.tensor(correct, dtype=torch.float32).view(G, n)
+        metrics["train/accuracy"] = grouped.mean().item()
+        all_wrong = grouped.sum(-1) == 0
+        metrics["train/all_wrong_groups"] = all_wrong.float().mean().item()
+        metrics["train/all_right_groups"] = (grouped.sum(-1) == n).float().mean().item()
         metrics["completions/mean_length"] = float(np.mean([len(c.token_ids) for c in sampled["completions"]]))
         metrics["completions/finished"] = float(np.mean([c.finished for c in sampled["completions"]]))
+        if crit is not None:
+            rescued = {g for g, _, j in kept if crit["ref_correct"][j] and bool(all_wrong[g])}
+            metrics["critique/critiqued"] = len(crit["idx"])
+            metrics["critique/refinements"] = len(crit["ref_src"])
+            metrics["critique/refine_success_rate"] = float(np.mean(crit["ref_correct"])) if crit["ref_src"] else None
+            metrics["critique/kept"] = len(kept)
+            metrics["critique/groups_rescued"] = len(rescued)
+            metrics["critique/all_wrong_groups"] = int(all_wrong.sum())
+            metrics["critique/fallbacks"] = sum(c.fallback for c in crit["critiques"])
+        if self.critic is not None:
+            metrics.update({k: v for k, v in self.critic.metrics().items() if isinstance(v, (int, float))})
+        if self.memory_hook is not None:
+            crit_text: list[str | None] = [None] * len(texts)
+            if crit is not None:
+                for i, c in zip(crit["idx"], crit["critiques"], strict=True):
+                    crit_text[i] = c.text
+            metrics.update(self.memory_hook.update(sampled["rows"], texts, correct, crit_text, self.step + 1, n))
+        metrics.update(distill_metrics)
         metrics.update(stats)
-        metrics.update({"time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2, "time/step": t3 - t0})
-        self._log_rollouts(sampled, R, adv)
+        metrics.update({"time/generate": t1 - t0, "time/score": t2 - t1, "time/critique": t3 - t2,
+                        "time/prepare": t4 - t3, "time/train": t5 - t4, "time/step": t5 - t0})
+        self._log_rollouts(sampled, R, adv[:, :n].reshape(-1), crit)
         return metrics
 
-    def _log_rollouts(self, sampled: dict[str, Any], R: torch.Tensor, adv: torch.Tensor) -> None:
-        for i in range(min(self.cfg.log_rollouts, len(sampled["completions"]))):
-            self.rollout_log.write({
+    def _directive_distillation(self, ub: UpdateBatch, crit: dict[str, Any], sampled: dict[str, Any]) -> dict:
+        """Teacher = the policy on the critique-conditioned prompt; student = the policy on q; both scored on
+        the student's own tokens. Adds w_dir * A_distill to the per-token advantages (sampled_token) or the
+        teacher's top-K for the reverse-KL term (topk_logits)."""
+        cfg = self.cfg
+        idx = crit["idx"]
+        T = ub.tokens.completion_len
+        comp = [sampled["completions"][i].token_ids for i in idx]
+        teacher = pack([self._encode(p) for p in crit["teacher_prompts"]], comp, self.tokenizer.pad_token_id)
+        student = ub.tokens.select(torch.tensor(idx))
+        model = self.accelerator.unwrap_model(self.model)
+        topk = cfg.distill_topk if cfg.distill_mode == "topk_logits" else None
+        t_lp, t_tk_lp, t_tk_idx = teacher_scores(model, teacher.to(self.accelerator.device), cfg.temperature,
+                                                 cfg.mini_batch_size, topk)
+        s_lp, _, _ = teacher_scores(model, student.to(self.accelerator.device), cfg.temperature, cfg.mini_batch_size)
+        Tt = t_lp.shape[1]
+        t_lp_full = torch.zeros(len(idx), T)
+        t_lp_full[:, : min(T, Tt)] = t_lp[:, :T].cpu()
+        m = student.completion_mask.float()
+        a_dir = sampled_token_advantage(t_lp_full, s_lp.cpu()) * m
+        out = {"distill/kl": ((s_lp.cpu() - t_lp_full) * m).sum().item() / max(1.0, m.sum().item()),
+               "distill/rows": len(idx)}
+        if cfg.distill_mode == "sampled_token":
+            ub.advantages[idx] += cfg.distill_weight * a_dir
+        else:
+            N, K = ub.advantages.shape[0], t_tk_lp.shape[-1]
+            ub.teacher_topk_logp = torch.zeros(N, T, K)
+            ub.teacher_topk_idx = torch.zeros(N, T, K, dtype=torch.long)
+            ub.teacher_topk_logp[idx, : min(T, Tt)] = t_tk_lp[:, :T].cpu()
+            ub.teacher_topk_idx[idx, : min(T, Tt)] = t_tk_idx[:, :T].cpu()
+            ub.distill_rows = torch.zeros(N, dtype=torch.bool)
+            ub.distill_rows[idx] = True
+        return out
+
+    def _log_rollouts(self, sampled: dict[str, Any], R: torch.Tensor, adv: torch.Tensor,
+                      crit: dict[str, Any] | None) -> None:
+        crit_at: dict[int, int] = {i: j for j, i in enumerate(crit["idx"])} if crit else {}
+        ref_at: dict[int, int] = {i: j for j, i in enumerate(crit["ref_src"])} if crit else {}
+        # log the first rows, plus critiqued ones so refinements are visible
+        chosen = list(range(min(self.cfg.log_rollouts, len(sampled["completions"]))))
+        chosen += [i for i in list(crit_at)[: self.cfg.log_rollouts] if i not in chosen]
+        for i in chosen:
+            row = {
                 "step": self.step + 1,
                 "prompt": sampled["rows"][i]["prompt"],
                 "answer": sampled["rows"][i]["answer"],
@@ -397,16 +487,25 @@ class CritiqueGRPOTrainer:
                 "rewards": dict(zip(self.reward_names, [None if math.isnan(v) else v for v in R[i].tolist()],
                                     strict=True)),
                 "advantage": adv[i].item(),
-            })
+            }
+            if i in crit_at:
+                row["critique"] = crit["critiques"][crit_at[i]].text
+            if i in ref_at:
+                j = ref_at[i]
+                row["refinement"] = crit["ref_completions"][j].text
+                row["refinement_rewards"] = dict(zip(
+                    self.reward_names, [None if math.isnan(v) else v for v in crit["R_ref"][j].tolist()], strict=True))
+            self.rollout_log.write(row)
 
     # ------------------------------------------------------------------------------------------------------
     # checkpoints
     # ------------------------------------------------------------------------------------------------------
     def _save(self) -> None:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "sampler": self.sampler.state_dict(), "summary": self.summary}
+                 "sampler": self.sampler.state_dict(), "summary": self.summary, "refine_rng": self.rng.getstate()}
+        extra = {"memory.sqlite": self.memory_hook.snapshot} if self.memory_hook is not None else None
         ckpt.save_checkpoint(self.out / "checkpoints", self.step, self.accelerator.unwrap_model(self.model),
-                             self.tokenizer, state, keep=self.cfg.keep_checkpoints)
+                             self.tokenizer, state, keep=self.cfg.keep_checkpoints, extra_files=extra)
 
     def _restore(self, path: Path) -> None:
         state = ckpt.load_trainer_state(path)
@@ -415,6 +514,7 @@ class CritiqueGRPOTrainer:
         self.sampler.load_state_dict(state["sampler"])
         self.summary = state["summary"]
         self.step = state["step"]
+        self.rng.setstate(state["refine_rng"])
         ckpt.set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------------------------------------------

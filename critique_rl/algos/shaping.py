@@ -1,0 +1,31 @@
+"""Shaped off-policy policy-gradient term for refinement tokens (pure functions).
+
+Refinements are sampled from pi(. | q, y, c) but trained under the plain prompt q, so they are off-policy
+for pi(. | q). LUFFY (arXiv:2504.14945), used by Critique-GRPO (arXiv:2506.03106), drops the importance
+ratio to the behaviour policy and reshapes the token probability instead:
+
+    objective_t = A * f(p_t),  f(p) = p / (p + gamma),  p_t = pi_theta(a_t | q, a_<t)
+
+    grad f(p_t) = gamma * p_t / (p_t + gamma)^2 * grad log p_t
+
+so low-probability tokens (the ones the policy would not have produced itself) get a larger weight than
+under plain log-likelihood, which keeps the policy from ignoring them and from collapsing its entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def shaped_offpolicy_loss(logp: torch.Tensor, advantages: torch.Tensor, gamma: float | None = 0.1) -> torch.Tensor:
+    """Per-token loss ``[B, T]`` = ``-A * p / (p + gamma)`` with ``p = exp(logp)``; no ratio to pi_old.
+
+    ``gamma=None`` disables shaping: ``-A * logp`` (plain off-policy REINFORCE on the refinement tokens).
+    ``advantages``: ``[B]``, ``[B, 1]`` or ``[B, T]``.
+    """
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    adv = adv.expand_as(logp)
+    if gamma is None:
+        return -adv * logp
+    p = logp.exp()
+    return -adv * p / (p + gamma)

@@ -1,0 +1,98 @@
+"""Calibration of verbalised confidence: expected calibration error (ECE) and a held-out evaluation helper.
+
+Used with tasks whose completions carry ``<confidence>q</confidence>`` (``addition_conf``; the ``brier``
+reward of RLCR, arXiv:2507.16806, trains it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def expected_calibration_error(confidences: Sequence[float], correct: Sequence[bool | float], bins: int = 10) -> float:
+    """Expected calibration error with ``bins`` equal-width bins over [0, 1] (Guo et al. 2017, arXiv:1706.04599)::
+
+        ECE = sum_b (|B_b| / N) * | acc(B_b) - conf(B_b) |
+
+    where ``B_b`` holds the samples whose confidence ``q`` falls in bin ``b = min(floor(q * bins), bins - 1)``
+    (bins ``[0, 1/bins), [1/bins, 2/bins), ..., [(bins-1)/bins, 1]``: the last bin is closed, so ``q = 1``
+    lands in it), ``acc(B_b)`` is the fraction correct in the bin and ``conf(B_b)`` the mean confidence in it.
+    Empty bins contribute nothing. The result lies in [0, 1]; 0 is perfect calibration.
+
+    Args:
+        confidences: one confidence per sample, each in [0, 1] (callers map an unparsable confidence to 0).
+        correct: one correctness flag (bool or 0/1) per sample.
+        bins: number of equal-width bins (>= 1).
+
+    Raises:
+        ValueError: on length mismatch, no samples, ``bins < 1``, or a confidence outside [0, 1] / NaN.
+    """
+    if len(confidences) != len(correct):
+        raise ValueError(f"confidences ({len(confidences)}) and correct ({len(correct)}) differ in length")
+    if not confidences:
+        raise ValueError("ECE of zero samples is undefined")
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1; got {bins}")
+    count = [0] * bins
+    conf_sum = [0.0] * bins
+    acc_sum = [0.0] * bins
+    for q, c in zip(confidences, correct, strict=True):
+        q = float(q)
+        if not (math.isfinite(q) and 0.0 <= q <= 1.0):
+            raise ValueError(f"confidence {q} is outside [0, 1]")
+        b = min(int(math.floor(q * bins)), bins - 1)
+        count[b] += 1
+        conf_sum[b] += q
+        acc_sum[b] += float(c)
+    n = len(confidences)
+    return sum(abs(acc_sum[b] - conf_sum[b]) / n for b in range(bins) if count[b])
+
+
+def calibration_report(confidences: Sequence[float | None], correct: Sequence[bool], bins: int = 10) -> dict[str, float]:
+    """``accuracy``, ``ece`` (unparsable confidence, i.e. None, counted as 0), ``unparsable_rate``,
+    ``mean_confidence`` (over all samples, None as 0) and ``n``."""
+    qs = [0.0 if q is None else float(q) for q in confidences]
+    n = len(qs)
+    return {
+        "accuracy": sum(bool(c) for c in correct) / n,
+        "ece": expected_calibration_error(qs, [bool(c) for c in correct], bins),
+        "unparsable_rate": sum(q is None for q in confidences) / n,
+        "mean_confidence": sum(qs) / n,
+        "n": float(n),
+    }
+
+
+def evaluate_calibration(
+    model_dir: str | Path,
+    task: str = "addition_conf",
+    n: int = 200,
+    bins: int = 10,
+    batch_size: int = 256,
+    device: str = "cpu",
+    rows: list[dict[str, Any]] | None = None,
+) -> dict[str, float]:
+    """Greedy-decode the held-out set of ``task`` with the model saved in ``model_dir`` and score it.
+
+    The held-out rows are the trainer's (``task.make_examples("eval", n, EVAL_SEED)``) unless ``rows`` is
+    given. Correctness is the task verifier; the confidence is :func:`~critique_rl.rewards.builtin.parse_confidence`
+    of the greedy completion. Returns :func:`calibration_report`'s dict.
+    """
+    from critique_rl.models import format_prompt, load_policy, wants_chat_template
+    from critique_rl.rewards.builtin import parse_confidence
+    from critique_rl.rollout import HFGenerator, SamplingParams
+    from critique_rl.tasks import get_task
+    from critique_rl.train.trainer import EVAL_SEED
+
+    t = get_task(task)
+    rows = rows if rows is not None else t.make_examples("eval", n, EVAL_SEED)[:n]
+    model, tok = load_policy(model_dir, device=device)
+    use_chat = wants_chat_template(tok, "auto")
+    prompts = [format_prompt(tok, r["prompt"], use_chat) for r in rows]
+    gen = HFGenerator(model, tok, batch_size=batch_size)
+    outs = gen.generate(prompts, SamplingParams(n=1, max_new_tokens=t.max_new_tokens, greedy=True))
+    texts = [g[0].text for g in outs]
+    correct = [bool(t.verify(x, r["answer"])) for x, r in zip(texts, rows, strict=True)]
+    return calibration_report([parse_confidence(x) for x in texts], correct, bins)
