@@ -17,7 +17,7 @@ with the same RL steps, batch, learning rate and held-out set; only the compared
     Reported: pass@1, pass@4, pass@16 with the unbiased estimator from n = 16 samples per problem
     (temperature 1, as in training), plus greedy accuracy.
 
-Usage: python benchmarks/multi_objective.py [--seeds 0 1 2] [--max-steps 60] [--jobs 1] [--out benchmarks/results/multi_objective]
+Usage: python benchmarks/multi_objective.py [--seeds 0 1 2] [--max-steps 100] [--jobs 1] [--work DIR [--reuse-sft]] [--out benchmarks/results/multi_objective]
 Writes <out>.md (tables, mean +- std over seeds) and <out>.json (raw numbers per seed and arm).
 """
 
@@ -64,6 +64,8 @@ def train(out: Path, seed: int, args: argparse.Namespace, **overrides: Any) -> d
 def sft_checkpoint(work: Path, seed: int, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     """SFT warm-up only (max_steps 0); every RL arm of this seed starts from ``<dir>/final``."""
     out = work / f"seed{seed}" / "sft"
+    if args.reuse_sft and (out / "summary.json").is_file() and (out / "final" / "config.json").is_file():
+        return out / "final", {**json.loads((out / "summary.json").read_text()), "arm_seconds": 0.0}
     summary = train(out, seed, args, max_steps=0)
     return out / "final", summary
 
@@ -227,13 +229,15 @@ class _Log:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--max-steps", type=int, default=60, help="RL steps per arm (identical for all arms)")
+    ap.add_argument("--max-steps", type=int, default=100, help="RL steps per arm (identical for all arms)")
     ap.add_argument("--eval-n", type=int, default=300, help="held-out problems for greedy accuracy / ECE")
     ap.add_argument("--passk-n", type=int, default=200, help="held-out problems for pass@k")
     ap.add_argument("--passk-samples", type=int, default=16, help="samples per problem for pass@k (n)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (per process)")
     ap.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes")
     ap.add_argument("--work", default=None, help="folder for the run directories (default: a temporary one)")
+    ap.add_argument("--reuse-sft", action="store_true",
+                    help="reuse <work>/seed<N>/sft from an earlier run with the same seeds (same SFT settings)")
     ap.add_argument("--out", default="benchmarks/results/multi_objective", help="writes <out>.md and <out>.json")
     args = ap.parse_args()
     if args.passk_samples < max(KS):
