@@ -12,24 +12,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+EXTRA: dict = {}  # --set key=value overrides applied to the warm-up and every arm alike
 ARMS = {
     "grpo": {"critique_on": "none", "distill_weight": 0.0},
     "critique_grpo": {"critique_on": "all_wrong_groups", "distill_weight": 0.0},
-    "critique_grpo+distill": {"critique_on": "all_wrong_groups", "distill_weight": 0.5},
+    "critique_grpo+distill": {"critique_on": "all_wrong_groups", "distill_weight": 0.2},
 }
 
 
 def base_config(task: str, seed: int, out: Path, max_steps: int, eval_every: int, sft_steps: int):
-    from critique_rl.config import load_config
-
-    return dict(task=task, seed=seed, output_dir=str(out), max_steps=max_steps, eval_every=eval_every,
-                sft_steps=sft_steps, progress=False, checkpoint_every=10_000, eval_n=200)
+    kw = dict(task=task, seed=seed, output_dir=str(out), max_steps=max_steps, eval_every=eval_every,
+              sft_steps=sft_steps, progress=False, checkpoint_every=10_000, eval_n=200)
+    kw["memory"] = {"enabled": False}  # memory has its own benchmark
+    kw.update(EXTRA)
+    return kw
 
 
 def warm_start(task: str, seed: int, root: Path, sft_steps: int) -> Path:
@@ -50,6 +53,7 @@ def run_arm(task: str, seed: int, arm: str, model_dir: Path, root: Path, max_ste
     from critique_rl.train.trainer import CritiqueGRPOTrainer
 
     out = root / f"{task}_s{seed}_{arm}"
+    shutil.rmtree(out, ignore_errors=True)  # an unfinished arm starts over
     kw = base_config(task, seed, out, max_steps, eval_every, 0)
     kw.update(ARMS[arm], model=str(model_dir))
     cfg = load_config(None, **kw)
@@ -112,13 +116,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--tasks", nargs="+", default=["addition", "reverse"])
-    ap.add_argument("--max-steps", type=int, default=100)
-    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--max-steps", type=int, default=300)
+    ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--sft-steps", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/critique_vs_grpo"))
     ap.add_argument("--work", type=Path, default=Path("runs/bench_critique"))
+    ap.add_argument("--set", nargs="*", default=[], help="key=value config overrides for the RL arms")
+    ap.add_argument("--arms", nargs="+", default=list(ARMS))
     args = ap.parse_args()
+    import yaml
+
+    EXTRA.update({k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)})
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
@@ -128,7 +137,7 @@ def main() -> None:
     for task in args.tasks:
         for seed in args.seeds:
             model_dir = warm_start(task, seed, args.work, args.sft_steps)
-            for arm in ARMS:
+            for arm in args.arms:
                 if (task, seed, arm) in done:
                     continue
                 r = run_arm(task, seed, arm, model_dir, args.work, args.max_steps, args.eval_every)

@@ -155,6 +155,8 @@ def tables(res: dict[str, Any]) -> str:
         d = lambda key, arm=arm: [per[str(s)]["diversity"][arm][key] for s in seeds]  # noqa: E731
         label = "after SFT (start)" if arm == "sft" else arm
         lines.append(f"| {label} | {ms(d('accuracy'), 100)} | " + " | ".join(ms(d(f'pass@{k}'), 100) for k in KS) + " |")
+    demo = res["settings"].get("demo_settings", {})
+    lines += ["", "Shared settings (all arms): " + ", ".join(f"{k}={v}" for k, v in demo.items()) + "."]
     lines += ["", f"RL steps per arm: {res['settings']['max_steps']}; total wall time "
               f"{res['wall_seconds'] / 60:.1f} min on {res['machine']}.", ""]
     return "\n".join(lines)
@@ -216,6 +218,15 @@ def run_seed(work: Path, seed: int, args: argparse.Namespace, log) -> dict[str, 
     return res
 
 
+def _demo_settings() -> dict[str, Any]:
+    """The preset fields every arm shares (critiques, refinements, distillation, optimisation)."""
+    cfg = load_config(None, task=TASK)
+    keys = ("sft_steps", "sft_mistake_rate", "sft_refine_fraction", "learning_rate", "num_generations",
+            "generation_batch_size", "critique_on", "refinements_per_group", "offpolicy_gamma", "distill_weight",
+            "distill_mode", "temperature", "loss_aggregation")
+    return {k: getattr(cfg, k) for k in keys} | {"critic": f"{cfg.critic.backend}/{cfg.critic.kind}"}
+
+
 class _Log:
     """Progress lines on stderr with seconds since the start (picklable, for worker processes)."""
 
@@ -269,7 +280,8 @@ def main() -> None:
         "seeds": args.seeds,
         "settings": {"task": TASK, "max_steps": args.max_steps, "eval_n": args.eval_n, "passk_n": args.passk_n,
                      "passk_samples": args.passk_samples, "weights": WEIGHTS, "threads": args.threads,
-                     "preset": "demo (tiny model, SFT 1000 steps, sft_mistake_rate 0.6), then RL from the SFT checkpoint"},
+                     "preset": "demo preset (tiny model, SFT 1000 steps, sft_mistake_rate 0.6), then RL from the SFT "
+                               "checkpoint with the demo's Critique-GRPO settings", "demo_settings": _demo_settings()},
         "calibration_target": {"ece_reduction": ece_red, "accuracy_diff_points": acc_diff,
                                "met": bool(ece_red >= 0.5 and abs(acc_diff) <= 2.0)},
         "per_seed": per_seed,

@@ -120,9 +120,9 @@ class TrainConfig:
     """Wrap prompts in the tokenizer's chat template. `auto`: when the tokenizer has one."""
 
     # --- tiny model (model == "tiny") ---------------------------------------------------------------------
-    tiny_hidden_size: int = 128
+    tiny_hidden_size: int = 256
     tiny_layers: int = 2
-    tiny_heads: int = 4
+    tiny_heads: int = 8
     """head_dim = hidden/heads must be >= 32 so a CPU vLLM can serve the same model."""
     tiny_vocab_size: int = 512
 
@@ -395,6 +395,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # PyYAML reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
         raise bad
     if tp is str:
         if isinstance(value, str):
@@ -424,9 +429,13 @@ DEMO_PRESET: dict[str, Any] = {
     "task": "addition",
     "sft_mistake_rate": 0.6,
     "sft_refine_fraction": 0.3,
+    "max_steps": 300,
+    "lr_scheduler": "cosine",
+    "eval_every": 50,
     "critique_on": "all_wrong_groups",
-    "distill_weight": 0.5,
+    "distill_weight": 0.0,
     "critic": {"backend": "rule", "kind": "ground_truth"},
+    "memory": {"enabled": True, "top_k_demos": 0, "top_k_lessons": 0},
 }
 """The embedded demo (`critique-rl train` with no config): tiny model, addition, an imperfect demonstrator
 that drops the carry 60% of the time on carry problems, SFT warm-up, then RL with critiques and memory."""

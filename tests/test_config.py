@@ -62,3 +62,23 @@ def test_load_config_errors_are_user_errors(tmp_path):
     bad.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(UserError, match="mapping"):
         load_config(bad)
+
+
+def test_example_configs_are_valid(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    cpu = load_config(root / "critique_grpo_cpu.yaml")
+    assert cpu.critic.backend == "rule" and cpu.memory.enabled
+    gpu = yaml.safe_load((root / "critique_grpo_gpu.yaml").read_text())
+    model_dir = tmp_path / "qwen"
+    model_dir.mkdir()
+    gpu["model"] = str(model_dir)  # the recipe points at a local dir that exists only on the GPU box
+    cfg = from_dict(TrainConfig, gpu)
+    assert cfg.critic.backend == "openai" and cfg.reward_aggregator == "dvao"
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("learning_rate: 3e-4\n")
+    assert load_config(p).learning_rate == 3e-4

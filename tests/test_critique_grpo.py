@@ -9,10 +9,10 @@ from critic_server import CriticServer
 from critique_rl.algos import aggregate_rewards
 from critique_rl.config import CriticConfig
 from critique_rl.critics import OpenAICritic
+from critique_rl.tasks import get_task
 from critique_rl.train.critique_step import choose_refinements, refinement_demos, select_for_critique
 from critique_rl.train.metrics import read_jsonl
 from critique_rl.train.trainer import CritiqueGRPOTrainer
-from critique_rl.tasks import get_task
 
 
 def test_select_for_critique_modes():

@@ -84,3 +84,12 @@ def test_crash_during_save_keeps_previous_checkpoint(fast_config, monkeypatch):
     assert summary["steps"] == 4
     assert not any(p.name.startswith(".tmp-checkpoint-") for p in root.iterdir())
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["checkpoint-000002", "checkpoint-000004"]
+
+
+def test_fresh_run_refuses_a_dir_with_checkpoints(fast_config):
+    from critique_rl.errors import UserError
+
+    cfg = fast_config(max_steps=1)
+    CritiqueGRPOTrainer(args=cfg).train()
+    with pytest.raises(UserError, match="--resume"):
+        CritiqueGRPOTrainer(args=cfg).train()

@@ -119,6 +119,12 @@ class CritiqueGRPOTrainer:
         resume_from = ckpt.latest_checkpoint(self.out / "checkpoints") if resume else None
         if resume and resume_from is None:
             console.print(f"[yellow]--resume: no checkpoint under {self.out / 'checkpoints'}; starting fresh[/]")
+        if not resume and ckpt.latest_checkpoint(self.out / "checkpoints") is not None:
+            raise UserError(f"output_dir '{self.out}' already holds checkpoints of an earlier run; pass --resume to "
+                            "continue it, or choose another --output-dir (or delete the folder)")
+        if resume_from is None:  # a fresh run owns its logs
+            for name in ("metrics.jsonl", "rollouts.jsonl"):
+                (self.out / name).unlink(missing_ok=True)
 
         self.accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
@@ -156,11 +162,15 @@ class CritiqueGRPOTrainer:
         from critique_rl.train.memory_hook import MemoryHook
 
         bank_path = Path(cfg.memory.bank_path or self.out / "memory.sqlite")
-        if resume_from is not None and (resume_from / "memory.sqlite").is_file():
+        given = self.memory is not None
+        if resume_from is not None and not given:  # bank and model go back to the same step
             MemoryHook.restore(resume_from / "memory.sqlite", bank_path)
-        if self.memory is None:
+        if not given:
             self.memory = MemoryBank(bank_path, config=cfg.memory, critic=self.critic)
-        return MemoryHook(self.memory, cfg.memory, self.task.name, run_name=self.out.name, critic=self.critic)
+        hook = MemoryHook(self.memory, cfg.memory, self.task.name, run_name=self.out.name, critic=self.critic)
+        if resume_from is not None and given:
+            hook.restore_open(resume_from)
+        return hook
 
     def _rows(self, given: Any, path: str | None, split: str, n: int) -> list[dict[str, Any]]:
         if given is not None:
