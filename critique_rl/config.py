@@ -184,6 +184,7 @@ class TrainConfig:
     reward_threshold: float = 0.5
     """A reward above this counts as correct for `w_reinforce` / `psr` / `nsr`."""
     rollout_backend: Literal["hf", "vllm"] = "hf"
+    """`hf`: transformers generate behind the Generator protocol. `vllm` is reserved (rejected for now)."""
 
     # --- Critique-GRPO (arXiv:2506.03106) -----------------------------------------------------------------
     critique_on: Literal["none", "all_wrong_groups", "wrong", "all"] = "all_wrong_groups"
@@ -253,6 +254,9 @@ class TrainConfig:
                      "sft_batch_size", "sft_examples", "keep_checkpoints", "temperature", "max_grad_norm",
                      "checkpoint_every", "tiny_layers", "tiny_vocab_size"):
             _positive(name, getattr(self, name))
+        if self.rollout_backend == "vllm":
+            raise ConfigError("rollout_backend", "vllm", "the vLLM rollout engine is not in this release yet; use hf "
+                              "(transformers generate)")
         if not 0.0 <= self.sft_refine_fraction <= 1.0:
             raise ConfigError("sft_refine_fraction", self.sft_refine_fraction, "use a value in [0, 1]")
         if self.offpolicy_gamma is not None and self.offpolicy_gamma <= 0:

@@ -34,6 +34,7 @@ def test_unknown_key_suggests_the_close_field():
         ({"advantage_estimator": "ppo"}, "advantage_estimator"),
         ({"reward_weights": [1.0, 2.0]}, "reward_weights"),
         ({"critic": {"backend": "openai"}}, "critic.model"),
+        ({"rollout_backend": "vllm"}, "rollout_backend"),
     ],
 )
 def test_bad_values_name_the_field(data, field):

@@ -53,7 +53,7 @@ from critique_rl.train.critique_step import (
     select_for_critique,
 )
 from critique_rl.train.evaluate import evaluate
-from critique_rl.train.metrics import JsonlWriter, plot_curves
+from critique_rl.train.metrics import JsonlWriter, plot_curves, read_jsonl
 from critique_rl.train.sampler import PromptSampler
 from critique_rl.train.sft import sft_warmup
 from critique_rl.train.update import UpdateBatch, policy_update, teacher_scores
@@ -511,6 +511,7 @@ class CritiqueGRPOTrainer:
     # checkpoints
     # ------------------------------------------------------------------------------------------------------
     def _save(self) -> None:
+        self.summary["wall_seconds_before_resume"] = self._wall_prior + time.perf_counter() - self._t_start
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "sampler": self.sampler.state_dict(), "summary": self.summary, "refine_rng": self.rng.getstate()}
         extra = {"memory.sqlite": self.memory_hook.snapshot} if self.memory_hook is not None else None
@@ -525,6 +526,7 @@ class CritiqueGRPOTrainer:
         self.summary = state["summary"]
         self.step = state["step"]
         self.rng.setstate(state["refine_rng"])
+        self._wall_prior = self.summary.get("wall_seconds_before_resume", 0.0)
         ckpt.set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------------------------------------------
@@ -532,7 +534,8 @@ class CritiqueGRPOTrainer:
     # ------------------------------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict[str, Any]:
         """Run SFT warm-up (unless resuming), RL for ``max_steps``, and write the run directory."""
-        t_start = time.perf_counter()
+        t_start = self._t_start = time.perf_counter()
+        self._wall_prior = 0.0
         resume_from = self._setup(resume)
         self.metrics_log = JsonlWriter(self.out / "metrics.jsonl")
         self.rollout_log = JsonlWriter(self.out / "rollouts.jsonl")
@@ -561,6 +564,24 @@ class CritiqueGRPOTrainer:
                     self._save()
         return self._finish(t_start)
 
+    def _run_totals(self) -> dict[str, Any]:
+        """Critique and memory totals over the whole run (from metrics.jsonl, so resumed runs count too)."""
+        rows = [r for r in read_jsonl(self.out / "metrics.jsonl") if "loss/total" in r]
+        out: dict[str, Any] = {}
+        if any("critique/refinements" in r for r in rows):
+            ref = sum(r.get("critique/refinements", 0) for r in rows)
+            ok = sum((r.get("critique/refine_success_rate") or 0) * r.get("critique/refinements", 0) for r in rows)
+            out["critique_refinements"] = ref
+            out["critique_refine_success_rate"] = ok / ref if ref else None
+            out["critique_groups_rescued"] = sum(r.get("critique/groups_rescued", 0) for r in rows)
+            out["critique_all_wrong_groups"] = sum(r.get("critique/all_wrong_groups", 0) for r in rows)
+        if self.memory is not None:
+            st = self.memory.stats()
+            out["memory_bank"] = st["path"]
+            out["memory_demonstrations"] = st["demonstrations"]["count"]
+            out["memory_lessons"] = st["lessons"]["count"]
+        return out
+
     def _finish(self, t_start: float) -> dict[str, Any]:
         final = self._evaluate()
         self.summary.update({
@@ -569,8 +590,9 @@ class CritiqueGRPOTrainer:
             "eval_n": len(self.eval_rows),
             "steps": self.step,
             "task": self.cfg.task,
-            "wall_seconds": self.summary.get("wall_seconds_before_resume", 0.0) + time.perf_counter() - t_start,
+            "wall_seconds": self._wall_prior + time.perf_counter() - t_start,
         })
+        self.summary.update(self._run_totals())
         self.metrics_log.write({"step": self.step, "eval/accuracy": final["accuracy"], "final": True})
         self.metrics_log.close()
         self.rollout_log.close()
@@ -602,4 +624,13 @@ def summary_table(summary: dict[str, Any]) -> Table:
     t.add_row(f"after RL ({summary.get('steps', 0)} steps)", f"{after:.1%}" if after is not None else "-")
     if before is not None and after is not None:
         t.add_row("RL gain", f"{(after - before) * 100:+.1f} points")
+    if summary.get("critique_refinements"):
+        rate = summary.get("critique_refine_success_rate") or 0.0
+        t.add_row("refinements written / correct", f"{summary['critique_refinements']} / {rate:.0%}")
+        t.add_row("all-wrong groups rescued by a refinement",
+                  f"{summary['critique_groups_rescued']} of {summary['critique_all_wrong_groups']}")
+    if "memory_lessons" in summary:
+        t.add_row("memory: demonstrations / lessons",
+                  f"{summary['memory_demonstrations']} / {summary['memory_lessons']}")
+    t.add_row("wall time", f"{summary.get('wall_seconds', 0):.0f} s")
     return t
