@@ -185,16 +185,15 @@ def test_addition_conf_task():
     assert all(re.fullmatch(CONFIDENCE_FORMAT, t) for t in targets)
     assert all(CONF.verify(t, r["answer"]) for t, r in zip(targets, rows, strict=True))
     qs = {parse_confidence(t) for t in targets}
-    assert qs == {0.9, 0.7, 0.6}  # not constant, never 1.0
+    assert qs == {0.5, 0.6, 0.7, 0.8, 0.9, 1.0}  # a diffuse prior for brier to shape
     (brier,) = build_reward_funcs(["brier"], CONF)
     assert brier([""], [targets[0]], answer=[rows[0]["answer"]]) == [pytest.approx(1 - (1 - parse_confidence(targets[0])) ** 2)]
 
 
-def test_addition_conf_confidence_follows_carries():
+def test_addition_conf_confidence_is_seeded_per_problem():
     assert (carries(12, 13), carries(19, 13), carries(99, 99), carries(55, 50)) == (0, 1, 2, 1)
-    assert sft_confidence({"a": 12, "b": 13}) == "0.9"
-    assert sft_confidence({"a": 19, "b": 13}) == "0.7"
-    assert sft_confidence({"a": 99, "b": 99}) == "0.6"
+    assert sft_confidence({"a": 12, "b": 13}) == sft_confidence({"a": 12, "b": 13, "answer": "25"})  # per problem
+    assert len({sft_confidence({"a": a, "b": 13}) for a in range(10, 100)}) == 6
 
 
 def test_addition_conf_max_new_tokens_fits_the_tag():

@@ -7,15 +7,15 @@ ignores the tag (``final_answer_span`` strips it); the ``brier`` reward scores i
 
 from __future__ import annotations
 
+import random
+
 from critique_rl.tasks.arithmetic import drop_carry, extract_number, make_addition, verify_number
 from critique_rl.tasks.base import Example, Task
 
 CONFIDENCE_FORMAT = r"\s*-?\d+\s*<confidence>\s*(?:0(?:\.\d+)?|1(?:\.0+)?|\.\d+)\s*</confidence>\s*"
 """Regex (``re.fullmatch``) of a well-formed ``addition_conf`` completion; the ``format`` reward's default."""
 
-# SFT confidence by number of carries (a difficulty proxy): the targets teach the format and a plausible,
-# non-constant calibration prior; RL with the brier reward then calibrates it to the model's accuracy.
-_CONF_BY_CARRIES = {0: "0.9", 1: "0.7", 2: "0.6"}
+_CONF_CHOICES = ("0.5", "0.6", "0.7", "0.8", "0.9", "1.0")
 
 
 def carries(a: int, b: int) -> int:
@@ -26,8 +26,14 @@ def carries(a: int, b: int) -> int:
 
 
 def sft_confidence(ex: Example) -> str:
-    """The SFT target's confidence string: 0.9 without a carry, 0.7 with one, 0.6 with two."""
-    return _CONF_BY_CARRIES[carries(int(ex["a"]), int(ex["b"]))]
+    """The SFT target's confidence: a seeded draw from 0.5..1.0, fixed per problem.
+
+    The warm-up teaches the *format* and a diffuse prior over confidence values, not a calibration: RL with the
+    brier reward (RLCR, arXiv:2507.16806) then has values to choose between and moves them towards the
+    policy's accuracy. (A prior with one value per difficulty class left brier nothing to explore: ECE did
+    not move in benchmarks/multi_objective.py.)
+    """
+    return random.Random(f"conf:{ex['a']}+{ex['b']}").choice(_CONF_CHOICES)
 
 
 def sft_completion_conf(ex: Example) -> str:
