@@ -232,8 +232,6 @@ def test_trainer_with_memory_records_and_resumes(fast_config, tmp_path):
     a bank snapshot that resume restores."""
     from critique_rl.train.trainer import CritiqueGRPOTrainer
 
-    if not hasattr(CritiqueGRPOTrainer, "_build_memory"):
-        pytest.skip("trainer has no memory wiring yet")
     bank_path = tmp_path / "bank.sqlite"
     c = cfg(bank_path=str(bank_path))
     conf = fast_config(memory=c, max_steps=2, checkpoint_every=1)

@@ -384,7 +384,8 @@ class CritiqueGRPOTrainer:
         G = len(rows)
 
         # loss rows: initial samples, then kept refinements, all under the plain (sampling) prompt
-        prompt_ids = [self._encode(p) for p in sampled["prompts"]]
+        encoded = {p: self._encode(p) for p in set(sampled["prompts"])}  # n samples share one prompt
+        prompt_ids = [encoded[p] for p in sampled["prompts"]]
         comp_ids = [c.token_ids for c in sampled["completions"]]
         row_adv = adv[:, :n].reshape(-1).tolist()
         row_mask = mask[:, :n].reshape(-1).tolist()
