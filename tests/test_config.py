@@ -83,3 +83,10 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("learning_rate: 3e-4\n")
     assert load_config(p).learning_rate == 3e-4
+
+
+def test_public_api_names():
+    import critique_rl
+
+    assert critique_rl.CritiqueGRPOConfig is TrainConfig
+    assert critique_rl.CritiqueGRPOTrainer.__name__ == "CritiqueGRPOTrainer"
