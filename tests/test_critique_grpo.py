@@ -82,3 +82,24 @@ def test_trainer_with_api_critic_and_self_critique(fast_config):
     CritiqueGRPOTrainer(args=cfg).train()
     row = [r for r in read_jsonl(f"{cfg.output_dir}/metrics.jsonl") if "loss/total" in r][0]
     assert row["critic/requests"] >= 16 and row["critique/refinements"] == 16
+
+
+def test_python_api_as_in_readme(fast_config, tmp_path):
+    """Objects in, the way the README shows: a row list, a callable reward, a critic and a memory bank."""
+    from critique_rl import CritiqueGRPOTrainer
+    from critique_rl.critics import RuleCritic
+    from critique_rl.memory import MemoryBank
+
+    rows = get_task("addition").make_examples("train", 300, 1)
+
+    def short(prompts, completions, **_):
+        return [1.0 if len(c) <= 3 else 0.0 for c in completions]
+
+    bank = MemoryBank(tmp_path / "bank.sqlite")
+    summary = CritiqueGRPOTrainer(
+        model="tiny", train_dataset=rows, reward_funcs=["correctness", short], critic=RuleCritic(),
+        memory=bank, args=fast_config(max_steps=2, reward_aggregator="dvao", critique_on="wrong"),
+    ).train()
+    assert summary["steps"] == 2 and summary["memory_demonstrations"] + summary["memory_lessons"] > 0
+    row = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss/total" in r][0]
+    assert "reward/short/mean" in row and "reward/short/weight" in row and "memory/size" in row

@@ -7,6 +7,7 @@ One step = sample groups, score, (critique + refine), advantages, clipped policy
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -167,7 +168,8 @@ class CritiqueGRPOTrainer:
             MemoryHook.restore(resume_from / "memory.sqlite", bank_path)
         if not given:
             self.memory = MemoryBank(bank_path, config=cfg.memory, critic=self.critic)
-        hook = MemoryHook(self.memory, cfg.memory, self.task.name, run_name=self.out.name, critic=self.critic)
+        mem_cfg = cfg.memory if cfg.memory.enabled else dataclasses.replace(cfg.memory, enabled=True)  # memory= given
+        hook = MemoryHook(self.memory, mem_cfg, self.task.name, run_name=self.out.name, critic=self.critic)
         if resume_from is not None and given:
             hook.restore_open(resume_from)
         return hook
