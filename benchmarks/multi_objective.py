@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -72,6 +73,7 @@ def sft_checkpoint(work: Path, seed: int, args: argparse.Namespace) -> tuple[Pat
 
 def rl(work: Path, name: str, seed: int, sft_dir: Path, args: argparse.Namespace, **overrides: Any) -> tuple[Path, dict]:
     out = work / f"seed{seed}" / name
+    shutil.rmtree(out, ignore_errors=True)  # an arm is re-run from its SFT checkpoint, never resumed
     summary = train(out, seed, args, model=str(sft_dir), sft_steps=0, max_steps=args.max_steps, **overrides)
     return out / "final", summary
 
