@@ -10,7 +10,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from critique_rl.critics.base import Critique, CritiqueRequest
+from critique_rl.critics.base import CritiqueRequest
 from critique_rl.critics.base import render_rule as _render_rule
 from critique_rl.tasks import Task
 from critique_rl.templates import render
@@ -88,6 +88,3 @@ def refinement_demos(task: Task, rows: list[dict[str, Any]], fraction: float, se
         demos.append((refine_text(row["prompt"], wrong, critique, template_dir), completion_fn(row)))
     return demos
 
-
-def critique_texts(critiques: list[Critique]) -> list[str]:
-    return [c.text for c in critiques]

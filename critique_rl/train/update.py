@@ -57,8 +57,8 @@ def policy_update(model: torch.nn.Module, ref_model: torch.nn.Module | None, opt
     mb_size = cfg.mini_batch_size
     num_tokens = float(tokens.completion_mask.sum().clamp_min(1))
     agg = dict(mode=cfg.loss_aggregation, num_seqs=N, num_tokens=num_tokens, norm_constant=norm_constant)
-    old_logp = _no_grad_logprobs(model, tokens, cfg.temperature, mb_size) if cfg.num_iterations > 1 else None
-    ref_logp = _no_grad_logprobs(ref_model, tokens, cfg.temperature, mb_size) if ref_model is not None else None
+    old_logp = teacher_scores(model, tokens, cfg.temperature, mb_size)[0] if cfg.num_iterations > 1 else None
+    ref_logp = teacher_scores(ref_model, tokens, cfg.temperature, mb_size)[0] if ref_model is not None else None
     use_topk = ub.teacher_topk_logp is not None and cfg.distill_weight > 0
     stats = dict.fromkeys(STAT_KEYS, 0.0)
     model.train()
@@ -117,16 +117,11 @@ def policy_update(model: torch.nn.Module, ref_model: torch.nn.Module | None, opt
 
 
 @torch.no_grad()
-def _no_grad_logprobs(model: torch.nn.Module, tokens: TokenBatch, temperature: float, mb_size: int) -> torch.Tensor:
-    return torch.cat([completion_logprobs(model, tokens.select(slice(s, s + mb_size)), temperature)[0]
-                      for s in range(0, tokens.input_ids.shape[0], mb_size)])
-
-
-@torch.no_grad()
 def teacher_scores(model: torch.nn.Module, tokens: TokenBatch, temperature: float, mb_size: int,
                    topk: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Teacher log-probs of the given completion tokens ``[N, T]`` and, with ``topk``, its top-K
-    log-probs and token ids ``[N, T, K]`` at each position."""
+    """Log-probs ``[N, T]`` of the given completion tokens under ``model`` (no grad, in mini-batches) and,
+    with ``topk``, its top-K log-probs and token ids ``[N, T, K]`` at each position. Used for pi_old, the
+    reference policy and the critique-conditioned teacher alike."""
     lps, tk_lp, tk_idx = [], [], []
     for s in range(0, tokens.input_ids.shape[0], mb_size):
         mb = tokens.select(slice(s, s + mb_size))
