@@ -1,14 +1,11 @@
-"""Multi-objective rewards, evidence over seeds (issue 5, part 8): calibration, weight robustness, diversity.
+"""Multi-objective rewards, evidence over seeds (issue 5, part 8 (b) and (c)): weight robustness, diversity.
 
-Three side-by-side comparisons on the tiny model and the ``addition_conf`` task (two-digit addition, answer
-then ``<confidence>q</confidence>``). Per seed, one SFT warm-up (the demo's imperfect demonstrator,
+Side-by-side comparisons on the tiny model and the ``addition_conf`` task (two-digit addition, answer then
+``<confidence>q</confidence>``). Per seed, one SFT warm-up (the demo's imperfect demonstrator,
 ``sft_mistake_rate`` 0.6) is trained once and every RL arm of that seed starts from that same checkpoint,
 with the same RL steps, batch, learning rate and held-out set; only the compared setting differs.
+Part (a), calibration, lives in benchmarks/calibration_brier.py (it imports this module's helpers).
 
-(a) calibration: ``reward_funcs`` [correctness] vs [correctness, brier] (RLCR, arXiv:2507.16806). Reported:
-    greedy accuracy, ECE (10 equal-width bins over the parsed confidence of the greedy answer, unparsable
-    = confidence 0) and the unparsable rate on the held-out set. Target: ECE down >= 50% at accuracy within
-    2 points.
 (b) robustness to weights: objectives [correctness, format] (format: the whole completion matches
     ``<int> <confidence>q</confidence>``), aggregator ``weighted_sum`` vs ``dvao`` (arXiv:2605.25604), weights
     [1, 1], [1, 10], [10, 1]. Reported: final greedy accuracy per setting and its spread (max - min, std)
@@ -17,7 +14,11 @@ with the same RL steps, batch, learning rate and held-out set; only the compared
     Reported: pass@1, pass@4, pass@16 with the unbiased estimator from n = 16 samples per problem
     (temperature 1, as in training), plus greedy accuracy.
 
-Usage: python benchmarks/multi_objective.py [--seeds 0 1 2] [--max-steps 100] [--jobs 1] [--work DIR [--reuse-sft]] [--out benchmarks/results/multi_objective]
+``--critiques off`` (default) trains plain group RL (``critique_on: none``, no distillation) so the
+compared setting is the only mechanism at work; ``--critiques on`` keeps the demo's Critique-GRPO settings.
+
+Usage: python benchmarks/multi_objective.py [--seeds 0 1 2] [--max-steps 200] [--critiques off|on] [--jobs 1]
+       [--work DIR [--reuse-sft]] [--out benchmarks/results/multi_objective]
 Writes <out>.md (tables, mean +- std over seeds) and <out>.json (raw numbers per seed and arm).
 """
 
@@ -43,7 +44,6 @@ from critique_rl.config import load_config  # noqa: E402
 from critique_rl.models import format_prompt, load_policy, wants_chat_template  # noqa: E402
 from critique_rl.rollout import HFGenerator, SamplingParams  # noqa: E402
 from critique_rl.tasks import get_task  # noqa: E402
-from critique_rl.train.calibration import evaluate_calibration  # noqa: E402
 from critique_rl.train.evaluate import pass_at_k  # noqa: E402
 from critique_rl.train.trainer import EVAL_SEED, CritiqueGRPOTrainer  # noqa: E402
 
@@ -73,6 +73,8 @@ def sft_checkpoint(work: Path, seed: int, args: argparse.Namespace) -> tuple[Pat
 
 def rl(work: Path, name: str, seed: int, sft_dir: Path, args: argparse.Namespace, **overrides: Any) -> tuple[Path, dict]:
     out = work / f"seed{seed}" / name
+    if getattr(args, "critiques", "on") == "off":
+        overrides = {"critique_on": "none", "distill_weight": 0.0} | overrides
     shutil.rmtree(out, ignore_errors=True)  # an arm is re-run from its SFT checkpoint, never resumed
     summary = train(out, seed, args, model=str(sft_dir), sft_steps=0, max_steps=args.max_steps, **overrides)
     return out / "final", summary
@@ -114,21 +116,6 @@ def tables(res: dict[str, Any]) -> str:
     seeds = res["seeds"]
     per = res["per_seed"]
     lines: list[str] = []
-    a = lambda arm, key: [per[str(s)]["calibration"][arm][key] for s in seeds]  # noqa: E731
-
-    lines += [f"## (a) Calibration on `{TASK}`: [correctness] vs [correctness, brier]", "",
-              f"Greedy decoding on {res['settings']['eval_n']} held-out problems; ECE with 10 equal-width bins "
-              "(unparsable confidence = 0). Mean ± std over seeds "
-              f"{seeds}; accuracy and ECE in points (x100).", "",
-              "| arm | accuracy | ECE | unparsable rate | mean confidence |", "|---|---|---|---|---|"]
-    for arm, label in (("sft", "after SFT (start of both arms)"), ("correctness", "RL [correctness]"),
-                       ("brier", "RL [correctness, brier]")):
-        lines.append(f"| {label} | {ms(a(arm, 'accuracy'), 100)} | {ms(a(arm, 'ece'), 100)} | "
-                     f"{ms(a(arm, 'unparsable_rate'), 100)}% | {ms(a(arm, 'mean_confidence'), 1, 3)} |")
-    t = res["calibration_target"]
-    lines += ["", f"ECE change (brier vs correctness, ratio of seed means): {t['ece_reduction'] * 100:+.1f}% reduction; "
-              f"accuracy difference {t['accuracy_diff_points']:+.1f} points. Target (ECE down >= 50% at accuracy "
-              f"within 2 points): **{'met' if t['met'] else 'not met'}**.", ""]
 
     lines += ["## (b) Robustness to weights: [correctness, format], weighted_sum vs dvao", "",
               "Final greedy accuracy (%) per weight setting [b_correctness, b_format]; spread = max - min and "
@@ -184,16 +171,6 @@ def run_seed(work: Path, seed: int, args: argparse.Namespace, log) -> dict[str, 
     log(f"seed {seed}: SFT done in {sft_summary['arm_seconds']:.0f}s, acc {sft_summary['eval_accuracy_before_rl']:.3f}")
     res: dict[str, Any] = {"sft_seconds": sft_summary["arm_seconds"]}
 
-    # (a) calibration
-    cal = {"sft": evaluate_calibration(sft_dir, TASK, n=args.eval_n)}
-    for arm, funcs in (("correctness", ["correctness"]), ("brier", ["correctness", "brier"])):
-        final, s = rl(work, f"cal_{arm}", seed, sft_dir, args, reward_funcs=funcs)
-        cal[arm] = evaluate_calibration(final, TASK, n=args.eval_n)
-        cal[arm]["seconds"] = s["arm_seconds"]
-        log(f"seed {seed}: (a) {arm}: acc {cal[arm]['accuracy']:.3f} ECE {cal[arm]['ece']:.3f} "
-            f"({s['arm_seconds']:.0f}s)")
-    res["calibration"] = cal
-
     # (b) weights
     wres: dict[str, Any] = {}
     for agg in ("weighted_sum", "dvao"):
@@ -220,9 +197,10 @@ def run_seed(work: Path, seed: int, args: argparse.Namespace, log) -> dict[str, 
     return res
 
 
-def _demo_settings() -> dict[str, Any]:
+def _demo_settings(critiques: str) -> dict[str, Any]:
     """The preset fields every arm shares (critiques, refinements, distillation, optimisation)."""
-    cfg = load_config(None, task=TASK)
+    off = {"critique_on": "none", "distill_weight": 0.0} if critiques == "off" else {}
+    cfg = load_config(None, task=TASK, **off)
     keys = ("sft_steps", "sft_mistake_rate", "sft_refine_fraction", "learning_rate", "num_generations",
             "generation_batch_size", "critique_on", "refinements_per_group", "offpolicy_gamma", "distill_weight",
             "distill_mode", "temperature", "loss_aggregation")
@@ -242,7 +220,9 @@ class _Log:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--max-steps", type=int, default=100, help="RL steps per arm (identical for all arms)")
+    ap.add_argument("--max-steps", type=int, default=200, help="RL steps per arm (identical for all arms)")
+    ap.add_argument("--critiques", choices=["off", "on"], default="off",
+                    help="off: plain group RL in every arm; on: the demo's Critique-GRPO settings in every arm")
     ap.add_argument("--eval-n", type=int, default=300, help="held-out problems for greedy accuracy / ECE")
     ap.add_argument("--passk-n", type=int, default=200, help="held-out problems for pass@k")
     ap.add_argument("--passk-samples", type=int, default=16, help="samples per problem for pass@k (n)")
@@ -275,23 +255,18 @@ def main() -> None:
     else:
         per_seed = {str(s): run_seed(work, s, args, log) for s in args.seeds}
 
-    cal = lambda arm, key: statistics.mean(per_seed[str(s)]["calibration"][arm][key] for s in args.seeds)  # noqa: E731
-    ece_red = 1.0 - cal("brier", "ece") / max(cal("correctness", "ece"), 1e-12)
-    acc_diff = (cal("brier", "accuracy") - cal("correctness", "accuracy")) * 100
     res = {
         "seeds": args.seeds,
         "settings": {"task": TASK, "max_steps": args.max_steps, "eval_n": args.eval_n, "passk_n": args.passk_n,
                      "passk_samples": args.passk_samples, "weights": WEIGHTS, "threads": args.threads,
                      "preset": "demo preset (tiny model, SFT 1000 steps, sft_mistake_rate 0.6), then RL from the SFT "
-                               "checkpoint with the demo's Critique-GRPO settings", "demo_settings": _demo_settings()},
-        "calibration_target": {"ece_reduction": ece_red, "accuracy_diff_points": acc_diff,
-                               "met": bool(ece_red >= 0.5 and abs(acc_diff) <= 2.0)},
+                               "checkpoint", "critiques": args.critiques, "demo_settings": _demo_settings(args.critiques)},
         "per_seed": per_seed,
         "wall_seconds": time.perf_counter() - t0,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                    f"{args.threads} thread(s) x {args.jobs} process(es), machine shared with other jobs",
     }
-    md = "# Multi-objective rewards: calibration, weight robustness, diversity\n\n" + tables(res)
+    md = "# Multi-objective rewards: weight robustness, diversity\n\n" + tables(res)
     print(md)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from critique_rl.train.calibration import calibration_report, expected_calibration_error
+from critique_rl.train.calibration import calibration_report, confidence_auroc, expected_calibration_error
 
 
 def test_perfectly_calibrated_is_zero():
@@ -59,3 +59,27 @@ def test_report_counts_unparsable_as_zero():
     assert r["mean_confidence"] == pytest.approx(0.45)
     # an unparsable confidence on a correct answer is maximally miscalibrated: |1 - 0| = 1
     assert calibration_report([None], [True])["ece"] == pytest.approx(1.0)
+    # brier score: ((0 - 0)^2 + (0.9 - 1)^2) / 2 = 0.005; two distinct stated values; AUROC: 0.9 > 0 -> 1
+    assert r["brier_score"] == pytest.approx(0.005)
+    assert r["distinct_confidences"] == 2
+    assert r["auroc"] == pytest.approx(1.0)
+
+
+def test_auroc_hand_computed():
+    # correct q: 0.9, 0.6; wrong q: 0.7, 0.6. pairs: (0.9>0.7)=1, (0.9>0.6)=1, (0.6<0.7)=0, (0.6=0.6)=0.5 -> 2.5/4
+    assert confidence_auroc([0.9, 0.6, 0.7, 0.6], [True, True, False, False]) == pytest.approx(0.625)
+    # a constant confidence cannot rank: 0.5, whatever its level
+    assert confidence_auroc([0.95] * 4, [True, True, True, False]) == pytest.approx(0.5)
+    # reversed ranking
+    assert confidence_auroc([0.1, 0.9], [True, False]) == pytest.approx(0.0)
+    # undefined without both classes
+    assert confidence_auroc([0.5, 0.6], [True, True]) is None
+    assert confidence_auroc([0.5], [False]) is None
+
+
+def test_constant_confidence_at_accuracy_has_low_ece_but_chance_auroc():
+    r = calibration_report([0.8] * 10, [True] * 8 + [False] * 2)
+    assert r["ece"] == pytest.approx(0.0, abs=1e-12)
+    assert r["auroc"] == pytest.approx(0.5)
+    assert r["distinct_confidences"] == 1
+    assert r["brier_score"] == pytest.approx((8 * 0.04 + 2 * 0.64) / 10)

@@ -51,16 +51,44 @@ def expected_calibration_error(confidences: Sequence[float], correct: Sequence[b
     return sum(abs(acc_sum[b] - conf_sum[b]) / n for b in range(bins) if count[b])
 
 
-def calibration_report(confidences: Sequence[float | None], correct: Sequence[bool], bins: int = 10) -> dict[str, float]:
-    """``accuracy``, ``ece`` (unparsable confidence, i.e. None, counted as 0), ``unparsable_rate``,
-    ``mean_confidence`` (over all samples, None as 0) and ``n``."""
+def confidence_auroc(confidences: Sequence[float], correct: Sequence[bool | float]) -> float | None:
+    """Discrimination of the confidences: AUROC of ``q`` for separating correct from wrong answers.
+
+    ``AUROC = P(q_correct > q_wrong) + 0.5 P(q_correct = q_wrong)`` over all (correct, wrong) pairs (the
+    Mann-Whitney U statistic divided by ``n_correct * n_wrong``). 0.5 is chance, 1.0 perfect ranking; a
+    constant confidence scores 0.5 however well its level matches the accuracy, which ECE alone cannot
+    see. ``None`` when every answer is correct or every answer is wrong.
+    """
+    pos = sorted(float(q) for q, c in zip(confidences, correct, strict=True) if c)
+    neg = sorted(float(q) for q, c in zip(confidences, correct, strict=True) if not c)
+    if not pos or not neg:
+        return None
+    from bisect import bisect_left, bisect_right
+
+    wins = sum(bisect_left(neg, q) + 0.5 * (bisect_right(neg, q) - bisect_left(neg, q)) for q in pos)
+    return wins / (len(pos) * len(neg))
+
+
+def calibration_report(confidences: Sequence[float | None], correct: Sequence[bool], bins: int = 10) -> dict[str, Any]:
+    """Scores of verbalised confidence against correctness (an unparsable confidence, i.e. None, counts as 0):
+
+    - ``accuracy``; ``ece`` (:func:`expected_calibration_error`, ``bins`` bins);
+    - ``brier_score`` = mean ``(q - 1[correct])^2`` (lower is better; RLCR's calibration term);
+    - ``auroc`` (:func:`confidence_auroc`; None when all answers are correct or all wrong);
+    - ``unparsable_rate``, ``mean_confidence``, ``distinct_confidences`` (how many different values were
+      stated: 1 means a constant confidence) and ``n``.
+    """
     qs = [0.0 if q is None else float(q) for q in confidences]
+    flags = [bool(c) for c in correct]
     n = len(qs)
     return {
-        "accuracy": sum(bool(c) for c in correct) / n,
-        "ece": expected_calibration_error(qs, [bool(c) for c in correct], bins),
+        "accuracy": sum(flags) / n,
+        "ece": expected_calibration_error(qs, flags, bins),
+        "brier_score": sum((q - float(c)) ** 2 for q, c in zip(qs, flags, strict=True)) / n,
+        "auroc": confidence_auroc(qs, flags),
         "unparsable_rate": sum(q is None for q in confidences) / n,
         "mean_confidence": sum(qs) / n,
+        "distinct_confidences": len(set(qs)),
         "n": float(n),
     }
 
