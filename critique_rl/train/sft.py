@@ -60,10 +60,10 @@ def sft_warmup(
         ).view_as(batch.completion_mask)
         mask = batch.completion_mask.float()
         loss = (nll * mask).sum() / mask.sum()
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        opt.zero_grad(set_to_none=True)  # after the step: no stale gradient outlives the warm-up
         sched.step()
         losses.append(loss.item())
         if on_step:

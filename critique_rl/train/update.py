@@ -62,6 +62,7 @@ def policy_update(model: torch.nn.Module, ref_model: torch.nn.Module | None, opt
     use_topk = ub.teacher_topk_logp is not None and cfg.distill_weight > 0
     stats = dict.fromkeys(STAT_KEYS, 0.0)
     model.train()
+    model.zero_grad(set_to_none=True)  # gradients come from this batch only (never from earlier code)
     starts = list(range(0, N, mb_size))
     for _ in range(cfg.num_iterations):
         for j, s in enumerate(starts):
