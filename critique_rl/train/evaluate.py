@@ -25,18 +25,33 @@ def evaluate(
     k: int = 1,
     temperature: float = 1.0,
     batch_size: int = 256,
-) -> dict[str, float]:
+    confidence_fn: Callable[[str], float | None] | None = None,
+) -> dict[str, Any]:
     """``accuracy`` (greedy), ``mean_length`` (tokens, greedy) and, when ``k > 1``, ``pass@k`` from
-    ``k`` samples per problem at ``temperature``."""
+    ``k`` samples per problem at ``temperature``.
+
+    With ``confidence_fn`` (completion text -> stated confidence in [0, 1] or None), the greedy answers are
+    also scored for calibration: ``ece``, ``brier_score``, ``auroc``, ``mean_confidence`` and
+    ``unparsable_rate`` from :func:`critique_rl.train.calibration.calibration_report`.
+    """
     prompts = [prompt_fn(r) for r in rows]
-    correct = 0
+    flags: list[bool] = []
+    confidences: list[float | None] = []
     lengths = 0
     for s in range(0, len(rows), batch_size):
         outs = generator.generate(prompts[s : s + batch_size], SamplingParams(n=1, max_new_tokens=max_new_tokens, greedy=True))
         for row, (c,) in zip(rows[s : s + batch_size], outs, strict=True):
-            correct += bool(verify(c.text, row["answer"]))
+            flags.append(bool(verify(c.text, row["answer"])))
             lengths += len(c.token_ids)
-    result = {"accuracy": correct / len(rows), "mean_length": lengths / len(rows), "n": float(len(rows))}
+            if confidence_fn is not None:
+                confidences.append(confidence_fn(c.text))
+    result: dict[str, Any] = {"accuracy": sum(flags) / len(rows), "mean_length": lengths / len(rows),
+                              "n": float(len(rows))}
+    if confidence_fn is not None:
+        from critique_rl.train.calibration import calibration_report
+
+        report = calibration_report(confidences, flags)
+        result.update({k: report[k] for k in ("ece", "brier_score", "auroc", "mean_confidence", "unparsable_rate")})
     if k > 1:
         total = 0.0
         for s in range(0, len(rows), max(1, batch_size // k)):

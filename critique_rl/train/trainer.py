@@ -42,6 +42,7 @@ from critique_rl.models import (
     wants_chat_template,
 )
 from critique_rl.rewards import build_gates, build_reward_funcs, evaluate_gates, func_name, score_rewards
+from critique_rl.rewards.builtin import parse_confidence
 from critique_rl.rollout import HFGenerator, SamplingParams
 from critique_rl.tasks import Task, get_task, load_callable
 from critique_rl.train import checkpoint as ckpt
@@ -230,7 +231,11 @@ class CritiqueGRPOTrainer:
             )
             self.summary["sft_final_loss"] = losses[-1]
             self.summary["sft_seconds"] = time.perf_counter() - t0
-        self.summary["eval_accuracy_before_rl"] = self._evaluate()["accuracy"]
+        before = self._evaluate()
+        self.summary["eval_accuracy_before_rl"] = before["accuracy"]
+        if "ece" in before:
+            self.summary["eval_ece_before_rl"] = before["ece"]
+        self._eval_row0 = _eval_metrics(before)
 
     def _demonstration(self, row: dict[str, Any]) -> str:
         """SFT target: the task's completion, or its typical mistake at ``sft_mistake_rate`` (seeded per row)."""
@@ -241,10 +246,12 @@ class CritiqueGRPOTrainer:
                 return wrong
         return self.task.sft_completion(row)
 
-    def _evaluate(self) -> dict[str, float]:
+    def _evaluate(self) -> dict[str, Any]:
+        """Greedy held-out accuracy; with a ``brier`` reward in use, also calibration (ECE, Brier score, AUROC)."""
         gen = HFGenerator(self.accelerator.unwrap_model(self.model), self.tokenizer, batch_size=cfg_bs(self.cfg))
+        conf = parse_confidence if "brier" in self.reward_names else None
         return evaluate(gen, self.eval_rows, self.prompt_text, self.verify, self.max_new_tokens,
-                        batch_size=self.cfg.eval_batch_size)
+                        batch_size=self.cfg.eval_batch_size, confidence_fn=conf)
 
     def _build_optim(self) -> None:
         cfg = self.cfg
@@ -546,7 +553,7 @@ class CritiqueGRPOTrainer:
         with progress or nullcontext():
             if resume_from is None:
                 self._warmup(progress)
-                self.metrics_log.write({"step": 0, "eval/accuracy": self.summary["eval_accuracy_before_rl"]})
+                self.metrics_log.write({"step": 0, **self._eval_row0})
             self._build_optim()
             if resume_from is not None:
                 self._restore(resume_from)
@@ -558,7 +565,7 @@ class CritiqueGRPOTrainer:
                 metrics = self._step()
                 self.step += 1
                 if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.max_steps:
-                    metrics["eval/accuracy"] = self._evaluate()["accuracy"]
+                    metrics.update(_eval_metrics(self._evaluate()))
                 self.metrics_log.write(metrics)
                 if progress:
                     progress.update(task_id, advance=1, description=(
@@ -590,13 +597,14 @@ class CritiqueGRPOTrainer:
         self.summary.update({
             "eval_accuracy_after_rl": final["accuracy"],
             "eval_mean_length_after_rl": final["mean_length"],
+            **({"eval_ece_after_rl": final["ece"]} if "ece" in final else {}),
             "eval_n": len(self.eval_rows),
             "steps": self.step,
             "task": self.cfg.task,
             "wall_seconds": self._wall_prior + time.perf_counter() - t_start,
         })
         self.summary.update(self._run_totals())
-        self.metrics_log.write({"step": self.step, "eval/accuracy": final["accuracy"], "final": True})
+        self.metrics_log.write({"step": self.step, **_eval_metrics(final), "final": True})
         self.metrics_log.close()
         self.rollout_log.close()
         if self.step % self.cfg.checkpoint_every != 0 and self.step > 0:
@@ -607,6 +615,12 @@ class CritiqueGRPOTrainer:
         plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
         (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2))
         return self.summary
+
+
+def _eval_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """``eval/*`` metrics row entries from :func:`evaluate`'s result (accuracy, and calibration when scored)."""
+    keys = ("accuracy", "ece", "brier_score", "auroc", "mean_confidence", "unparsable_rate")
+    return {f"eval/{k}": result[k] for k in keys if k in result}
 
 
 def cfg_bs(cfg: TrainConfig) -> int:
@@ -627,6 +641,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
     t.add_row(f"after RL ({summary.get('steps', 0)} steps)", f"{after:.1%}" if after is not None else "-")
     if before is not None and after is not None:
         t.add_row("RL gain", f"{(after - before) * 100:+.1f} points")
+    ece_before, ece_after = summary.get("eval_ece_before_rl"), summary.get("eval_ece_after_rl")
+    if ece_before is not None and ece_after is not None:
+        t.add_row("calibration ECE (10 bins): before -> after", f"{ece_before:.3f} -> {ece_after:.3f}")
     if summary.get("critique_refinements"):
         rate = summary.get("critique_refine_success_rate") or 0.0
         t.add_row("refinements written / correct", f"{summary['critique_refinements']} / {rate:.0%}")
