@@ -71,6 +71,9 @@ def test_example_configs_are_valid(tmp_path):
     root = Path(__file__).resolve().parents[1] / "examples"
     cpu = load_config(root / "critique_grpo_cpu.yaml")
     assert cpu.critic.backend == "rule" and cpu.memory.enabled
+    cal = load_config(root / "calibration_cpu.yaml")
+    assert cal.task == "addition_conf" and cal.reward_funcs == ["correctness", "brier"]
+    assert cal.reward_aggregator == "dvao"
     gpu = yaml.safe_load((root / "critique_grpo_gpu.yaml").read_text())
     model_dir = tmp_path / "qwen"
     model_dir.mkdir()
