@@ -26,6 +26,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -201,6 +202,7 @@ def memory_config(bank: Path) -> MemoryConfig:
 
 def run_seed(seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
+    shutil.rmtree(work / f"seed{seed}", ignore_errors=True)  # a re-run starts over: no old bank, no checkpoints
     sft_cfg = dataclasses.replace(base_config(seed, work / f"seed{seed}" / "sft", args), max_steps=0)
     sft = MemoryBenchTrainer(args=sft_cfg, sft_context_rate=args.sft_context_rate, reading_n=args.reading_n)
     sft.train()

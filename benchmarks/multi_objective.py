@@ -264,7 +264,7 @@ def main() -> None:
         "per_seed": per_seed,
         "wall_seconds": time.perf_counter() - t0,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-                   f"{args.threads} thread(s) x {args.jobs} process(es), machine shared with other jobs",
+                   f"{args.threads} thread(s) x {args.jobs} process(es)",
     }
     md = "# Multi-objective rewards: weight robustness, diversity\n\n" + tables(res)
     print(md)
