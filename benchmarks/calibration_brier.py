@@ -115,7 +115,8 @@ def main() -> None:
         lines.append(f"- {agg}: ECE reduction {t['ece_reduction']:+.0%}, accuracy difference "
                      f"{t['accuracy_diff_points']:+.1f} points; target ({TARGET}): **{'met' if t['met'] else 'not met'}**.")
     lines += ["", f"Wall {time.perf_counter() - t0:.0f} s (`python benchmarks/calibration_brier.py --seeds "
-              f"{' '.join(map(str, args.seeds))} --max-steps {args.max_steps} --aggregators {' '.join(args.aggregators)}`)."]
+              f"{' '.join(map(str, args.seeds))} --max-steps {args.max_steps} --aggregators {' '.join(args.aggregators)}"
+              f"{' --reuse-arms' if args.reuse_arms else ''}`)."]
     md = "\n".join(lines) + "\n"
     print(md)
     out = Path(args.out)
