@@ -7,6 +7,7 @@ reward of RLCR, arXiv:2507.16806, trains it).
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,6 @@ def confidence_auroc(confidences: Sequence[float], correct: Sequence[bool | floa
     neg = sorted(float(q) for q, c in zip(confidences, correct, strict=True) if not c)
     if not pos or not neg:
         return None
-    from bisect import bisect_left, bisect_right
-
     wins = sum(bisect_left(neg, q) + 0.5 * (bisect_right(neg, q) - bisect_left(neg, q)) for q in pos)
     return wins / (len(pos) * len(neg))
 
@@ -101,26 +100,25 @@ def evaluate_calibration(
     batch_size: int = 256,
     device: str = "cpu",
     rows: list[dict[str, Any]] | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Greedy-decode the held-out set of ``task`` with the model saved in ``model_dir`` and score it.
 
     The held-out rows are the trainer's (``task.make_examples("eval", n, EVAL_SEED)``) unless ``rows`` is
     given. Correctness is the task verifier; the confidence is :func:`~critique_rl.rewards.builtin.parse_confidence`
-    of the greedy completion. Returns :func:`calibration_report`'s dict.
+    of the greedy completion. Returns :func:`~critique_rl.train.evaluate.evaluate`'s dict, which holds
+    :func:`calibration_report`'s keys.
     """
     from critique_rl.models import format_prompt, load_policy, wants_chat_template
     from critique_rl.rewards.builtin import parse_confidence
-    from critique_rl.rollout import HFGenerator, SamplingParams
+    from critique_rl.rollout import HFGenerator
     from critique_rl.tasks import get_task
+    from critique_rl.train.evaluate import evaluate
     from critique_rl.train.trainer import EVAL_SEED
 
     t = get_task(task)
     rows = rows if rows is not None else t.make_examples("eval", n, EVAL_SEED)[:n]
     model, tok = load_policy(model_dir, device=device)
     use_chat = wants_chat_template(tok, "auto")
-    prompts = [format_prompt(tok, r["prompt"], use_chat) for r in rows]
     gen = HFGenerator(model, tok, batch_size=batch_size)
-    outs = gen.generate(prompts, SamplingParams(n=1, max_new_tokens=t.max_new_tokens, greedy=True))
-    texts = [g[0].text for g in outs]
-    correct = [bool(t.verify(x, r["answer"])) for x, r in zip(texts, rows, strict=True)]
-    return calibration_report([parse_confidence(x) for x in texts], correct, bins)
+    return evaluate(gen, rows, lambda r: format_prompt(tok, r["prompt"], use_chat), t.verify, t.max_new_tokens,
+                    batch_size=batch_size, confidence_fn=parse_confidence, bins=bins)

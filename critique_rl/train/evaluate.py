@@ -7,6 +7,7 @@ from math import comb
 from typing import Any
 
 from critique_rl.rollout.base import Generator, SamplingParams
+from critique_rl.train.calibration import calibration_report
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -26,13 +27,14 @@ def evaluate(
     temperature: float = 1.0,
     batch_size: int = 256,
     confidence_fn: Callable[[str], float | None] | None = None,
+    bins: int = 10,
 ) -> dict[str, Any]:
     """``accuracy`` (greedy), ``mean_length`` (tokens, greedy) and, when ``k > 1``, ``pass@k`` from
     ``k`` samples per problem at ``temperature``.
 
     With ``confidence_fn`` (completion text -> stated confidence in [0, 1] or None), the greedy answers are
-    also scored for calibration: ``ece``, ``brier_score``, ``auroc``, ``mean_confidence`` and
-    ``unparsable_rate`` from :func:`critique_rl.train.calibration.calibration_report`.
+    also scored for calibration: every key of :func:`critique_rl.train.calibration.calibration_report`
+    (``ece`` with ``bins`` bins, ``brier_score``, ``auroc``, ``mean_confidence``, ``unparsable_rate``, ...).
     """
     prompts = [prompt_fn(r) for r in rows]
     flags: list[bool] = []
@@ -48,10 +50,7 @@ def evaluate(
     result: dict[str, Any] = {"accuracy": sum(flags) / len(rows), "mean_length": lengths / len(rows),
                               "n": float(len(rows))}
     if confidence_fn is not None:
-        from critique_rl.train.calibration import calibration_report
-
-        report = calibration_report(confidences, flags)
-        result.update({k: report[k] for k in ("ece", "brier_score", "auroc", "mean_confidence", "unparsable_rate")})
+        result.update(calibration_report(confidences, flags, bins))
     if k > 1:
         total = 0.0
         for s in range(0, len(rows), max(1, batch_size // k)):
