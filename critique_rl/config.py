@@ -99,6 +99,31 @@ class MemoryConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters through ``peft`` (LoRA, arXiv:2106.09685). Only adapter weights train; the KL
+    reference is the base model with the adapter disabled (no second copy of the weights)."""
+
+    enabled: bool = False
+    r: int = 16
+    """Rank of the update matrices."""
+    alpha: float = 32.0
+    """Scaling numerator: the update is (alpha / r) * B A."""
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    """Module names (e.g. [q_proj, v_proj]) or `all-linear` (every linear layer but the output head)."""
+    merge_final: bool = True
+    """Write `final/` as a merged full model (loadable without peft); false = the adapter alone."""
+
+    def __post_init__(self) -> None:
+        _positive("lora.r", self.r)
+        _positive("lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("lora.dropout", self.dropout, "use a value in [0, 1)")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ConfigError("lora.target_modules", self.target_modules, "name at least one module, or all-linear")
+
+
+@dataclass
 class TrainConfig:
     """One training run: model, data, SFT warm-up, GRPO / Critique-GRPO, logging and checkpoints."""
 
@@ -223,6 +248,7 @@ class TrainConfig:
 
     critic: CriticConfig = field(default_factory=CriticConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
