@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from multi_objective import TASK, ms, rl, sft_checkpoint
 
-from critique_rl.train.calibration import evaluate_calibration
+from critique_rl.train.evaluate import evaluate_calibration
 
 ARMS = {"correctness": ["correctness"], "brier": ["correctness", "brier"]}
 TARGET = "ECE down >= 50% at accuracy within 2 points"

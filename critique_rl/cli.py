@@ -36,7 +36,10 @@ def train(
     if no_progress:
         overrides["progress"] = False
     cfg = load_config(config, **overrides)
-    summary = CritiqueGRPOTrainer(args=cfg).train(resume=resume)
+    trainer = CritiqueGRPOTrainer(args=cfg)
+    summary = trainer.train(resume=resume)
+    if not trainer.is_main:  # under accelerate launch, one process reports
+        return
     Console().print(summary_table(summary))
     Console().print(f"run directory: {cfg.output_dir} (metrics.jsonl, rollouts.jsonl, curves.png, summary.json)")
 
@@ -52,10 +55,9 @@ def eval_cmd(
 ) -> None:
     """Evaluate a saved policy: accuracy (greedy), pass@k, mean completion length. Prints JSON."""
     from critique_rl.models import format_prompt, load_policy, wants_chat_template
-    from critique_rl.rollout import HFGenerator
+    from critique_rl.rollout.factory import build_generator
     from critique_rl.tasks import get_task
-    from critique_rl.train.evaluate import evaluate
-    from critique_rl.train.trainer import EVAL_SEED
+    from critique_rl.train.evaluate import EVAL_SEED, evaluate
 
     if k < 1:
         raise UserError(f"--k {k}: must be >= 1")
@@ -64,7 +66,7 @@ def eval_cmd(
     model, tok = load_policy(path, device=device)
     use_chat = wants_chat_template(tok)
     rows = t.make_examples("eval", n, EVAL_SEED)
-    result = evaluate(HFGenerator(model, tok), rows, lambda r: format_prompt(tok, r["prompt"], use_chat), t.verify,
+    result = evaluate(build_generator("hf", model, tok), rows, lambda r: format_prompt(tok, r["prompt"], use_chat), t.verify,
                       t.max_new_tokens, k=k, temperature=temperature)
     result["task"] = task
     typer.echo(json.dumps(result))

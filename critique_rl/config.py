@@ -140,7 +140,13 @@ class TrainConfig:
     output_dir: str = "runs/demo"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast of forward passes (accelerate). `auto`: bf16 on a CUDA GPU that supports it, else none (CPU).
+    Master weights stay in `weights_dtype` (float32 by default), so `bf16` here is the usual mixed precision."""
+    weights_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the trained weights and optimizer state. `float32` (default): fp32 master weights, with bf16
+    autocast from `mixed_precision` on GPU. `bfloat16`: pure bf16 weights (half the memory of weights, grads and
+    Adam state; updates smaller than bf16's resolution are lost), only when asked for."""
     use_chat_template: Literal["auto", "yes", "no"] = "auto"
     """Wrap prompts in the tokenizer's chat template. `auto`: when the tokenizer has one."""
 
@@ -280,6 +286,8 @@ class TrainConfig:
                      "sft_batch_size", "sft_examples", "keep_checkpoints", "temperature", "max_grad_norm",
                      "checkpoint_every", "tiny_layers", "tiny_vocab_size"):
             _positive(name, getattr(self, name))
+        if self.mixed_precision == "fp16" and self.device == "cpu":
+            raise ConfigError("mixed_precision", "fp16", "fp16 autocast needs a CUDA GPU; use auto or no with device cpu")
         if self.rollout_backend == "vllm":
             raise ConfigError("rollout_backend", "vllm", "the vLLM rollout engine is not in this release yet; use hf "
                               "(transformers generate)")

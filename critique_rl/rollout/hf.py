@@ -2,23 +2,78 @@
 
 from __future__ import annotations
 
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+
+from critique_rl.algos.logprobs import selective_log_softmax
 from critique_rl.rollout.base import Completion, SamplingParams
+
+
+class SampledLogprobRecorder(LogitsProcessor):
+    """Records ``log softmax(s_t / tau)[a_t]`` for each sampled token ``a_t`` while ``generate`` runs, keeping
+    only one step's scores ``s_t`` ``[B, V]`` at a time (``output_logits=True`` would keep all T of them).
+
+    ``generate`` calls a user logits processor after its own non-sampling processors (none unless the model's
+    generation config sets e.g. ``repetition_penalty``) and before the sampling warpers (temperature, top-k,
+    top-p), so ``s_t`` are the logits before temperature and truncation. At call ``t`` (``input_ids`` ends
+    with the token ``a_{t-1}`` drawn from the previous step) it gathers ``a_{t-1}`` from the stored ``s_{t-1}``
+    and stores ``s_t``; :meth:`finish` scores the last token from the last stored scores. Extra decode steps
+    that ``generate`` later undoes (deferred stop checks) are dropped by :meth:`finish`.
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        self.temperature = temperature
+        self._prev: torch.Tensor | None = None
+        self._logprobs: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._prev is not None:
+            self._logprobs.append(selective_log_softmax(self._prev, input_ids[:, -1], temperature=self.temperature))
+        self._prev = scores.detach().clone()  # a later processor may edit ``scores`` in place
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """Log-probs ``[B, T]`` (float32) of the generated tokens ``new_tokens`` ``[B, T]``; frees the state."""
+        T = new_tokens.shape[1]
+        if T and len(self._logprobs) < T:
+            if self._prev is None or len(self._logprobs) != T - 1:
+                raise RuntimeError(f"logits processor saw {len(self._logprobs) + 1} steps for {T} tokens")
+            self._logprobs.append(
+                selective_log_softmax(self._prev, new_tokens[:, -1], temperature=self.temperature)
+            )
+        lp = (torch.stack(self._logprobs[:T], dim=1) if T
+              else torch.zeros(new_tokens.shape, dtype=torch.float32, device=new_tokens.device))
+        self._prev, self._logprobs = None, []
+        return lp
 
 
 class HFGenerator:
     """Samples from the live policy module itself, so weight sync is a no-op.
 
     Prompts are tokenized without special tokens (chat formatting, if any, is already in the text) and
-    sampled in chunks of ``batch_size`` sequences.
+    sampled in chunks of ``batch_size`` sequences. ``autocast``: a context factory entered around ``generate``
+    (e.g. ``accelerator.autocast``); ``synced_gpus``: passed to ``generate`` (ranks decode in lock-step, needed
+    when parameters are sharded).
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 256) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int = 256,
+        *,
+        autocast: Callable[[], AbstractContextManager[Any]] | None = None,
+        synced_gpus: bool = False,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.autocast = autocast
+        self.synced_gpus = synced_gpus
 
     def sync_weights(self) -> None:  # same module: nothing to copy
         return None
@@ -39,28 +94,33 @@ class HFGenerator:
         was_training = self.model.training
         self.model.eval()
         sample = not params.greedy
+        # sampling logprobs under logits / temperature (the distribution the tokens were drawn from, before
+        # top-p); greedy decoding records them at temperature 1
+        recorder = SampledLogprobRecorder(params.temperature if sample else 1.0)
         gen_kwargs = dict(
             max_new_tokens=params.max_new_tokens,
             do_sample=sample,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
-            return_dict_in_generate=True,
-            output_logits=True,
+            logits_processor=LogitsProcessorList([recorder]),
+            return_dict_in_generate=False,  # nor output_logits/output_scores: no [B, T, V] kept, no cache returned
             use_cache=True,
         )
+        if self.synced_gpus:
+            gen_kwargs["synced_gpus"] = True
         if sample:
             gen_kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         else:
             gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-        out = self.model.generate(**enc, **gen_kwargs)
-        if was_training:
-            self.model.train()
-        seqs = out.sequences[:, enc["input_ids"].shape[1] :]
-        # sampling logprobs under logits / temperature (the distribution the tokens were drawn from, before top-p)
-        logits = torch.stack(out.logits, dim=1).float()
-        if sample and params.temperature != 1.0:
-            logits = logits / params.temperature
-        lp = torch.log_softmax(logits, dim=-1).gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
+        try:
+            with self.autocast() if self.autocast is not None else nullcontext():
+                out = self.model.generate(**enc, **gen_kwargs)
+            sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        finally:
+            if was_training:
+                self.model.train()
+        seqs = sequences[:, enc["input_ids"].shape[1] :]
+        lp = recorder.finish(seqs)
         results = []
         eos = tok.eos_token_id
         for row, row_lp in zip(seqs.tolist(), lp.tolist(), strict=True):

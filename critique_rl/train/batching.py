@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+
+from critique_rl.algos.logprobs import chunked_entropy, selective_log_softmax
 
 
 @dataclass
@@ -50,14 +53,45 @@ def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: i
     return TokenBatch(ids, attn, pos, ids[:, P:].clone(), attn[:, P:].clone())
 
 
-def completion_logprobs(
-    model: torch.nn.Module, batch: TokenBatch, temperature: float = 1.0, with_logits: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probabilities ``[B, T]`` of the completion tokens under ``model`` (logits / temperature).
+@dataclass
+class CompletionScores:
+    """What :func:`completion_logprobs` computed for a :class:`TokenBatch`.
 
-    Only the last ``T + 1`` positions' logits are materialised (``logits_to_keep``), which matters for
-    150k-token vocabularies. Returns ``(logprobs, logits or None)``.
+    ``logp``: ``[B, T]`` float32 log-probs of the completion tokens, differentiable if the model forward had
+    grad. ``entropy``: ``[B, T]`` float32 per-token entropy (with grad only when asked for ``"grad"``) or None.
+    ``logits``: ``[B, T, V]`` in the model's dtype, already divided by the temperature, or None.
     """
+
+    logp: torch.Tensor
+    entropy: torch.Tensor | None
+    logits: torch.Tensor | None
+
+
+def completion_logprobs(
+    model: torch.nn.Module,
+    batch: TokenBatch,
+    temperature: float = 1.0,
+    *,
+    entropy: Literal["none", "detached", "grad"] = "none",
+    keep_logits: bool = False,
+    chunk_rows: int = 1024,
+) -> CompletionScores:
+    """Score the completion tokens ``a_t`` of ``batch`` under ``model`` at temperature ``tau``:
+
+        logp_t = log softmax(z_t / tau)[a_t] = z_t[a_t] / tau - logsumexp(z_t / tau)
+        H_t    = logsumexp(z_t / tau) - sum_v softmax(z_t / tau)_v z_t[v] / tau
+
+    where ``z_t`` are the logits predicting ``a_t``. Only the last ``T + 1`` positions' logits are
+    materialised (``logits_to_keep``), and no full-vocabulary float32 tensor is built: both quantities are
+    computed in row chunks of ``chunk_rows`` (:func:`critique_rl.algos.logprobs.selective_log_softmax`,
+    :func:`critique_rl.algos.logprobs.chunked_entropy`). ``entropy``: ``"none"`` (not computed),
+    ``"detached"`` (no grad, for stats) or ``"grad"`` (differentiable, for an entropy bonus). ``keep_logits``
+    also returns the temperature-scaled logits ``[B, T, V]`` in the model's dtype (a copy only when
+    ``tau != 1``), e.g. for :func:`critique_rl.algos.distill.topk_reverse_kl` or
+    :func:`critique_rl.algos.logprobs.topk_logprobs`.
+    """
+    if entropy not in ("none", "detached", "grad"):
+        raise ValueError(f"entropy must be 'none', 'detached' or 'grad', got {entropy!r}")
     T = batch.completion_len
     out = model(
         input_ids=batch.input_ids,
@@ -66,8 +100,12 @@ def completion_logprobs(
         logits_to_keep=T + 1,
         use_cache=False,
     )
-    logits = out.logits[:, :-1, :].float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
-    return logp, (logits if with_logits else None)
+    raw = out.logits[:, :-1, :]
+    logp = selective_log_softmax(raw, batch.completion_ids, chunk_rows, temperature=temperature)
+    ent = None
+    if entropy != "none":
+        ent = chunked_entropy(raw, chunk_rows, grad=entropy == "grad", temperature=temperature)
+    logits = None
+    if keep_logits:
+        logits = raw if temperature == 1.0 else raw / temperature
+    return CompletionScores(logp=logp, entropy=ent, logits=logits)

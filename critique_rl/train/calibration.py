@@ -1,4 +1,5 @@
-"""Calibration of verbalised confidence: expected calibration error (ECE) and a held-out evaluation helper.
+"""Calibration of verbalised confidence: expected calibration error (ECE), Brier score, AUROC (pure metrics;
+the held-out evaluation helper is :func:`critique_rl.train.evaluate.evaluate_calibration`).
 
 Used with tasks whose completions carry ``<confidence>q</confidence>`` (``addition_conf``; the ``brier``
 reward of RLCR, arXiv:2507.16806, trains it).
@@ -9,7 +10,6 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 
@@ -90,35 +90,3 @@ def calibration_report(confidences: Sequence[float | None], correct: Sequence[bo
         "distinct_confidences": len(set(qs)),
         "n": float(n),
     }
-
-
-def evaluate_calibration(
-    model_dir: str | Path,
-    task: str = "addition_conf",
-    n: int = 200,
-    bins: int = 10,
-    batch_size: int = 256,
-    device: str = "cpu",
-    rows: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """Greedy-decode the held-out set of ``task`` with the model saved in ``model_dir`` and score it.
-
-    The held-out rows are the trainer's (``task.make_examples("eval", n, EVAL_SEED)``) unless ``rows`` is
-    given. Correctness is the task verifier; the confidence is :func:`~critique_rl.rewards.builtin.parse_confidence`
-    of the greedy completion. Returns :func:`~critique_rl.train.evaluate.evaluate`'s dict, which holds
-    :func:`calibration_report`'s keys.
-    """
-    from critique_rl.models import format_prompt, load_policy, wants_chat_template
-    from critique_rl.rewards.builtin import parse_confidence
-    from critique_rl.rollout import HFGenerator
-    from critique_rl.tasks import get_task
-    from critique_rl.train.evaluate import evaluate
-    from critique_rl.train.trainer import EVAL_SEED
-
-    t = get_task(task)
-    rows = rows if rows is not None else t.make_examples("eval", n, EVAL_SEED)[:n]
-    model, tok = load_policy(model_dir, device=device)
-    use_chat = wants_chat_template(tok, "auto")
-    gen = HFGenerator(model, tok, batch_size=batch_size)
-    return evaluate(gen, rows, lambda r: format_prompt(tok, r["prompt"], use_chat), t.verify, t.max_new_tokens,
-                    batch_size=batch_size, confidence_fn=parse_confidence, bins=bins)

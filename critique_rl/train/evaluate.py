@@ -1,13 +1,20 @@
-"""Held-out evaluation: greedy accuracy, pass@k by sampling, mean completion length."""
+"""Held-out evaluation: greedy accuracy, pass@k by sampling, mean completion length, calibration."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from math import comb
+from pathlib import Path
 from typing import Any
 
 from critique_rl.rollout.base import Generator, SamplingParams
 from critique_rl.train.calibration import calibration_report
+
+EVAL_SEED = 12345
+"""The held-out set does not depend on the run seed, so seeds compare on the same problems."""
+
+EvalRecord = tuple[bool, int, "float | None"]
+"""Per held-out row: (greedy answer correct, completion tokens, stated confidence or None)."""
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -15,6 +22,38 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def greedy_records(
+    generator: Generator,
+    rows: list[dict[str, Any]],
+    prompt_fn: Callable[[dict[str, Any]], str],
+    verify: Callable[[str, str], bool],
+    max_new_tokens: int,
+    batch_size: int = 256,
+    confidence_fn: Callable[[str], float | None] | None = None,
+) -> list[EvalRecord]:
+    """Greedy-decode ``rows`` and score each: the raw material of :func:`summarise_records` (several
+    processes each score a shard and the records are gathered before summarising)."""
+    prompts = [prompt_fn(r) for r in rows]
+    records: list[EvalRecord] = []
+    for s in range(0, len(rows), batch_size):
+        outs = generator.generate(prompts[s : s + batch_size], SamplingParams(n=1, max_new_tokens=max_new_tokens, greedy=True))
+        for row, (c,) in zip(rows[s : s + batch_size], outs, strict=True):
+            conf = confidence_fn(c.text) if confidence_fn is not None else None
+            records.append((bool(verify(c.text, row["answer"])), len(c.token_ids), conf))
+    return records
+
+
+def summarise_records(records: list[EvalRecord], with_confidence: bool = False, bins: int = 10) -> dict[str, Any]:
+    """``accuracy``, ``mean_length``, ``n`` and, ``with_confidence``, the calibration report's keys."""
+    n = len(records)
+    flags = [r[0] for r in records]
+    result: dict[str, Any] = {"accuracy": sum(flags) / n, "mean_length": sum(r[1] for r in records) / n,
+                              "n": float(n)}
+    if with_confidence:
+        result.update(calibration_report([r[2] for r in records], flags, bins))
+    return result
 
 
 def evaluate(
@@ -36,21 +75,8 @@ def evaluate(
     also scored for calibration: every key of :func:`critique_rl.train.calibration.calibration_report`
     (``ece`` with ``bins`` bins, ``brier_score``, ``auroc``, ``mean_confidence``, ``unparsable_rate``, ...).
     """
-    prompts = [prompt_fn(r) for r in rows]
-    flags: list[bool] = []
-    confidences: list[float | None] = []
-    lengths = 0
-    for s in range(0, len(rows), batch_size):
-        outs = generator.generate(prompts[s : s + batch_size], SamplingParams(n=1, max_new_tokens=max_new_tokens, greedy=True))
-        for row, (c,) in zip(rows[s : s + batch_size], outs, strict=True):
-            flags.append(bool(verify(c.text, row["answer"])))
-            lengths += len(c.token_ids)
-            if confidence_fn is not None:
-                confidences.append(confidence_fn(c.text))
-    result: dict[str, Any] = {"accuracy": sum(flags) / len(rows), "mean_length": lengths / len(rows),
-                              "n": float(len(rows))}
-    if confidence_fn is not None:
-        result.update(calibration_report(confidences, flags, bins))
+    records = greedy_records(generator, rows, prompt_fn, verify, max_new_tokens, batch_size, confidence_fn)
+    result = summarise_records(records, confidence_fn is not None, bins)
     if k > 1:
         total = 0.0
         for s in range(0, len(rows), max(1, batch_size // k)):
@@ -62,3 +88,33 @@ def evaluate(
                 total += pass_at_k(k, c, k)
         result[f"pass@{k}"] = total / len(rows)
     return result
+
+
+def evaluate_calibration(
+    model_dir: str | Path,
+    task: str = "addition_conf",
+    n: int = 200,
+    bins: int = 10,
+    batch_size: int = 256,
+    device: str = "cpu",
+    rows: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Greedy-decode the held-out set of ``task`` with the model saved in ``model_dir`` and score it.
+
+    The held-out rows are the trainer's (``task.make_examples("eval", n, EVAL_SEED)``) unless ``rows`` is
+    given. Correctness is the task verifier; the confidence is :func:`~critique_rl.rewards.builtin.parse_confidence`
+    of the greedy completion. Returns :func:`evaluate`'s dict, which holds
+    :func:`~critique_rl.train.calibration.calibration_report`'s keys.
+    """
+    from critique_rl.models import format_prompt, load_policy, wants_chat_template
+    from critique_rl.rewards.builtin import parse_confidence
+    from critique_rl.rollout.factory import build_generator
+    from critique_rl.tasks import get_task
+
+    t = get_task(task)
+    rows = rows if rows is not None else t.make_examples("eval", n, EVAL_SEED)[:n]
+    model, tok = load_policy(model_dir, device=device)
+    use_chat = wants_chat_template(tok, "auto")
+    gen = build_generator("hf", model, tok, batch_size=batch_size)
+    return evaluate(gen, rows, lambda r: format_prompt(tok, r["prompt"], use_chat), t.verify, t.max_new_tokens,
+                    batch_size=batch_size, confidence_fn=parse_confidence, bins=bins)

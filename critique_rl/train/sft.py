@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from critique_rl.algos.logprobs import selective_log_softmax
 from critique_rl.train.batching import pack
 
 
@@ -55,9 +56,8 @@ def sft_warmup(
         T = batch.completion_len
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids, logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), batch.completion_ids.reshape(-1), reduction="none"
-        ).view_as(batch.completion_mask)
+        # cross entropy -log softmax(z)[a], in row chunks (no [B, T, V] float32 copy)
+        nll = -selective_log_softmax(logits, batch.completion_ids)
         mask = batch.completion_mask.float()
         loss = (nll * mask).sum() / mask.sum()
         loss.backward()

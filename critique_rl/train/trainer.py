@@ -1,7 +1,18 @@
 """The training loop: SFT warm-up, then GRPO / Critique-GRPO steps, evaluation, checkpoints.
 
 Read top to bottom: ``train()`` -> ``_setup`` -> ``_warmup`` -> loop of ``_step`` -> ``_finish``.
-One step = sample groups, score, (critique + refine), advantages, clipped policy-gradient update.
+One step is a pipeline over typed values (:mod:`critique_rl.train.rollout_batch`)::
+
+    rows, contexts = next_prompts()          # this process's shard of the global prompt batch (+ memory)
+    batch = score(sample(rows, contexts))    # RolloutBatch: n completions per prompt, rewards, gates
+    crit = critique_and_refine(batch)        # CritiqueResult (or None): critiques, refinements, their rewards
+    plan = advantages(batch, crit)           # AdvantagePlan over mixed groups (gathered over processes)
+    ub = update_batch(batch, crit, plan)     # UpdateBatch: tokens, per-token advantages, distillation, reference
+    stats = policy_update(ub); generator.sync_weights()
+    metrics = log(batch, crit, plan, stats)  # merged over processes, written by the main process
+
+Under ``accelerate launch`` every process runs this loop on its own whole groups; only the main process
+writes metrics, rollouts, checkpoints, the summary, plots and the memory bank.
 """
 
 from __future__ import annotations
@@ -12,7 +23,8 @@ import json
 import math
 import random
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +45,7 @@ from rich.table import Table
 from critique_rl.algos import aggregate_rewards, apply_gates, sampled_token_advantage
 from critique_rl.config import TrainConfig
 from critique_rl.data import load_rows
-from critique_rl.errors import UserError
+from critique_rl.errors import ConfigError, UserError
 from critique_rl.models import (
     build_tiny_model,
     build_tiny_tokenizer,
@@ -43,9 +55,11 @@ from critique_rl.models import (
 )
 from critique_rl.rewards import build_gates, build_reward_funcs, evaluate_gates, func_name, score_rewards
 from critique_rl.rewards.builtin import parse_confidence
-from critique_rl.rollout import HFGenerator, SamplingParams
+from critique_rl.rollout import Completion, SamplingParams
+from critique_rl.rollout.factory import build_generator
 from critique_rl.tasks import Task, get_task, load_callable
 from critique_rl.train import checkpoint as ckpt
+from critique_rl.train import distributed as dist
 from critique_rl.train.batching import pack
 from critique_rl.train.critique_step import (
     choose_refinements,
@@ -54,20 +68,51 @@ from critique_rl.train.critique_step import (
     refinement_demos,
     select_for_critique,
 )
-from critique_rl.train.evaluate import evaluate
+from critique_rl.train.evaluate import EVAL_SEED, greedy_records, summarise_records
 from critique_rl.train.metrics import JsonlWriter, plot_curves, read_jsonl
+from critique_rl.train.rollout_batch import AdvantagePlan, CritiqueResult, RolloutBatch
 from critique_rl.train.sampler import PromptSampler
 from critique_rl.train.sft import sft_warmup
-from critique_rl.train.update import UpdateBatch, policy_update, teacher_scores
+from critique_rl.train.update import Normalisation, UpdateBatch, policy_update, score_tokens
 
-EVAL_SEED = 12345  # the held-out set does not depend on the run seed, so seeds compare on the same problems
+__all__ = ["EVAL_SEED", "CritiqueGRPOTrainer", "resolve_mixed_precision", "summary_table"]
+
 console = Console(stderr=True)
+LORA_BASE_DIR = "lora_base"
+"""Run-directory folder holding the frozen base weights of a LoRA run (what the adapter is trained on)."""
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def resolve_mixed_precision(requested: str, device: str) -> str:
+    """``auto`` -> ``bf16`` on a CUDA GPU that supports it, else ``no``; fp16/bf16 need a GPU (one-line error)."""
+    on_gpu = device != "cpu" and torch.cuda.is_available()
+    if requested == "auto":
+        return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
+    if requested == "fp16" and not on_gpu:
+        raise ConfigError("mixed_precision", requested, "fp16 autocast needs a CUDA GPU; use auto or no on CPU")
+    return requested
+
+
+class _Timer:
+    """Wall time per stage of a step (``time/<stage>``)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.times[f"time/{stage}"] = self.times.get(f"time/{stage}", 0.0) + time.perf_counter() - t
+
+    def total(self) -> dict[str, float]:
+        return {**self.times, "time/step": time.perf_counter() - self.t0}
 
 
 class CritiqueGRPOTrainer:
@@ -109,29 +154,33 @@ class CritiqueGRPOTrainer:
     # ------------------------------------------------------------------------------------------------------
     # setup
     # ------------------------------------------------------------------------------------------------------
-    def _setup(self, resume: bool) -> ckpt.Path | None:
+    def _setup(self, resume: bool) -> Path | None:
         cfg = self.cfg
         seed_everything(cfg.seed)
+        self.accelerator = Accelerator(
+            mixed_precision=resolve_mixed_precision(cfg.mixed_precision, cfg.device),
+            cpu=(cfg.device == "cpu") or (cfg.device == "auto" and not torch.cuda.is_available()),
+        )
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        dist.validate_world(cfg.generation_batch_size, cfg.num_generations, cfg.mini_batch_size, self.world)
         self.task: Task = get_task(cfg.task)
-        verify = load_callable(cfg.verifier) if cfg.verifier else self.task.verify
-        self.verify = verify
+        self.verify = load_callable(cfg.verifier) if cfg.verifier else self.task.verify
         self.train_rows = self._rows(self._train_arg, cfg.train_file, "train", cfg.sft_examples)
         self.eval_rows = self._rows(self._eval_arg, cfg.eval_file, "eval", cfg.eval_n)[: cfg.eval_n]
-        self.out.mkdir(parents=True, exist_ok=True)
         resume_from = ckpt.latest_checkpoint(self.out / "checkpoints") if resume else None
-        if resume and resume_from is None:
+        if resume and resume_from is None and self.is_main:
             console.print(f"[yellow]--resume: no checkpoint under {self.out / 'checkpoints'}; starting fresh[/]")
         if not resume and ckpt.latest_checkpoint(self.out / "checkpoints") is not None:
             raise UserError(f"output_dir '{self.out}' already holds checkpoints of an earlier run; pass --resume to "
                             "continue it, or choose another --output-dir (or delete the folder)")
-        if resume_from is None:  # a fresh run owns its logs
-            for name in ("metrics.jsonl", "rollouts.jsonl"):
-                (self.out / name).unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()  # every rank has looked before the main process changes anything
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if resume_from is None:  # a fresh run owns its logs
+                for name in ("metrics.jsonl", "rollouts.jsonl"):
+                    (self.out / name).unlink(missing_ok=True)
 
-        self.accelerator = Accelerator(
-            mixed_precision=cfg.mixed_precision,
-            cpu=(cfg.device == "cpu") or (cfg.device == "auto" and not torch.cuda.is_available()),
-        )
         self.model, self.tokenizer = self._load_model(resume_from)
         self.use_chat = wants_chat_template(self.tokenizer, cfg.use_chat_template)
         self.max_new_tokens = cfg.max_new_tokens or self.task.max_new_tokens
@@ -144,21 +193,23 @@ class CritiqueGRPOTrainer:
         weights = cfg.reward_weights or [1.0] * len(self.reward_funcs)
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
 
-        self.sampler = PromptSampler(self.train_rows, cfg.seed)
-        self.rng = random.Random(cfg.seed + 1)  # refinement choice; checkpointed
+        self.sampler = PromptSampler(self.train_rows, cfg.seed)  # same state on every rank: global batches
+        self.rng = random.Random(cfg.seed + 1 + 7919 * self.rank)  # refinement choice; checkpointed
         if self.critic is None and cfg.critic.backend != "none" and cfg.critique_on != "none":
             from critique_rl.critics import build_critic
 
             self.critic = build_critic(cfg.critic, policy=self.model, tokenizer=self.tokenizer, output_dir=self.out)
         if cfg.critique_on == "none":
             self.critic = None
-        self.memory_hook = self._build_memory(resume_from)
-        cfg.save_yaml(self.out / "config.yaml")
+        self.memory_on = self.memory is not None or cfg.memory.enabled
+        self.memory_hook = self._build_memory(resume_from) if self.is_main else None
+        if self.is_main:
+            cfg.save_yaml(self.out / "config.yaml")
         return resume_from
 
     def _build_memory(self, resume_from: Path | None) -> Any:
         cfg = self.cfg
-        if self.memory is None and not cfg.memory.enabled:
+        if not self.memory_on:
             return None
         from critique_rl.memory import MemoryBank
         from critique_rl.train.memory_hook import MemoryHook
@@ -186,10 +237,19 @@ class CritiqueGRPOTrainer:
         seed = EVAL_SEED if split == "eval" else self.cfg.seed
         return self.task.make_examples(split, n, seed)
 
+    def _weights_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.cfg.weights_dtype == "bfloat16" else torch.float32
+
     def _load_model(self, resume_from: Path | None):
         cfg = self.cfg
+        dev = str(self.accelerator.device.type)
         if resume_from is not None:
-            return load_policy(resume_from / "model", device=str(self.accelerator.device.type))
+            if cfg.lora.enabled:
+                from critique_rl.lora import load_adapter
+
+                base, tok = load_policy(self.out / LORA_BASE_DIR, device=dev, dtype=self._weights_dtype())
+                return load_adapter(base, resume_from / "model", trainable=True), tok
+            return load_policy(resume_from / "model", device=dev, dtype=self._weights_dtype())
         if not isinstance(self._model_arg, str):
             if self._tokenizer_arg is None:
                 raise UserError("pass tokenizer= together with a loaded model object")
@@ -200,8 +260,8 @@ class CritiqueGRPOTrainer:
                                                          self.task.sft_completion, cfg.critic.template_dir)]
             tok = build_tiny_tokenizer(texts, cfg.tiny_vocab_size)
             model = build_tiny_model(tok, cfg.tiny_hidden_size, cfg.tiny_layers, cfg.tiny_heads, seed=cfg.seed)
-            return model.to(self.accelerator.device), tok
-        return load_policy(self._model_arg, device=str(self.accelerator.device.type))
+            return model.to(self._weights_dtype()).to(self.accelerator.device), tok
+        return load_policy(self._model_arg, device=dev, dtype=self._weights_dtype())
 
     def prompt_text(self, row: dict[str, Any], context: str | None = None) -> str:
         text = row["prompt"] if not context else f"{context}\n{row['prompt']}"
@@ -210,10 +270,15 @@ class CritiqueGRPOTrainer:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _policy(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
     # ------------------------------------------------------------------------------------------------------
     # phases
     # ------------------------------------------------------------------------------------------------------
     def _warmup(self, progress: Progress | None) -> None:
+        """SFT warm-up (every process runs the same seeded warm-up, so all start RL from equal weights), then
+        the held-out evaluation before RL."""
         cfg = self.cfg
         if cfg.sft_steps > 0:
             task_id = progress.add_task("SFT warm-up", total=cfg.sft_steps) if progress else None
@@ -247,15 +312,31 @@ class CritiqueGRPOTrainer:
         return self.task.sft_completion(row)
 
     def _evaluate(self) -> dict[str, Any]:
-        """Greedy held-out accuracy; with a ``brier`` reward in use, also calibration (ECE, Brier score, AUROC)."""
-        gen = HFGenerator(self.accelerator.unwrap_model(self.model), self.tokenizer, batch_size=cfg_bs(self.cfg))
+        """Greedy held-out accuracy; with a ``brier`` reward in use, also calibration (ECE, Brier score, AUROC).
+        Each process decodes its share of the held-out rows; the records are gathered before summarising."""
+        gen = build_generator("hf", self._policy(), self.tokenizer, batch_size=cfg_bs(self.cfg),
+                              autocast=self.accelerator.autocast)
         conf = parse_confidence if "brier" in self.reward_names else None
-        return evaluate(gen, self.eval_rows, self.prompt_text, self.verify, self.max_new_tokens,
-                        batch_size=self.cfg.eval_batch_size, confidence_fn=conf)
+        n = len(self.eval_rows)
+        mine = self.eval_rows[self.rank * n // self.world : (self.rank + 1) * n // self.world]
+        records = greedy_records(gen, mine, self.prompt_text, self.verify, self.max_new_tokens,
+                                 batch_size=self.cfg.eval_batch_size, confidence_fn=conf)
+        records = [r for part in dist.gather_objects(records) for r in part]
+        return summarise_records(records, conf is not None)
 
     def _build_optim(self) -> None:
         cfg = self.cfg
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        if cfg.lora.enabled:
+            from critique_rl.lora import apply_lora, is_lora, trainable_parameter_summary
+
+            if not is_lora(self.model):  # a fresh run: freeze the (warmed-up) base, train an adapter on it
+                if self.is_main:
+                    self.model.save_pretrained(self.out / LORA_BASE_DIR)
+                    self.tokenizer.save_pretrained(self.out / LORA_BASE_DIR)
+                self.model = apply_lora(self.model, cfg.lora)
+            self.summary["lora_trainable_parameters"] = trainable_parameter_summary(self.model)["trainable"]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         total = max(1, cfg.max_steps)
 
         def schedule(s: int) -> float:
@@ -271,34 +352,46 @@ class CritiqueGRPOTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, self.optimizer, self.scheduler)
         self.ref_model = None
-        if cfg.kl_beta > 0:
-            self.ref_model = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval()
+        if cfg.kl_beta > 0 and not cfg.lora.enabled:  # with LoRA the reference is the base, adapter disabled
+            self.ref_model = copy.deepcopy(self._policy()).eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
-        self.generator = HFGenerator(self.accelerator.unwrap_model(self.model), self.tokenizer,
-                                     batch_size=cfg_bs(cfg))
+        self.generator = build_generator(cfg.rollout_backend, self._policy(), self.tokenizer, batch_size=cfg_bs(cfg),
+                                         autocast=self.accelerator.autocast)
+        if self.world > 1:  # ranks sample different completions (the same seed would correlate them)
+            torch.manual_seed(cfg.seed + 1000 * self.rank)
 
     # ------------------------------------------------------------------------------------------------------
-    # one RL step
+    # one RL step: the stages
     # ------------------------------------------------------------------------------------------------------
-    def _sample_groups(self, rows: list[dict[str, Any]], contexts: list[str] | None) -> dict[str, Any]:
-        """Sample n completions per prompt. Returns flat lists of length B*n (groups contiguous)."""
+    def _next_prompts(self) -> tuple[list[dict[str, Any]], list[str] | None]:
+        """This process's shard of the global prompt batch, and the memory context of each (or None)."""
+        rows = self.sampler.next_batch(self.cfg.prompts_per_step)
+        contexts = None
+        if self.memory_on:
+            contexts = dist.broadcast_object(self.memory_hook.contexts(rows) if self.is_main else None)
+            contexts = dist.shard(contexts, self.rank, self.world)
+        return dist.shard(rows, self.rank, self.world), contexts
+
+    def _sample_groups(self, rows: list[dict[str, Any]],
+                       contexts: list[str] | None) -> tuple[list[dict[str, Any]], list[str], list[Completion]]:
+        """Sample n completions per prompt. Returns flat ``(rows, prompts, completions)`` of length B*n."""
         cfg = self.cfg
         prompts = [self.prompt_text(r, contexts[i] if contexts else None) for i, r in enumerate(rows)]
         params = SamplingParams(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
                                 max_new_tokens=self.max_new_tokens)
         groups = self.generator.generate(prompts, params)
         n = cfg.num_generations
-        return {"rows": [r for r in rows for _ in range(n)], "prompts": [p for p in prompts for _ in range(n)],
-                "completions": [c for g in groups for c in g]}
+        return ([r for r in rows for _ in range(n)], [p for p in prompts for _ in range(n)],
+                [c for g in groups for c in g])
 
-    def _columns(self, rows: list[dict[str, Any]], completions: list[Any]) -> dict[str, list[Any]]:
+    def _columns(self, rows: list[dict[str, Any]], completions: list[Completion]) -> dict[str, list[Any]]:
         columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
         columns["completion_lengths"] = [len(c.token_ids) for c in completions]
         columns["truncated"] = [not c.finished for c in completions]
         return columns
 
-    def _score(self, rows: list[dict[str, Any]], completions: list[Any]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def _score(self, rows: list[dict[str, Any]], completions: list[Completion]) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Reward matrix ``[N, K]`` (NaN = not applicable), gate pass mask ``[N]`` and gate pass rates."""
         prompts, texts = [r["prompt"] for r in rows], [c.text for c in completions]
         columns = self._columns(rows, completions)
@@ -308,170 +401,136 @@ class CritiqueGRPOTrainer:
         passed, rates = evaluate_gates(self.gates, prompts, texts, columns)
         return R, passed, rates
 
-    def _critique_and_refine(self, sampled: dict[str, Any], correct: list[bool]) -> dict[str, Any] | None:
+    def _score_batch(self, rows: list[dict[str, Any]], prompts: list[str], completions: list[Completion]) -> RolloutBatch:
+        R, passed, rates = self._score(rows, completions)
+        correct = [bool(self.verify(c.text, r["answer"])) for c, r in zip(completions, rows, strict=True)]
+        return RolloutBatch(rows=rows, prompts=prompts, completions=completions, group_size=self.cfg.num_generations,
+                            rewards=R, passed=passed, correct=correct, gate_rates=rates)
+
+    def _critique_and_refine(self, batch: RolloutBatch) -> CritiqueResult | None:
         """Critique the selected responses, sample one refinement each, score them (Critique-GRPO)."""
         cfg = self.cfg
-        n = cfg.num_generations
+        n = batch.group_size
         mode = "all" if cfg.distill_on == "all" and cfg.distill_weight > 0 else cfg.critique_on
-        idx = select_for_critique(correct, n, mode)
+        idx = select_for_critique(batch.correct, n, mode)
         if not idx:
             return None
-        texts = [c.text for c in sampled["completions"]]
-        requests = critique_requests(self.task, sampled["rows"], texts, correct, idx)
-        critiques = self.critic.critique(requests)
+        texts = batch.texts
+        critiques = self.critic.critique(critique_requests(self.task, batch.rows, texts, batch.correct, idx))
         teacher_prompts = [
-            self.prompt_text({"prompt": refine_text(sampled["rows"][i]["prompt"], texts[i], c.text,
-                                                    cfg.critic.template_dir)})
+            self.prompt_text({"prompt": refine_text(batch.rows[i]["prompt"], texts[i], c.text, cfg.critic.template_dir)})
             for i, c in zip(idx, critiques, strict=True)
         ]
-        refine_idx = idx if mode == cfg.critique_on else select_for_critique(correct, n, cfg.critique_on)
+        refine_idx = idx if mode == cfg.critique_on else select_for_critique(batch.correct, n, cfg.critique_on)
         pos = {i: j for j, i in enumerate(idx)}
         ref_src = [i for i in refine_idx if i in pos]
-        outs = self.generator.generate([teacher_prompts[pos[i]] for i in ref_src],
-                                       SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p,
-                                                      max_new_tokens=self.max_new_tokens)) if ref_src else []
+        params = SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=self.max_new_tokens)
+        outs = self.generator.generate([teacher_prompts[pos[i]] for i in ref_src], params) if ref_src else []
         ref_completions = [o[0] for o in outs]
-        ref_rows = [sampled["rows"][i] for i in ref_src]
+        ref_rows = [batch.rows[i] for i in ref_src]
         if ref_src:
             R_ref, passed_ref, _ = self._score(ref_rows, ref_completions)
         else:
             R_ref, passed_ref = torch.zeros(0, len(self.reward_funcs)), torch.zeros(0, dtype=torch.bool)
         ref_correct = [bool(self.verify(c.text, r["answer"])) for c, r in zip(ref_completions, ref_rows, strict=True)]
-        return {"idx": idx, "critiques": critiques, "teacher_prompts": teacher_prompts, "ref_src": ref_src,
-                "ref_completions": ref_completions, "R_ref": R_ref, "passed_ref": passed_ref,
-                "ref_correct": ref_correct}
+        return CritiqueResult(idx=idx, critiques=critiques, teacher_prompts=teacher_prompts, ref_src=ref_src,
+                              ref_completions=ref_completions, ref_rewards=R_ref, ref_passed=passed_ref,
+                              ref_correct=ref_correct)
 
-    def _mixed_group(self, R: torch.Tensor, passed: torch.Tensor, crit: dict[str, Any] | None):
-        """Rewards ``[G, n+k, K]`` and pass mask ``[G, n+k]`` of initial samples plus kept refinements, and
-        the flat refinement indices kept (into ``crit['ref_src']``) in slot order."""
-        cfg = self.cfg
-        n, K = cfg.num_generations, R.shape[-1]
-        G = R.shape[0] // n
-        k = cfg.refinements_per_group if crit is not None else 0
+    def _refinement_slots(self) -> int:
+        """k: refinement slots per group (constant whenever a critic is on, so groups stack across processes)."""
+        return self.cfg.refinements_per_group if self.critic is not None else 0
+
+    def _mixed_group(self, batch: RolloutBatch, crit: CritiqueResult | None):
+        """Rewards ``[G, n+k, K]`` and pass mask ``[G, n+k]`` of initial samples plus kept refinements (empty
+        slots: NaN and masked), and the refinements kept as ``(group, slot, j)``."""
+        n, K, G = batch.group_size, batch.rewards.shape[-1], batch.num_groups
+        k = self._refinement_slots()
         R_mix = torch.full((G, n + k, K), float("nan"))
-        R_mix[:, :n] = R.view(G, n, K)
+        R_mix[:, :n] = batch.rewards.view(G, n, K)
         passed_mix = torch.zeros(G, n + k, dtype=torch.bool)
-        passed_mix[:, :n] = passed.view(G, n)
-        kept: list[tuple[int, int, int]] = []  # (group, slot in the mixed group, refinement index)
-        if k:
-            group_of = [i // n for i in crit["ref_src"]]
-            chosen = choose_refinements(group_of, crit["ref_correct"], k, G, self.rng)
+        passed_mix[:, :n] = batch.passed.view(G, n)
+        kept: list[tuple[int, int, int]] = []
+        if k and crit is not None:
+            group_of = [i // n for i in crit.ref_src]
+            chosen = choose_refinements(group_of, crit.ref_correct, k, G, self.rng)
             for g, js in enumerate(chosen):
                 for slot, j in enumerate(js):
-                    R_mix[g, n + slot] = crit["R_ref"][j]
-                    passed_mix[g, n + slot] = bool(crit["passed_ref"][j])
+                    R_mix[g, n + slot] = crit.ref_rewards[j]
+                    passed_mix[g, n + slot] = bool(crit.ref_passed[j])
                     kept.append((g, n + slot, j))
         return R_mix, passed_mix, kept
 
-    def _advantages(self, R_mix: torch.Tensor, passed_mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Advantages and sample mask ``[G, n+k]``; gated-out samples and dropped groups get mask False."""
+    def _advantages(self, batch: RolloutBatch, crit: CritiqueResult | None) -> AdvantagePlan:
+        """Advantages over the mixed groups. Groups are whole inside a process; the aggregator runs on the
+        groups of all processes (so batch statistics such as GDPO's whitening are global) and each process
+        keeps its own rows. Gated-out samples, empty slots and dropped groups get mask False."""
         cfg = self.cfg
-        mask, kept = apply_gates(torch.ones_like(passed_mix), passed_mix)
+        R_mix, passed_mix, kept = self._mixed_group(batch, crit)
+        G = R_mix.shape[0]
+        R_all, passed_all = dist.gather_tensor(R_mix), dist.gather_tensor(passed_mix)
+        mask, groups_kept = apply_gates(torch.ones_like(passed_all), passed_all)
         adv, diag = aggregate_rewards(
-            cfg.reward_aggregator, R_mix, self.reward_weights, mask,
+            cfg.reward_aggregator, R_all, self.reward_weights, mask,
             estimator=cfg.advantage_estimator, w_lambda=cfg.w_lambda, reward_threshold=cfg.reward_threshold,
         )
-        diag["groups_kept"] = kept.float().mean().item()
-        return adv, mask, diag
+        diag["groups_kept"] = groups_kept.float().mean().item()
+        mine = slice(self.rank * G, (self.rank + 1) * G)
+        return AdvantagePlan(advantages=adv[mine], mask=mask[mine], kept=kept, diagnostics=diag)
 
-    def _step(self) -> dict[str, Any]:
+    def _update_batch(self, batch: RolloutBatch, crit: CritiqueResult | None, plan: AdvantagePlan) -> tuple[UpdateBatch, dict]:
+        """Loss rows: the initial samples, then kept refinements, all under the plain (sampling) prompt; per-token
+        advantages ``w_eval * A_group (+ w_dir * A_distill)``; reference log-probs when the KL term is on."""
         cfg = self.cfg
-        n = cfg.num_generations
-        t0 = time.perf_counter()
-        rows = self.sampler.next_batch(cfg.prompts_per_step)
-        contexts = self.memory_hook.contexts(rows) if self.memory_hook else None
-        sampled = self._sample_groups(rows, contexts)
-        t1 = time.perf_counter()
-        R, passed, gate_rates = self._score(sampled["rows"], sampled["completions"])
-        texts = [c.text for c in sampled["completions"]]
-        correct = [bool(self.verify(t, r["answer"])) for t, r in zip(texts, sampled["rows"], strict=True)]
-        t2 = time.perf_counter()
-        crit = self._critique_and_refine(sampled, correct) if self.critic is not None else None
-        t3 = time.perf_counter()
-        R_mix, passed_mix, kept = self._mixed_group(R, passed, crit)
-        adv, mask, diag = self._advantages(R_mix, passed_mix)
-        G = len(rows)
-
-        # loss rows: initial samples, then kept refinements, all under the plain (sampling) prompt
-        encoded = {p: self._encode(p) for p in set(sampled["prompts"])}  # n samples share one prompt
-        prompt_ids = [encoded[p] for p in sampled["prompts"]]
-        comp_ids = [c.token_ids for c in sampled["completions"]]
-        row_adv = adv[:, :n].reshape(-1).tolist()
-        row_mask = mask[:, :n].reshape(-1).tolist()
+        n = batch.group_size
+        encoded = {p: self._encode(p) for p in set(batch.prompts)}  # n samples share one prompt
+        prompt_ids = [encoded[p] for p in batch.prompts]
+        comp_ids = [c.token_ids for c in batch.completions]
+        row_adv = plan.advantages[:, :n].reshape(-1).tolist()
+        row_mask = plan.mask[:, :n].reshape(-1).tolist()
         offpolicy = [False] * len(comp_ids)
-        for g, slot, j in kept:
+        for g, slot, j in plan.kept:
             prompt_ids.append(prompt_ids[g * n])
-            comp_ids.append(crit["ref_completions"][j].token_ids)
-            row_adv.append(adv[g, slot].item())
-            row_mask.append(bool(mask[g, slot]))
+            comp_ids.append(crit.ref_completions[j].token_ids)
+            row_adv.append(plan.advantages[g, slot].item())
+            row_mask.append(bool(plan.mask[g, slot]))
             offpolicy.append(True)
         tokens = pack(prompt_ids, comp_ids, self.tokenizer.pad_token_id)
         tokens.completion_mask *= torch.tensor(row_mask, dtype=tokens.completion_mask.dtype).unsqueeze(-1)
         adv_tok = cfg.eval_weight * torch.tensor(row_adv).unsqueeze(-1).expand(-1, tokens.completion_len).clone()
         ub = UpdateBatch(tokens=tokens, advantages=adv_tok, offpolicy=torch.tensor(offpolicy))
-        distill_metrics = self._directive_distillation(ub, crit, sampled) if crit and cfg.distill_weight > 0 else {}
-        t4 = time.perf_counter()
-        stats = policy_update(self.model, self.ref_model, self.optimizer, self.scheduler, self.accelerator, ub,
-                              cfg, norm_constant=float(self.max_new_tokens))
-        t5 = time.perf_counter()
+        distill_metrics = self._directive_distillation(ub, crit, batch) if crit and cfg.distill_weight > 0 else {}
+        if cfg.kl_beta > 0:
+            ub.ref_logp = self._reference_logprobs(ub)
+        return ub, distill_metrics
 
-        metrics: dict[str, Any] = {"step": self.step + 1}
-        for k, name in enumerate(self.reward_names):
-            col = R[:, k]
-            valid = col[~torch.isnan(col)]
-            metrics[f"reward/{name}/mean"] = valid.mean().item() if len(valid) else None
-            metrics[f"reward/{name}/std"] = valid.std(unbiased=False).item() if len(valid) else None
-            metrics[f"reward/{name}/weight"] = float(diag["effective_weight"][k])
-        for gname, rate in gate_rates.items():
-            metrics[f"gate/{gname}/pass_rate"] = rate
-        metrics["gate/groups_kept"] = diag["groups_kept"]
-        metrics["reward/mean"] = (torch.nan_to_num(R, nan=0.0) * self.reward_weights).sum(-1).mean().item()
-        grouped = torch.tensor(correct, dtype=torch.float32).view(G, n)
-        metrics["train/accuracy"] = grouped.mean().item()
-        all_wrong = grouped.sum(-1) == 0
-        metrics["train/all_wrong_groups"] = all_wrong.float().mean().item()
-        metrics["train/all_right_groups"] = (grouped.sum(-1) == n).float().mean().item()
-        metrics["completions/mean_length"] = float(np.mean([len(c.token_ids) for c in sampled["completions"]]))
-        metrics["completions/finished"] = float(np.mean([c.finished for c in sampled["completions"]]))
-        if crit is not None:
-            rescued = {g for g, _, j in kept if crit["ref_correct"][j] and bool(all_wrong[g])}
-            metrics["critique/critiqued"] = len(crit["idx"])
-            metrics["critique/refinements"] = len(crit["ref_src"])
-            metrics["critique/refine_success_rate"] = float(np.mean(crit["ref_correct"])) if crit["ref_src"] else None
-            metrics["critique/kept"] = len(kept)
-            metrics["critique/groups_rescued"] = len(rescued)
-            metrics["critique/all_wrong_groups"] = int(all_wrong.sum())
-            metrics["critique/fallbacks"] = sum(c.fallback for c in crit["critiques"])
-        if self.critic is not None:
-            metrics.update({k: v for k, v in self.critic.metrics().items() if isinstance(v, (int, float))})
-        if self.memory_hook is not None:
-            crit_text: list[str | None] = [None] * len(texts)
-            if crit is not None:
-                for i, c in zip(crit["idx"], crit["critiques"], strict=True):
-                    crit_text[i] = c.text
-            metrics.update(self.memory_hook.update(sampled["rows"], texts, correct, crit_text, self.step + 1, n))
-        metrics.update(distill_metrics)
-        metrics.update(stats)
-        metrics.update({"time/generate": t1 - t0, "time/score": t2 - t1, "time/critique": t3 - t2,
-                        "time/prepare": t4 - t3, "time/train": t5 - t4, "time/step": t5 - t0})
-        self._log_rollouts(sampled, R, adv[:, :n].reshape(-1), crit)
-        return metrics
+    def _reference_logprobs(self, ub: UpdateBatch) -> torch.Tensor:
+        """log pi_ref of the loss tokens: the frozen copy, or (LoRA) the same model with the adapter disabled."""
+        cfg = self.cfg
+        tokens = ub.tokens.to(self.accelerator.device)
+        if self.ref_model is not None:
+            return score_tokens(self.ref_model, tokens, cfg.temperature, cfg.mini_batch_size, self.accelerator.autocast)[0]
+        from critique_rl.lora import adapter_disabled
 
-    def _directive_distillation(self, ub: UpdateBatch, crit: dict[str, Any], sampled: dict[str, Any]) -> dict:
+        policy = self._policy()
+        with adapter_disabled(policy):
+            return score_tokens(policy, tokens, cfg.temperature, cfg.mini_batch_size, self.accelerator.autocast)[0]
+
+    def _directive_distillation(self, ub: UpdateBatch, crit: CritiqueResult, batch: RolloutBatch) -> dict:
         """Teacher = the policy on the critique-conditioned prompt; student = the policy on q; both scored on
         the student's own tokens. Adds w_dir * A_distill to the per-token advantages (sampled_token) or the
         teacher's top-K for the reverse-KL term (topk_logits)."""
         cfg = self.cfg
-        idx = crit["idx"]
+        idx = crit.idx
         T = ub.tokens.completion_len
-        comp = [sampled["completions"][i].token_ids for i in idx]
-        teacher = pack([self._encode(p) for p in crit["teacher_prompts"]], comp, self.tokenizer.pad_token_id)
+        comp = [batch.completions[i].token_ids for i in idx]
+        teacher = pack([self._encode(p) for p in crit.teacher_prompts], comp, self.tokenizer.pad_token_id)
         student = ub.tokens.select(torch.tensor(idx))
-        model = self.accelerator.unwrap_model(self.model)
+        model, dev, ac = self._policy(), self.accelerator.device, self.accelerator.autocast
         topk = cfg.distill_topk if cfg.distill_mode == "topk_logits" else None
-        t_lp, t_tk_lp, t_tk_idx = teacher_scores(model, teacher.to(self.accelerator.device), cfg.temperature,
-                                                 cfg.mini_batch_size, topk)
-        s_lp, _, _ = teacher_scores(model, student.to(self.accelerator.device), cfg.temperature, cfg.mini_batch_size)
+        t_lp, t_tk_lp, t_tk_idx = score_tokens(model, teacher.to(dev), cfg.temperature, cfg.mini_batch_size, ac,
+                                               topk=topk)
+        s_lp, _, _ = score_tokens(model, student.to(dev), cfg.temperature, cfg.mini_batch_size, ac)
         Tt = t_lp.shape[1]
         t_lp_full = torch.zeros(len(idx), T)
         t_lp_full[:, : min(T, Tt)] = t_lp[:, :T].cpu()
@@ -491,53 +550,162 @@ class CritiqueGRPOTrainer:
             ub.distill_rows[idx] = True
         return out
 
-    def _log_rollouts(self, sampled: dict[str, Any], R: torch.Tensor, adv: torch.Tensor,
-                      crit: dict[str, Any] | None) -> None:
-        crit_at: dict[int, int] = {i: j for j, i in enumerate(crit["idx"])} if crit else {}
-        ref_at: dict[int, int] = {i: j for j, i in enumerate(crit["ref_src"])} if crit else {}
+    def _normalisation(self, ub: UpdateBatch) -> Normalisation:
+        """Global loss-aggregation counts over the processes (see :class:`Normalisation`)."""
+        n = ub.tokens.input_ids.shape[0]
+        seqs, toks = dist.all_reduce_sum([float(n), float(ub.tokens.completion_mask.sum().clamp_min(1))])
+        micro = dist.all_reduce_max(-(-n // self.cfg.mini_batch_size))
+        return Normalisation(seqs / self.world, toks / self.world, micro)
+
+    def _step(self) -> dict[str, Any]:
+        cfg = self.cfg
+        timer = _Timer()
+        with timer("generate"):
+            rows, contexts = self._next_prompts()
+            sampled = self._sample_groups(rows, contexts)
+        with timer("score"):
+            batch = self._score_batch(*sampled)
+        with timer("critique"):
+            crit = self._critique_and_refine(batch) if self.critic is not None else None
+        with timer("prepare"):
+            plan = self._advantages(batch, crit)
+            ub, distill_metrics = self._update_batch(batch, crit, plan)
+        with timer("train"):
+            stats = policy_update(self.model, self.optimizer, self.scheduler, self.accelerator, ub, cfg,
+                                  norm_constant=float(self.max_new_tokens), norm=self._normalisation(ub))
+            self.generator.sync_weights()
+        metrics = self._metrics(batch, crit, plan)
+        metrics.update(distill_metrics)
+        metrics.update(stats)
+        metrics.update(timer.total())
+        metrics = dist.merge_metrics(dist.gather_objects(metrics))
+        metrics.update(self._global_metrics(batch, plan))
+        metrics.update(self._memory_update(batch, crit))
+        self._log_rollouts(batch, plan, crit)
+        return metrics
+
+    # ------------------------------------------------------------------------------------------------------
+    # metrics and logs
+    # ------------------------------------------------------------------------------------------------------
+    def _metrics(self, batch: RolloutBatch, crit: CritiqueResult | None, plan: AdvantagePlan) -> dict[str, Any]:
+        """This process's per-step metrics (merged over processes by :func:`dist.merge_metrics`)."""
+        metrics: dict[str, Any] = {"step": self.step + 1}
+        for gname, rate in batch.gate_rates.items():
+            metrics[f"gate/{gname}/pass_rate"] = rate
+        metrics["completions/mean_length"] = float(np.mean([len(c.token_ids) for c in batch.completions]))
+        metrics["completions/finished"] = float(np.mean([c.finished for c in batch.completions]))
+        if crit is not None:
+            all_wrong = batch.grouped_correct().sum(-1) == 0
+            rescued = {g for g, _, j in plan.kept if crit.ref_correct[j] and bool(all_wrong[g])}
+            metrics["critique/critiqued"] = len(crit.idx)
+            metrics["critique/refinements"] = len(crit.ref_src)
+            metrics["critique/refine_success_rate"] = float(np.mean(crit.ref_correct)) if crit.ref_src else None
+            metrics["critique/kept"] = len(plan.kept)
+            metrics["critique/groups_rescued"] = len(rescued)
+            metrics["critique/all_wrong_groups"] = int(all_wrong.sum())
+            metrics["critique/fallbacks"] = sum(c.fallback for c in crit.critiques)
+        if self.critic is not None:
+            metrics.update({k: v for k, v in self.critic.metrics().items() if isinstance(v, (int, float))})
+        return metrics
+
+    def _global_metrics(self, batch: RolloutBatch, plan: AdvantagePlan) -> dict[str, Any]:
+        """Reward and accuracy statistics over the samples of every process (gathered, not averaged)."""
+        R = dist.gather_tensor(batch.rewards)
+        grouped = dist.gather_tensor(batch.grouped_correct())
+        diag = plan.diagnostics
+        n = batch.group_size
+        out: dict[str, Any] = {}
+        for k, name in enumerate(self.reward_names):
+            valid = R[:, k][~torch.isnan(R[:, k])]
+            out[f"reward/{name}/mean"] = valid.mean().item() if len(valid) else None
+            out[f"reward/{name}/std"] = valid.std(unbiased=False).item() if len(valid) else None
+            out[f"reward/{name}/weight"] = float(diag["effective_weight"][k])
+        out["gate/groups_kept"] = diag["groups_kept"]
+        out["reward/mean"] = (torch.nan_to_num(R, nan=0.0) * self.reward_weights).sum(-1).mean().item()
+        out["train/accuracy"] = grouped.mean().item()
+        out["train/all_wrong_groups"] = (grouped.sum(-1) == 0).float().mean().item()
+        out["train/all_right_groups"] = (grouped.sum(-1) == n).float().mean().item()
+        return out
+
+    def _memory_update(self, batch: RolloutBatch, crit: CritiqueResult | None) -> dict[str, Any]:
+        """Record and credit on the main process, from the episodes of every process (in rank order)."""
+        if not self.memory_on:
+            return {}
+        crit_text = crit.critique_text_per_row(len(batch.rows)) if crit is not None else [None] * len(batch.rows)
+        parts = dist.gather_objects((batch.rows, batch.texts, batch.correct, crit_text))
+        metrics = {}
+        if self.is_main:
+            rows, texts, correct, crits = ([x for p in parts for x in p[i]] for i in range(4))
+            metrics = self.memory_hook.update(rows, texts, correct, crits, self.step + 1, batch.group_size)
+        return dist.broadcast_object(metrics)
+
+    def _log_rollouts(self, batch: RolloutBatch, plan: AdvantagePlan, crit: CritiqueResult | None) -> None:
+        n = batch.group_size
+        adv = plan.advantages[:, :n].reshape(-1)
+        crit_at: dict[int, int] = {i: j for j, i in enumerate(crit.idx)} if crit else {}
+        ref_at: dict[int, int] = {i: j for j, i in enumerate(crit.ref_src)} if crit else {}
         # log the first rows, plus critiqued ones so refinements are visible
-        chosen = list(range(min(self.cfg.log_rollouts, len(sampled["completions"]))))
+        chosen = list(range(min(self.cfg.log_rollouts, len(batch.completions))))
         chosen += [i for i in list(crit_at)[: self.cfg.log_rollouts] if i not in chosen]
+        names = self.reward_names
+        out = []
         for i in chosen:
             row = {
                 "step": self.step + 1,
-                "prompt": sampled["rows"][i]["prompt"],
-                "answer": sampled["rows"][i]["answer"],
-                "completion": sampled["completions"][i].text,
-                "rewards": dict(zip(self.reward_names, [None if math.isnan(v) else v for v in R[i].tolist()],
+                "prompt": batch.rows[i]["prompt"],
+                "answer": batch.rows[i]["answer"],
+                "completion": batch.completions[i].text,
+                "rewards": dict(zip(names, [None if math.isnan(v) else v for v in batch.rewards[i].tolist()],
                                     strict=True)),
                 "advantage": adv[i].item(),
             }
+            if self.world > 1:
+                row["rank"] = self.rank
             if i in crit_at:
-                row["critique"] = crit["critiques"][crit_at[i]].text
+                row["critique"] = crit.critiques[crit_at[i]].text
             if i in ref_at:
                 j = ref_at[i]
-                row["refinement"] = crit["ref_completions"][j].text
+                row["refinement"] = crit.ref_completions[j].text
                 row["refinement_rewards"] = dict(zip(
-                    self.reward_names, [None if math.isnan(v) else v for v in crit["R_ref"][j].tolist()], strict=True))
-            self.rollout_log.write(row)
+                    names, [None if math.isnan(v) else v for v in crit.ref_rewards[j].tolist()], strict=True))
+            out.append(row)
+        for part in dist.gather_objects(out):
+            if self.is_main:
+                for row in part:
+                    self.rollout_log.write(row)
 
     # ------------------------------------------------------------------------------------------------------
     # checkpoints
     # ------------------------------------------------------------------------------------------------------
     def _save(self) -> None:
+        """Checkpoint written by the main process alone (every process's RNG state gathered into it)."""
         self.summary["wall_seconds_before_resume"] = self._wall_prior + time.perf_counter() - self._t_start
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "sampler": self.sampler.state_dict(), "summary": self.summary, "refine_rng": self.rng.getstate()}
-        extra = {"memory.sqlite": self.memory_hook.snapshot} if self.memory_hook is not None else None
-        ckpt.save_checkpoint(self.out / "checkpoints", self.step, self.accelerator.unwrap_model(self.model),
-                             self.tokenizer, state, keep=self.cfg.keep_checkpoints, extra_files=extra)
+        rng_states = dist.gather_objects(ckpt.rng_state())
+        refine_states = dist.gather_objects(self.rng.getstate())
+        if self.is_main:
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "sampler": self.sampler.state_dict(), "summary": self.summary, "refine_rng": refine_states,
+                     "rng_per_rank": rng_states, "world_size": self.world}
+            extra = {"memory.sqlite": self.memory_hook.snapshot} if self.memory_hook is not None else None
+            ckpt.save_checkpoint(self.out / "checkpoints", self.step, self._policy(), self.tokenizer, state,
+                                 keep=self.cfg.keep_checkpoints, extra_files=extra)
+        self.accelerator.wait_for_everyone()
 
     def _restore(self, path: Path) -> None:
         state = ckpt.load_trainer_state(path)
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world:
+            raise UserError(f"checkpoint {path} was written by {saved_world} process(es); resume it with the same "
+                            f"number of processes (now {self.world})")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.summary = state["summary"]
         self.step = state["step"]
-        self.rng.setstate(state["refine_rng"])
+        refine = state["refine_rng"]
+        self.rng.setstate(refine[self.rank] if isinstance(refine, list) else refine)
         self._wall_prior = self.summary.get("wall_seconds_before_resume", 0.0)
-        ckpt.set_rng_state(state["rng"])
+        ckpt.set_rng_state(state["rng_per_rank"][self.rank] if "rng_per_rank" in state else state["rng"])
 
     # ------------------------------------------------------------------------------------------------------
     # the loop
@@ -547,32 +715,37 @@ class CritiqueGRPOTrainer:
         t_start = self._t_start = time.perf_counter()
         self._wall_prior = 0.0
         resume_from = self._setup(resume)
-        self.metrics_log = JsonlWriter(self.out / "metrics.jsonl")
-        self.rollout_log = JsonlWriter(self.out / "rollouts.jsonl")
-        progress = _progress() if self.cfg.progress else None
+        self.metrics_log = JsonlWriter(self.out / "metrics.jsonl") if self.is_main else None
+        self.rollout_log = JsonlWriter(self.out / "rollouts.jsonl") if self.is_main else None
+        progress = _progress() if self.cfg.progress and self.is_main else None
         with progress or nullcontext():
             if resume_from is None:
                 self._warmup(progress)
-                self.metrics_log.write({"step": 0, **self._eval_row0})
+                self._write_metrics({"step": 0, **self._eval_row0})
             self._build_optim()
             if resume_from is not None:
                 self._restore(resume_from)
-                self.metrics_log.truncate_after_step(self.step)
-                self.rollout_log.truncate_after_step(self.step)
-                console.print(f"resumed from {resume_from} at step {self.step}")
+                if self.is_main:
+                    self.metrics_log.truncate_after_step(self.step)
+                    self.rollout_log.truncate_after_step(self.step)
+                    console.print(f"resumed from {resume_from} at step {self.step}")
             task_id = progress.add_task("RL", total=self.cfg.max_steps, completed=self.step) if progress else None
             while self.step < self.cfg.max_steps:
                 metrics = self._step()
                 self.step += 1
                 if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.max_steps:
                     metrics.update(_eval_metrics(self._evaluate()))
-                self.metrics_log.write(metrics)
+                self._write_metrics(metrics)
                 if progress:
                     progress.update(task_id, advance=1, description=(
                         f"RL acc {metrics['train/accuracy']:.2f} loss {metrics['loss/total']:+.3f}"))
                 if self.step % self.cfg.checkpoint_every == 0:
                     self._save()
         return self._finish(t_start)
+
+    def _write_metrics(self, row: dict[str, Any]) -> None:
+        if self.is_main:
+            self.metrics_log.write(row)
 
     def _run_totals(self) -> dict[str, Any]:
         """Critique and memory totals over the whole run (from metrics.jsonl, so resumed runs count too)."""
@@ -603,18 +776,31 @@ class CritiqueGRPOTrainer:
             "task": self.cfg.task,
             "wall_seconds": self._wall_prior + time.perf_counter() - t_start,
         })
-        self.summary.update(self._run_totals())
-        self.metrics_log.write({"step": self.step, **_eval_metrics(final), "final": True})
-        self.metrics_log.close()
-        self.rollout_log.close()
+        if self.world > 1:
+            self.summary["num_processes"] = self.world
         if self.step % self.cfg.checkpoint_every != 0 and self.step > 0:
             self._save()
-        final_dir = self.out / "final"
-        self.accelerator.unwrap_model(self.model).save_pretrained(final_dir)
-        self.tokenizer.save_pretrained(final_dir)
-        plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
-        (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2))
+        if self.is_main:
+            self.summary.update(self._run_totals())
+            self.metrics_log.write({"step": self.step, **_eval_metrics(final), "final": True})
+            self.metrics_log.close()
+            self.rollout_log.close()
+            self._save_final(self.out / "final")
+            plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+            (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2))
+        self.summary = dist.broadcast_object(self.summary)
+        self.accelerator.wait_for_everyone()
         return self.summary
+
+    def _save_final(self, final_dir: Path) -> None:
+        """``final/``: the trained model (LoRA: merged into the base, or the adapter alone) + tokenizer."""
+        policy = self._policy()
+        if self.cfg.lora.enabled and self.cfg.lora.merge_final:
+            from critique_rl.lora import merged_copy
+
+            policy = merged_copy(policy)
+        policy.save_pretrained(final_dir)
+        self.tokenizer.save_pretrained(final_dir)
 
 
 def _eval_metrics(result: dict[str, Any]) -> dict[str, Any]:

@@ -5,12 +5,17 @@ Per token:  on-policy rows  -> PPO-clip(ratio to pi_old, A_t)
             + kl_beta * k3 KL to the reference   - entropy_coef * entropy
             + distill_weight * top-K reverse KL to the critique-conditioned teacher (topk_logits mode)
 then aggregated (token_sum_norm / token_mean / seq_mean_token_mean) with global counts so gradient
-accumulation over micro-batches equals one full-batch step.
+accumulation over micro-batches, and gradient averaging over processes, equal one full-batch step.
+
+Memory: log-probs come from a selective log-softmax over the completion positions only; full-vocabulary
+logits are kept (in the model's dtype) only for the top-K distillation term; entropy is computed in row
+chunks and carries a graph only when the entropy bonus is in the loss.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +23,10 @@ import torch
 
 from critique_rl.algos import (
     aggregate_loss,
-    entropy_from_logits,
     kl_k3,
     ppo_clip_loss,
     shaped_offpolicy_loss,
+    topk_logprobs,
     topk_reverse_kl,
 )
 from critique_rl.config import TrainConfig
@@ -44,10 +49,40 @@ class UpdateBatch:
     teacher_topk_idx: torch.Tensor | None = None
     distill_rows: torch.Tensor | None = None
     """Bool ``[N]``: rows that get the top-K distillation term."""
+    ref_logp: torch.Tensor | None = None
+    """``[N, T]`` reference-policy log-probs (KL term), or None when ``kl_beta`` is 0."""
 
 
-def policy_update(model: torch.nn.Module, ref_model: torch.nn.Module | None, optimizer: Any, scheduler: Any,
-                  accelerator: Any, ub: UpdateBatch, cfg: TrainConfig, norm_constant: float) -> dict[str, float]:
+@dataclass(frozen=True)
+class Normalisation:
+    """Loss-aggregation counts of the *global* batch, divided by the number of processes.
+
+    DDP averages gradients over processes, so each process divides its token sums by the global counts over
+    the process count; the average is then exactly the full-batch loss of :func:`aggregate_loss`.
+    ``micro_batches`` is the most micro-batches any process has (processes with fewer run padding steps of
+    zero loss, so sharded engines see the same number of forward passes everywhere).
+    """
+
+    num_seqs: float
+    num_tokens: float
+    micro_batches: int
+
+
+def local_normalisation(ub: UpdateBatch, mb_size: int) -> Normalisation:
+    n = ub.tokens.input_ids.shape[0]
+    return Normalisation(float(n), float(ub.tokens.completion_mask.sum().clamp_min(1)), -(-n // mb_size))
+
+
+def micro_slices(n: int, mb_size: int, count: int) -> list[tuple[slice, bool]]:
+    """``count`` micro-batch slices over ``n`` rows: ``(slice, real)``; padding slices repeat row 0 and are
+    flagged ``real=False`` (their loss is multiplied by zero)."""
+    out = [(slice(s, s + mb_size), True) for s in range(0, n, mb_size)]
+    out += [(slice(0, 1), False)] * (count - len(out))
+    return out
+
+
+def policy_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, accelerator: Any, ub: UpdateBatch,
+                  cfg: TrainConfig, norm_constant: float, norm: Normalisation | None = None) -> dict[str, float]:
     """``cfg.num_iterations`` optimizer steps over ``ub``, each accumulating gradients over mini-batches."""
     dev = accelerator.device
     tokens = ub.tokens.to(dev)
@@ -55,54 +90,59 @@ def policy_update(model: torch.nn.Module, ref_model: torch.nn.Module | None, opt
     off = ub.offpolicy.to(dev)
     N = tokens.input_ids.shape[0]
     mb_size = cfg.mini_batch_size
-    num_tokens = float(tokens.completion_mask.sum().clamp_min(1))
-    agg = dict(mode=cfg.loss_aggregation, num_seqs=N, num_tokens=num_tokens, norm_constant=norm_constant)
-    old_logp = teacher_scores(model, tokens, cfg.temperature, mb_size)[0] if cfg.num_iterations > 1 else None
-    ref_logp = teacher_scores(ref_model, tokens, cfg.temperature, mb_size)[0] if ref_model is not None else None
+    norm = norm or local_normalisation(ub, mb_size)
+    agg = dict(mode=cfg.loss_aggregation, num_seqs=norm.num_seqs, num_tokens=norm.num_tokens,
+               norm_constant=norm_constant)
+    slices = micro_slices(N, mb_size, norm.micro_batches)
+    old_logp = score_tokens(model, tokens, cfg.temperature, mb_size, accelerator.autocast,
+                            norm.micro_batches)[0] if cfg.num_iterations > 1 else None
+    ref_logp = ub.ref_logp.to(dev) if ub.ref_logp is not None else None
     use_topk = ub.teacher_topk_logp is not None and cfg.distill_weight > 0
+    ent_mode = "grad" if cfg.entropy_coef > 0 else "detached"
     stats = dict.fromkeys(STAT_KEYS, 0.0)
     model.train()
     model.zero_grad(set_to_none=True)  # gradients come from this batch only (never from earlier code)
-    starts = list(range(0, N, mb_size))
     for _ in range(cfg.num_iterations):
-        for j, s in enumerate(starts):
-            sl = slice(s, s + mb_size)
+        for j, (sl, real) in enumerate(slices):
             mb = tokens.select(sl)
             mask = mb.completion_mask.float()
             is_off = off[sl].unsqueeze(-1)
-            sync = accelerator.no_sync(model) if j < len(starts) - 1 else nullcontext()
+            sync = accelerator.no_sync(model) if j < len(slices) - 1 else nullcontext()
             with sync, accelerator.autocast():
-                logp, logits = completion_logprobs(model, mb, cfg.temperature, with_logits=True)
+                scores = completion_logprobs(model, mb, cfg.temperature, entropy=ent_mode, keep_logits=use_topk)
+                logp, ent = scores.logp, scores.entropy
                 old = old_logp[sl] if old_logp is not None else logp.detach()
                 on_loss, clipped = ppo_clip_loss(logp, old, adv[sl], cfg.clip_eps_low, cfg.clip_eps_high)
                 off_loss = shaped_offpolicy_loss(logp, adv[sl], cfg.offpolicy_gamma)
-                pg = torch.where(is_off, off_loss, on_loss)
-                per_token = pg
-                ent = entropy_from_logits(logits) if cfg.entropy_coef > 0 else None
+                per_token = torch.where(is_off, off_loss, on_loss)
                 kl = kl_k3(logp, ref_logp[sl]) if ref_logp is not None else None
-                dist = None
+                dist = rows = None
                 if kl is not None:
                     per_token = per_token + cfg.kl_beta * kl
-                if ent is not None:
+                if cfg.entropy_coef > 0:
                     per_token = per_token - cfg.entropy_coef * ent
                 if use_topk:
                     rows = ub.distill_rows[sl].to(dev).unsqueeze(-1).float()
-                    dist = topk_reverse_kl(logits, ub.teacher_topk_logp[sl].to(dev), ub.teacher_topk_idx[sl].to(dev))
+                    dist = topk_reverse_kl(scores.logits, ub.teacher_topk_logp[sl].to(dev),
+                                           ub.teacher_topk_idx[sl].to(dev))
                     per_token = per_token + cfg.distill_weight * dist * rows
                 loss = aggregate_loss(per_token, mask, **agg)
+                if not real:
+                    loss = loss * 0.0
             accelerator.backward(loss)
+            if not real:
+                continue
             with torch.no_grad():
                 on_mask = mask * (~is_off).float()
                 stats["loss/total"] += loss.item()
                 stats["loss/policy"] += aggregate_loss(on_loss * on_mask, mask, **agg).item()
                 stats["loss/offpolicy"] += aggregate_loss(off_loss * (mask - on_mask), mask, **agg).item()
-                stats["clip_frac"] += ((clipped * on_mask).sum() / num_tokens).item()
-                ent_d = ent if ent is not None else entropy_from_logits(logits.detach())
-                stats["entropy"] += ((ent_d * mask).sum() / num_tokens).item()
+                stats["clip_frac"] += ((clipped * on_mask).sum() / norm.num_tokens).item()
+                stats["entropy"] += ((ent.detach() * mask).sum() / norm.num_tokens).item()
                 if kl is not None:
-                    stats["kl"] += ((kl * mask).sum() / num_tokens).item()
+                    stats["kl"] += ((kl * mask).sum() / norm.num_tokens).item()
                     stats["loss/kl"] += cfg.kl_beta * aggregate_loss(kl, mask, **agg).item()
-                if ent is not None:
+                if cfg.entropy_coef > 0:
                     stats["loss/entropy"] -= cfg.entropy_coef * aggregate_loss(ent, mask, **agg).item()
                 if dist is not None:
                     stats["loss/distill"] += cfg.distill_weight * aggregate_loss(dist * rows, mask, **agg).item()
@@ -118,20 +158,29 @@ def policy_update(model: torch.nn.Module, ref_model: torch.nn.Module | None, opt
 
 
 @torch.no_grad()
-def teacher_scores(model: torch.nn.Module, tokens: TokenBatch, temperature: float, mb_size: int,
-                   topk: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def score_tokens(model: torch.nn.Module, tokens: TokenBatch, temperature: float, mb_size: int,
+                 autocast: Callable[[], AbstractContextManager[Any]] | None = None, micro_batches: int | None = None,
+                 topk: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Log-probs ``[N, T]`` of the given completion tokens under ``model`` (no grad, in mini-batches) and,
     with ``topk``, its top-K log-probs and token ids ``[N, T, K]`` at each position. Used for pi_old, the
-    reference policy and the critique-conditioned teacher alike."""
+    reference policy and the critique-conditioned teacher alike. ``micro_batches`` pads the number of forward
+    passes (see :class:`Normalisation`)."""
+    n = tokens.input_ids.shape[0]
     lps, tk_lp, tk_idx = [], [], []
-    for s in range(0, tokens.input_ids.shape[0], mb_size):
-        mb = tokens.select(slice(s, s + mb_size))
-        lp, logits = completion_logprobs(model, mb, temperature, with_logits=topk is not None)
-        lps.append(lp)
+    count = micro_batches if micro_batches is not None else -(-n // mb_size)
+    for sl, real in micro_slices(n, mb_size, count):
+        with autocast() if autocast is not None else nullcontext():
+            scores = completion_logprobs(model, tokens.select(sl), temperature, keep_logits=topk is not None)
+        if not real:
+            continue
+        lps.append(scores.logp)
         if topk is not None:
-            v, i = torch.log_softmax(logits, -1).topk(min(topk, logits.shape[-1]), dim=-1)
+            v, i = topk_logprobs(scores.logits, min(topk, scores.logits.shape[-1]))
             tk_lp.append(v)
             tk_idx.append(i)
     if topk is None:
         return torch.cat(lps), None, None
     return torch.cat(lps), torch.cat(tk_lp), torch.cat(tk_idx)
+
+
+teacher_scores = score_tokens  # the name earlier code and benchmarks use
