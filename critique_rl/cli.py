@@ -6,6 +6,7 @@ Any :class:`UserError` (bad config, flag, file) is printed as one line on stderr
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -61,6 +62,14 @@ def eval_cmd(
 
     if k < 1:
         raise UserError(f"--k {k}: must be >= 1")
+    if n < 1:
+        raise UserError(f"--n {n}: evaluate at least 1 held-out problem")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise UserError(f"--temperature {temperature}: use a finite value > 0 (sampling temperature for pass@k)")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {device!r}: choose auto, cpu or cuda")
+    if not checkpoint.is_dir():
+        raise UserError(f"checkpoint '{checkpoint}' is not a folder; pass run_dir/final or a checkpoint-*/ folder")
     path = checkpoint / "model" if (checkpoint / "model" / "config.json").is_file() else checkpoint
     t = get_task(task)
     model, tok = load_policy(path, device=device)
@@ -91,11 +100,23 @@ def _register_optional() -> None:
 _register_optional()
 
 
+MAX_ERROR_CHARS = 500
+"""Longest error line printed (a 25 MB value in a message is cut, never printed whole)."""
+
+
+def one_line(message: object, max_chars: int = MAX_ERROR_CHARS) -> str:
+    """``message`` as one line of at most ``max_chars`` characters."""
+    text = " ".join(str(message)[: max_chars * 4].split())
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
+
+
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # standalone_mode=False: click *returns* the code of a typer.Exit (e.g. `memory`/`critique` errors
+        # exit with 2) instead of raising it, so the return value is the exit status.
+        code = app(standalone_mode=False)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
@@ -104,9 +125,12 @@ def main() -> None:
         sys.exit(130)
     except Exception as exc:  # click usage errors (typer vendors click, so match by shape)
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
-            print(f"error: {exc.format_message()}", file=sys.stderr)
+            message = one_line(exc.format_message())
+            if message:  # no-args help has already been shown; there is no error text to add
+                print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
         raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

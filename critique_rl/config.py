@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -57,13 +60,47 @@ class CriticConfig:
     """Kind used when a critique cannot be had. `auto`: ground_truth when a reference exists, else indicative."""
     template_dir: str | None = None
     """Folder with user jinja2 templates overriding the packaged ones (rendered in jinja2's sandbox)."""
+    max_failure_share: float = 0.5
+    """Training stops with an error when more than this share of critic requests failed (HTTP 401, timeouts,
+    a dead server...), counted over the whole run once at least 16 requests were made; every failure is also
+    warned about. 1.0 = never stop (failed critiques fall back to rule critiques)."""
+    circuit_breaker_failures: int = 5
+    """Circuit breaker of the openai backend: after this many requests in a row failed (after their retries),
+    further requests fail at once, without a network call, for `circuit_breaker_cooldown_s`; then one probe
+    request is let through. 0 = off."""
+    circuit_breaker_cooldown_s: float = 30.0
+    verdict_pattern: str | None = None
+    r"""Extra regex for the verdict a `cot` critique ends in, with one capturing group around the verdict word
+    (case-insensitive), e.g. `Final grade:\s*(pass|fail)`; tried before the built-in forms `Verdict:
+    correct|incorrect` and the Critique-GRPO paper's `Conclusion: right|wrong`. None = the built-in forms."""
 
     def __post_init__(self) -> None:
+        if self.verdict_pattern is not None:
+            try:
+                groups = re.compile(self.verdict_pattern).groups
+            except re.error as exc:
+                raise ConfigError("critic.verdict_pattern", self.verdict_pattern,
+                                  f"not a valid regular expression ({exc})") from None
+            if groups < 1:
+                raise ConfigError("critic.verdict_pattern", self.verdict_pattern,
+                                  "put one capturing group around the verdict word, e.g. 'Grade:\\s*(pass|fail)'")
         _positive("critic.max_concurrency", self.max_concurrency)
         _positive("critic.timeout_s", self.timeout_s)
         _non_negative("critic.max_retries", self.max_retries)
         _non_negative("critic.max_regenerations", self.max_regenerations)
         _positive("critic.max_tokens", self.max_tokens)
+        _check_finite(self, "critic.")
+        if not 0.0 <= self.max_failure_share <= 1.0:
+            raise ConfigError("critic.max_failure_share", self.max_failure_share, "use a value in [0, 1] (1 = never stop)")
+        _non_negative("critic.circuit_breaker_failures", self.circuit_breaker_failures)
+        _positive("critic.circuit_breaker_cooldown_s", self.circuit_breaker_cooldown_s)
+        if looks_like_secret(self.api_key_env):
+            raise ConfigError("critic.api_key_env", "<hidden: it looks like an API key>",
+                              "give the NAME of the environment variable that holds the key (e.g. OPENAI_API_KEY), "
+                              "never the key itself; export the key in that variable")
+        if self.template_dir is not None and not Path(self.template_dir).expanduser().is_dir():
+            raise ConfigError("critic.template_dir", self.template_dir,
+                              "not a directory; point it at a folder of .j2 templates, or remove it for the packaged ones")
         if self.backend == "openai" and not self.model:
             raise ConfigError("critic.model", self.model, "the openai backend needs a model name, e.g. gpt-4o-mini")
         if self.kind == "cot" and self.backend == "rule":
@@ -91,6 +128,7 @@ class MemoryConfig:
     """How failures become lessons: rule-based from verifier + critique, or by the critic with lesson.j2."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "memory.")
         _non_negative("memory.top_k_demos", self.top_k_demos)
         _non_negative("memory.top_k_lessons", self.top_k_lessons)
         _positive("memory.token_budget", self.token_budget)
@@ -115,12 +153,62 @@ class LoraConfig:
     """Write `final/` as a merged full model (loadable without peft); false = the adapter alone."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "lora.")
         _positive("lora.r", self.r)
         _positive("lora.alpha", self.alpha)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("lora.dropout", self.dropout, "use a value in [0, 1)")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ConfigError("lora.target_modules", self.target_modules, "name at least one module, or all-linear")
+
+
+@dataclass
+class VLLMConfig:
+    """The vLLM rollout engine (``rollout_backend: vllm``): where it runs and how it gets the new weights.
+
+    `colocate`: a ``vllm.LLM`` inside the trainer process (one per process), sharing the accelerator; after every
+    optimizer step the trainer's weights (LoRA: merged) are loaded into it in place. `server`: a separately started
+    OpenAI-compatible ``vllm serve`` (see README "Scaling up"); rollouts are HTTP requests, and after every step the
+    weights are written to ``sync_dir`` and the server loads them (``/collective_rpc``)."""
+
+    mode: Literal["colocate", "server"] = "colocate"
+    gpu_memory_utilization: float = 0.3
+    """Share of the GPU's memory a colocated engine may take for weights + KV cache; the trainer keeps the rest."""
+    kv_cache_gb: float | None = None
+    """KV-cache size in GiB (overrides gpu_memory_utilization). None = from gpu_memory_utilization on GPU, 1 GiB on
+    CPU (a CPU engine would otherwise size its cache from the machine's free memory)."""
+    sleep: bool = True
+    """Colocate: put the engine to sleep (KV cache freed, weights offloaded) during each policy update and wake it
+    for the next rollout (vLLM sleep mode). Ignored where the platform has no sleep mode (CPU)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Engine weights dtype. `auto`: bfloat16 on a GPU, float32 on CPU."""
+    max_model_len: int | None = None
+    """Longest prompt + completion the engine serves. None = the model config's max positions."""
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = True
+    """No CUDA graphs / compilation: faster start, and weights can be swapped under the engine freely."""
+    base_url: str | None = None
+    """Server: the OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1."""
+    served_model: str | None = None
+    """Server: the served model name. None = the first model the server lists."""
+    sync_dir: str | None = None
+    """Server: folder (readable by the server: same machine or shared filesystem) the trainer writes the new weights
+    to after every step. None = <output_dir>/vllm_sync."""
+    timeout_s: float = 600.0
+    """Server: per-request timeout in seconds (a whole batch of completions, or a weight load)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError("vllm.gpu_memory_utilization", self.gpu_memory_utilization, "use a value in (0, 1]")
+        if self.kv_cache_gb is not None:
+            _positive("vllm.kv_cache_gb", self.kv_cache_gb)
+        if self.max_model_len is not None:
+            _positive("vllm.max_model_len", self.max_model_len)
+        _positive("vllm.tensor_parallel_size", self.tensor_parallel_size)
+        _positive("vllm.timeout_s", self.timeout_s)
+        if self.mode == "server" and not self.base_url:
+            raise ConfigError("vllm.base_url", self.base_url, "server mode needs the server's URL, e.g. "
+                              "http://127.0.0.1:8000/v1 (start it with `vllm serve`, see README 'Scaling up')")
 
 
 @dataclass
@@ -136,9 +224,18 @@ class TrainConfig:
     """Optional JSONL/parquet file or saved HF dataset dir with columns `prompt`, `answer` (overrides task data)."""
     eval_file: str | None = None
     verifier: str | None = None
-    """Dotted path `pkg.module:function(completion, answer) -> bool` for user datasets. None = the task's."""
+    """Dotted path `pkg.module:function(completion, answer) -> bool` for user datasets, or a TRL-style batch
+    function called like a reward function (`def correct(completions, answer, **kwargs)`, correct where the value
+    is > `reward_threshold`). Also judges the built-in rewards and critiques. None = the task's."""
     output_dir: str = "runs/demo"
     seed: int = 0
+    deterministic: bool = False
+    """`true`: torch uses only deterministic kernels (`torch.use_deterministic_algorithms(True)`, cuDNN without
+    autotuning) and cuBLAS a fixed workspace (`CUBLAS_WORKSPACE_CONFIG=:4096:8`, set before CUDA starts), so a
+    rerun on the same machine with the same seed, thread count and library versions repeats bit for bit on
+    GPU too. Costs: slower kernels for some ops on CUDA (e.g. scatter/index_add backward), 32 MiB of cuBLAS
+    workspace, and an op with no deterministic kernel raises instead of running. On CPU runs are already
+    repeatable without it. Results still differ across machines, devices and library versions."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """Autocast of forward passes (accelerate). `auto`: bf16 on a CUDA GPU that supports it, else none (CPU).
@@ -182,6 +279,9 @@ class TrainConfig:
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
+    max_nonfinite_steps: int = 3
+    """An update whose loss or gradient norm is NaN/inf is skipped (no optimizer step, gradients dropped);
+    after this many in a row training stops with an error, and no NaN weights are ever saved."""
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int | None = None
@@ -215,7 +315,14 @@ class TrainConfig:
     reward_threshold: float = 0.5
     """A reward above this counts as correct for `w_reinforce` / `psr` / `nsr`."""
     rollout_backend: Literal["hf", "vllm"] = "hf"
-    """`hf`: transformers generate behind the Generator protocol. `vllm` is reserved (rejected for now)."""
+    """`hf`: transformers generate on the live policy. `vllm`: a vLLM engine (section `vllm:`; extra `vllm`),
+    colocated or a server, with the weights synced after every optimizer step. Refinements and evaluation use the
+    same engine."""
+    tis_cap: float | None = 2.0
+    """C of truncated importance sampling (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You
+    Off-Policy RL Training"): on-policy token losses are weighted by min(pi_old / pi_engine, C), the trainer's
+    probability of each sampled token over the rollout engine's. null = no correction (the mismatch is still
+    logged as mismatch/*). With `hf` the two agree up to numerics, so the weight is ~1."""
 
     # --- Critique-GRPO (arXiv:2506.03106) -----------------------------------------------------------------
     critique_on: Literal["none", "all_wrong_groups", "wrong", "all"] = "all_wrong_groups"
@@ -255,8 +362,10 @@ class TrainConfig:
     critic: CriticConfig = field(default_factory=CriticConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         if self.num_generations < 2:
             raise ConfigError(
                 "num_generations", self.num_generations, "group advantages need at least 2 samples per prompt; use >= 2"
@@ -288,9 +397,15 @@ class TrainConfig:
             _positive(name, getattr(self, name))
         if self.mixed_precision == "fp16" and self.device == "cpu":
             raise ConfigError("mixed_precision", "fp16", "fp16 autocast needs a CUDA GPU; use auto or no with device cpu")
-        if self.rollout_backend == "vllm":
-            raise ConfigError("rollout_backend", "vllm", "the vLLM rollout engine is not in this release yet; use hf "
-                              "(transformers generate)")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError("seed", self.seed, "use an integer in [0, 2**32) (numpy's seed range)")
+        if self.tiny_vocab_size < TINY_MIN_VOCAB:
+            raise ConfigError("tiny_vocab_size", self.tiny_vocab_size,
+                              f"the byte-level tokenizer needs at least {TINY_MIN_VOCAB} tokens (256 bytes + 3 "
+                              f"special tokens); use >= {TINY_MIN_VOCAB}, e.g. 512")
+        _positive("max_nonfinite_steps", self.max_nonfinite_steps)
+        if self.tis_cap is not None:
+            _positive("tis_cap", self.tis_cap)
         if not 0.0 <= self.sft_refine_fraction <= 1.0:
             raise ConfigError("sft_refine_fraction", self.sft_refine_fraction, "use a value in [0, 1]")
         if self.offpolicy_gamma is not None and self.offpolicy_gamma <= 0:
@@ -358,6 +473,47 @@ CritiqueGRPOConfig = TrainConfig
 # strict loading
 # ---------------------------------------------------------------------------------------------------------
 
+TINY_MIN_VOCAB = 259
+"""Smallest tiny-model vocabulary: the 256 byte symbols of the byte-level BPE plus pad, eos and bos."""
+
+_KEY_PREFIXES = ("sk-", "sk_", "pk-", "pk_", "rk_", "hf_", "gsk_", "xai-", "ghp_", "gho_", "github_pat_", "AIza",
+                 "glpat-", "xoxb-", "xoxp-", "nvapi-", "Bearer ")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def looks_like_secret(value: str) -> bool:
+    """True when ``value`` (meant to be an environment variable *name*) looks like a pasted API key: a known
+    key prefix, characters no variable name has, or a long run of mixed letters and digits with no underscore."""
+    v = value.strip()
+    if not v:
+        return False
+    if v.startswith(_KEY_PREFIXES) or not _ENV_NAME.match(v):
+        return True
+    return len(v) >= 20 and "_" not in v and any(c.isdigit() for c in v) and any(c.isalpha() for c in v)
+
+
+def _nonfinite(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if depth > 8:
+        return False
+    if isinstance(value, (list, tuple)):
+        return any(_nonfinite(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return any(_nonfinite(v, depth + 1) for v in value.values())
+    return False
+
+
+def _check_finite(obj: Any, prefix: str = "") -> None:
+    """Reject NaN/inf anywhere in a config dataclass (lists and mappings included; nested configs recursed)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+        elif _nonfinite(value):
+            raise _NonFinite(f"{prefix}{f.name}", value, "must be a finite number (not .inf or .nan)")
+
+
 def _positive(name: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(name, value, "must be > 0")
@@ -383,6 +539,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+class _NonFinite(ConfigError):
+    """A NaN/inf float (kept apart so a union type reports it instead of a generic type error)."""
+
+
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     bad = ConfigError(path, value, f"expected {_type_name(tp)}")
@@ -403,6 +563,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 continue
             try:
                 return _coerce(value, arg, path)
+            except _NonFinite:
+                raise
             except ConfigError:
                 continue
         raise bad
@@ -432,13 +594,20 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         raise bad
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads `3e-4` (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:  # an int too large for a float
+                raise _NonFinite(path, value, "must be a finite number") from None
+        elif isinstance(value, str):  # PyYAML reads `3e-4` (no dot) as a string
+            try:
+                number = float(value)
             except ValueError:
                 raise bad from None
-        raise bad
+        else:
+            raise bad
+        if not math.isfinite(number):
+            raise _NonFinite(path, value, "must be a finite number (not .inf or .nan)")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -479,17 +648,86 @@ DEMO_PRESET: dict[str, Any] = {
 that drops the carry 60% of the time on carry problems, SFT warm-up, then RL with critiques and memory."""
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest config file read (a run config is a few KB; data belongs in train_file)."""
+MAX_CONFIG_NODES = 100_000
+"""Most values a config may expand to, YAML aliases counted at every use (bounds an alias bomb)."""
+MAX_CONFIG_DEPTH = 64
+
+
+def _expanded_nodes(data: Any, path: str) -> int:
+    """Values in ``data`` with YAML aliases expanded (shared sub-trees counted at each use, memoised, so this is
+    linear in the file), raising UserError past :data:`MAX_CONFIG_NODES`, on a recursive alias or deep nesting."""
+    memo: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(x: Any, depth: int) -> int:
+        if not isinstance(x, (list, dict)):
+            return 1
+        if depth > MAX_CONFIG_DEPTH:
+            raise UserError(f"config file '{path}' nests more than {MAX_CONFIG_DEPTH} levels deep; flatten it")
+        key = id(x)
+        if key in active:
+            raise UserError(f"config file '{path}' holds a recursive YAML alias (a value that contains itself)")
+        if key in memo:
+            return memo[key]
+        active.add(key)
+        items = list(x.keys()) + list(x.values()) if isinstance(x, dict) else x
+        total = 1
+        for item in items:
+            total += size(item, depth + 1)
+            if total > MAX_CONFIG_NODES:
+                raise UserError(f"config file '{path}' expands to more than {MAX_CONFIG_NODES} values (YAML "
+                                "aliases counted at every use); a run config is small: remove the aliases")
+        active.discard(key)
+        memo[key] = total
+        return total
+
+    return size(data, 0)
+
+
+def _read_yaml(path: str | Path) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file '{path}' does not exist; pass a YAML file or no argument for the demo")
+    try:
+        size = p.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise UserError(f"config file '{path}' is {size / 1e6:.1f} MB; a run config is at most "
+                            f"{MAX_CONFIG_BYTES >> 20} MiB (put data in train_file, not in the config)")
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise UserError(f"config file '{path}': cannot read it ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file '{path}' is not UTF-8 text (byte {raw[exc.start]:#04x} at offset "
+                        f"{exc.start}); save it as UTF-8") from None
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        data = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader (libyaml's when available)
+    except yaml.YAMLError as exc:
+        first = " ".join(str(exc).split("\n")[0].split())[:200]
+        raise UserError(f"config file '{path}' is not valid YAML: {first}") from None
+    except RecursionError:
+        raise UserError(f"config file '{path}' nests too deeply to read; flatten it") from None
+    _expanded_nodes(data, str(path))
+    return data
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
-    """Load a YAML run config (the embedded demo preset when ``path`` is None) and apply overrides."""
+    """Load a YAML run config (the embedded demo preset when ``path`` is None) and apply overrides.
+
+    An empty file gives the :class:`TrainConfig` class defaults (not the demo preset), with a warning that says so.
+    """
     data: dict[str, Any] = dict(DEMO_PRESET) if path is None else {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file '{path}' does not exist; pass a YAML file or no argument for the demo")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+        data = _read_yaml(path)
+        if data is None:
+            print(f"warning: config file '{path}' is empty: training with the TrainConfig class defaults "
+                  f"({TrainConfig.sft_steps} SFT + {TrainConfig.max_steps} RL steps), not the demo preset; run "
+                  "`critique-rl train` with no config file for the demo", file=sys.stderr)
+            data = {}
         if not isinstance(data, dict):
             raise UserError(f"config file '{path}' must hold a mapping of field: value at the top level")
     data.update({k: v for k, v in overrides.items() if v is not None})

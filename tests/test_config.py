@@ -34,7 +34,11 @@ def test_unknown_key_suggests_the_close_field():
         ({"advantage_estimator": "ppo"}, "advantage_estimator"),
         ({"reward_weights": [1.0, 2.0]}, "reward_weights"),
         ({"critic": {"backend": "openai"}}, "critic.model"),
-        ({"rollout_backend": "vllm"}, "rollout_backend"),
+        ({"rollout_backend": "sglang"}, "rollout_backend"),
+        ({"vllm": {"mode": "server"}}, "vllm.base_url"),
+        ({"vllm": {"gpu_memory_utilization": 1.5}}, "vllm.gpu_memory_utilization"),
+        ({"vllm": {"mode": "remote"}}, "vllm.mode"),
+        ({"tis_cap": 0}, "tis_cap"),
     ],
 )
 def test_bad_values_name_the_field(data, field):
@@ -42,6 +46,14 @@ def test_bad_values_name_the_field(data, field):
         from_dict(TrainConfig, data)
     assert e.value.field == field
     assert field in str(e.value)
+
+
+def test_vllm_backend_is_accepted():
+    cfg = from_dict(TrainConfig, {"rollout_backend": "vllm", "tis_cap": 3, "vllm": {
+        "mode": "server", "base_url": "http://127.0.0.1:8000/v1", "gpu_memory_utilization": 0.5}})
+    assert cfg.rollout_backend == "vllm" and cfg.tis_cap == 3.0
+    assert cfg.vllm.mode == "server" and cfg.vllm.gpu_memory_utilization == 0.5
+    assert from_dict(TrainConfig, {"tis_cap": None}).tis_cap is None
 
 
 def test_int_is_accepted_for_float_and_yaml_roundtrip(tmp_path):

@@ -38,3 +38,6 @@ from critique_rl.algos.logprobs import (  # noqa: E402
 )
 
 __all__ += ["chunked_entropy", "logsumexp_chunked", "selective_log_softmax", "topk_logprobs"]
+from critique_rl.algos.tis import mismatch_stats, tis_weights  # noqa: E402
+
+__all__ += ["mismatch_stats", "tis_weights"]

@@ -5,7 +5,8 @@ Three kinds of critique (paper, Sec. 3):
 - ``indicative``: the verdict only ("Your answer 84 is incorrect.").
 - ``ground_truth``: the verdict plus the reference answer ("... The correct answer is 85.").
 - ``cot``: a step-by-step critique written by a model that ends in a parseable verdict line
-  (``Verdict: correct`` / ``Verdict: incorrect``). When the verifier's verdict is known and the critic's
+  (``Verdict: correct`` / ``Verdict: incorrect``, or the paper's ``Conclusion: right`` / ``Conclusion:
+  wrong``, or a user regex ``critic.verdict_pattern``; see :func:`parse_verdict`). When the verifier's verdict is known and the critic's
   disagrees (or cannot be parsed), the critique is regenerated up to ``max_regenerations`` times and then
   replaced by the fallback kind.
 
@@ -103,18 +104,51 @@ class Critic(Protocol):
 # verdict parsing and rule rendering (shared by every backend and by the fallback path)
 
 _VERDICT = re.compile(
-    r"verdict\s*[:=\-]?\s*[*_`\"'\[(]*\s*(incorrect|correct|wrong|right|false|true)\b", re.IGNORECASE
+    r"\b(?:verdict|conclusion)\s*[:=\-]?\s*[*_`\"'\[(]*\s*(incorrect|correct|wrong|right|false|true)\b",
+    re.IGNORECASE,
 )
-_POSITIVE = {"correct", "right", "true"}
+_POSITIVE = {"correct", "right", "true", "yes", "pass", "passed", "accept", "accepted", "valid", "1"}
+_NEGATIVE = {"incorrect", "wrong", "false", "no", "fail", "failed", "reject", "rejected", "invalid", "0"}
 
 
-def parse_verdict(text: str) -> bool | None:
-    """The verdict a ``cot`` critique ends in: the last ``Verdict: correct|incorrect`` in ``text``.
+def compile_verdict_pattern(pattern: str | re.Pattern[str] | None) -> re.Pattern[str] | None:
+    """Compile a user verdict regex (case-insensitive); it needs at least one capturing group, the verdict
+    word. Raises ``ValueError`` naming the problem."""
+    if pattern is None or isinstance(pattern, re.Pattern):
+        return pattern
+    try:
+        compiled = re.compile(pattern, re.IGNORECASE)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression ({exc})") from None
+    if compiled.groups < 1:
+        raise ValueError("needs one capturing group around the verdict word, e.g. 'Grade:\\s*(pass|fail)'")
+    return compiled
 
-    Also accepts ``right/wrong`` and ``true/false`` and light markdown (``**Verdict:** incorrect``).
-    Returns None when there is no verdict line.
+
+def _verdict_word(word: str | None) -> bool | None:
+    w = (word or "").strip().strip("*_`\"'.[]()").lower()
+    return True if w in _POSITIVE else False if w in _NEGATIVE else None
+
+
+def parse_verdict(text: str, pattern: str | re.Pattern[str] | None = None) -> bool | None:
+    """The verdict a ``cot`` critique ends in: the last ``Verdict: correct|incorrect`` or
+    ``Conclusion: right|wrong`` (the Critique-GRPO paper's CoT critique form, arXiv:2506.03106) in ``text``.
+
+    Also accepts ``right/wrong`` and ``true/false`` after either keyword, and light markdown
+    (``**Verdict:** incorrect``). ``pattern`` (``critic.verdict_pattern``): a regex whose first group
+    captures the verdict word, tried first (its last match wins; ``correct/right/true/yes/pass/accepted/
+    valid/1`` and ``incorrect/wrong/false/no/fail/rejected/invalid/0``, any case, are understood); when it
+    does not match, the built-in forms are used. Returns None when there is no verdict.
     """
-    found = _VERDICT.findall(text or "")
+    text = text or ""
+    compiled = compile_verdict_pattern(pattern)
+    if compiled is not None:
+        found = [m.group(1) for m in compiled.finditer(text)]
+        if found:
+            verdict = _verdict_word(found[-1])
+            if verdict is not None:
+                return verdict
+    found = _VERDICT.findall(text)
     if not found:
         return None
     return found[-1].lower() in _POSITIVE
@@ -297,6 +331,7 @@ class BaseCritic:
         fallback_kind: str = "auto",
         max_regenerations: int = 2,
         template_dir: str | None = None,
+        verdict_pattern: str | re.Pattern[str] | None = None,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"critic kind must be one of {KINDS}, got {kind!r}")
@@ -308,7 +343,20 @@ class BaseCritic:
         self.fallback_kind = fallback_kind
         self.max_regenerations = max_regenerations
         self.template_dir = template_dir
+        self.verdict_pattern = verdict_pattern  # type: ignore[assignment]  # compiled by the setter
         self.stats = CriticStats()
+
+    @property
+    def verdict_pattern(self) -> re.Pattern[str] | None:
+        """Extra verdict regex for ``cot`` critiques (``critic.verdict_pattern``), see :func:`parse_verdict`."""
+        return self._verdict_pattern
+
+    @verdict_pattern.setter
+    def verdict_pattern(self, pattern: str | re.Pattern[str] | None) -> None:
+        try:
+            self._verdict_pattern = compile_verdict_pattern(pattern)
+        except ValueError as exc:
+            raise ValueError(f"critic verdict_pattern {pattern!r}: {exc}") from None
 
     # -- public API ------------------------------------------------------------------------------------
     def critique(self, requests: list[CritiqueRequest]) -> list[Critique]:
@@ -448,7 +496,7 @@ class BaseCritic:
                 else:  # only tokens actually paid for count towards the usage totals
                     self.stats.add("prompt_tokens", gen.prompt_tokens)
                     self.stats.add("completion_tokens", gen.completion_tokens)
-                verdict = parse_verdict(gen.text)
+                verdict = parse_verdict(gen.text, self.verdict_pattern)
                 problem = None
                 if verdict is None:
                     self.stats.add("unparsable_verdicts")

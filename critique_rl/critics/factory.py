@@ -53,6 +53,7 @@ def build_critic(
             max_new_tokens=cfg.max_tokens,
             temperature=cfg.temperature,
             max_regenerations=cfg.max_regenerations,
+            verdict_pattern=cfg.verdict_pattern,
             **common,
         )
     if cfg.backend == "openai":
@@ -75,6 +76,9 @@ def build_critic(
             backoff_max_s=cfg.backoff_max_s,
             cache_path=cache_path,
             max_regenerations=cfg.max_regenerations,
+            verdict_pattern=cfg.verdict_pattern,
+            circuit_breaker_failures=cfg.circuit_breaker_failures,
+            circuit_breaker_cooldown_s=cfg.circuit_breaker_cooldown_s,
             **common,
         )
     raise UserError(f"config field 'critic.backend' = {cfg.backend!r}: choose none, rule, hf or openai")

@@ -41,6 +41,8 @@ class HFCritic(BaseCritic):
         batch_size: prompts per ``generate`` call.
         device: for a path: ``auto``, ``cpu``, ``cuda``; an in-memory model stays where it is.
         seed: base seed for sampled regenerations (the global RNG state is restored afterwards).
+        verdict_pattern: extra verdict regex with one group (``critic.verdict_pattern``), see
+            :func:`critique_rl.critics.base.parse_verdict`.
     """
 
     def __init__(
@@ -56,11 +58,13 @@ class HFCritic(BaseCritic):
         max_regenerations: int = 2,
         fallback_kind: str = "auto",
         template_dir: str | None = None,
+        verdict_pattern: str | None = None,
         device: str = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__(
-            kind, fallback_kind=fallback_kind, max_regenerations=max_regenerations, template_dir=template_dir
+            kind, fallback_kind=fallback_kind, max_regenerations=max_regenerations, template_dir=template_dir,
+            verdict_pattern=verdict_pattern,
         )
         if isinstance(model, (str, Path)):
             from critique_rl.models import load_policy

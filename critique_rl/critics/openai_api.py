@@ -11,7 +11,10 @@ Client behaviour, all bounded so that a critique never stalls or breaks training
   ``Retry-After`` (or ``retry-after-ms``) header is honoured, capped at ``backoff_max_s``. The openai client's
   own retries are off (``max_retries=0``) so this is the only retry loop;
 - replies larger than ``max_response_bytes`` are rejected while streaming (no unbounded reads);
-- replies are cached on disk (:mod:`critique_rl.critics.cache`), keyed by (model, messages, params).
+- replies are cached on disk (:mod:`critique_rl.critics.cache`), keyed by (model, messages, params);
+- a circuit breaker backs off a dead endpoint: after ``circuit_breaker_failures`` requests in a row failed
+  (after their retries), requests fail at once with no network call for ``circuit_breaker_cooldown_s``, then
+  one probe request is let through (success closes the circuit, failure opens it again).
 
 The API key is read from the environment variable named by ``api_key_env``. It is never logged, cached,
 stored in a repr, or included in an error message.
@@ -25,6 +28,7 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -120,6 +124,8 @@ class OpenAICritic(BaseCritic):
             deterministic critic can change its mind (the cache key includes the regeneration index).
         max_response_bytes: largest accepted reply body; None = 1 MiB + 64 bytes per ``max_tokens``.
         system_prompt: optional system message before the ``critique_cot.j2`` user message.
+        verdict_pattern: extra verdict regex with one group (``critic.verdict_pattern``), see
+            :func:`critique_rl.critics.base.parse_verdict`.
     """
 
     def __init__(
@@ -140,12 +146,16 @@ class OpenAICritic(BaseCritic):
         max_regenerations: int = 2,
         fallback_kind: str = "auto",
         template_dir: str | None = None,
+        verdict_pattern: str | None = None,
         regen_temperature: float = 0.7,
         max_response_bytes: int | None = None,
         system_prompt: str | None = None,
+        circuit_breaker_failures: int = 5,
+        circuit_breaker_cooldown_s: float = 30.0,
     ) -> None:
         super().__init__(
-            kind, fallback_kind=fallback_kind, max_regenerations=max_regenerations, template_dir=template_dir
+            kind, fallback_kind=fallback_kind, max_regenerations=max_regenerations, template_dir=template_dir,
+            verdict_pattern=verdict_pattern,
         )
         if not model:
             raise UserError("the openai critic needs a model name (critic.model), e.g. gpt-4o-mini")
@@ -170,6 +180,15 @@ class OpenAICritic(BaseCritic):
         self.url = safe_url(base_url)
         self._api_key = resolve_api_key(api_key_env, base_url) if kind == "cot" else DUMMY_API_KEY
         self._cache = CritiqueCache(cache_path) if cache_path else None
+        self.circuit_breaker_failures = max(0, int(circuit_breaker_failures))
+        self.circuit_breaker_cooldown_s = float(circuit_breaker_cooldown_s)
+        self.last_error: str | None = None
+        """Reason of the most recent failed request (short, secret-free), for warnings."""
+        self._breaker_lock = threading.Lock()
+        self._failures_in_a_row = 0
+        self._open_until = 0.0
+        self._probing = False
+        self._short_circuited = 0
         self._semaphores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
             weakref.WeakKeyDictionary()
         )
@@ -197,6 +216,52 @@ class OpenAICritic(BaseCritic):
         return AsyncOpenAI(
             api_key=self._api_key, base_url=self.base_url or DEFAULT_BASE_URL, max_retries=0, timeout=self.timeout_s
         )
+
+    # -- circuit breaker -------------------------------------------------------------------------------
+    def _circuit_gate(self) -> tuple[str | None, bool]:
+        """``(None, probe)`` when a request may go out (closed circuit, or the one probe after the cooldown, then
+        ``probe`` is True); ``(reason, False)`` when the circuit is open."""
+        if not self.circuit_breaker_failures:
+            return None, False
+        with self._breaker_lock:
+            if self._failures_in_a_row < self.circuit_breaker_failures:
+                return None, False
+            now = time.monotonic()
+            # a probe that never reported back (cancelled) stops blocking after its longest possible run
+            stale = now >= self._open_until + (self.max_retries + 1) * (self.timeout_s + self.backoff_max_s)
+            if now >= self._open_until and (not self._probing or stale):
+                self._probing = True  # half-open: this request probes the endpoint
+                return None, True
+            self._short_circuited += 1
+            wait = max(0.0, self._open_until - now)
+            return (f"circuit open after {self._failures_in_a_row} failed requests in a row to {self.url} "
+                    f"(last: {self.last_error}); next try in {wait:.0f}s"), False
+
+    def _record_outcome(self, ok: bool, reason: str | None = None) -> None:
+        with self._breaker_lock:
+            self._probing = False
+            if ok:
+                self._failures_in_a_row = 0
+                return
+            self.last_error = reason
+            self._failures_in_a_row += 1
+            if self.circuit_breaker_failures and self._failures_in_a_row >= self.circuit_breaker_failures:
+                if self._open_until <= time.monotonic():
+                    logger.warning("critic at %s: %d requests in a row failed (last: %s); backing off for %gs",
+                                   self.url, self._failures_in_a_row, reason, self.circuit_breaker_cooldown_s)
+                self._open_until = time.monotonic() + self.circuit_breaker_cooldown_s
+
+    def metrics(self, reset: bool = False) -> dict[str, float]:
+        """:meth:`BaseCritic.metrics` plus ``critic/short_circuited`` (requests refused by the open circuit) and
+        ``critic/circuit_open`` (1 while the circuit is open)."""
+        out = super().metrics(reset)
+        with self._breaker_lock:
+            out["critic/short_circuited"] = float(self._short_circuited)
+            opened = self.circuit_breaker_failures and self._failures_in_a_row >= self.circuit_breaker_failures
+            out["critic/circuit_open"] = 1.0 if opened else 0.0
+            if reset:
+                self._short_circuited = 0
+        return out
 
     # -- prompting -------------------------------------------------------------------------------------
     def messages(self, request: CritiqueRequest) -> list[dict[str, str]]:
@@ -234,6 +299,7 @@ class OpenAICritic(BaseCritic):
         except Exception as exc:  # never raise into training
             reason = f"unexpected {type(exc).__name__}"
             logger.warning("critic request to %s failed: %s", self.url, reason)
+            self._record_outcome(False, reason)
             return CritiqueFailure(reason, time.perf_counter() - t0)
 
     async def _one_inner(
@@ -249,7 +315,12 @@ class OpenAICritic(BaseCritic):
                 logger.debug("critic cache hit %s", key[:12])
                 return Generation(hit[0], hit[1], hit[2], latency_s=time.perf_counter() - t0, cached=True)
         last: _AttemptError | None = None
+        probe = False
         for attempt in range(self.max_retries + 1):
+            if not probe:  # the probe keeps its retries; every other request checks the breaker before each try
+                blocked, probe = self._circuit_gate()
+                if blocked is not None:  # the endpoint is backed off: fail now, without a request
+                    return CritiqueFailure(blocked, time.perf_counter() - t0)
             if attempt:
                 assert last is not None
                 delay = self.backoff_delay(attempt - 1, last.retry_after)
@@ -267,6 +338,7 @@ class OpenAICritic(BaseCritic):
             except Exception as exc:
                 last = self._classify(exc)
             else:
+                self._record_outcome(True)
                 if self._cache is not None:
                     self._cache.put(key, self.model, text, p_tok, c_tok)
                 return Generation(text, p_tok, c_tok, latency_s=time.perf_counter() - t0)
@@ -276,6 +348,7 @@ class OpenAICritic(BaseCritic):
         assert last is not None
         tries = attempt + 1
         reason = last.reason if tries == 1 else f"{last.reason} ({tries} tries)"
+        self._record_outcome(False, reason)
         return CritiqueFailure(reason, time.perf_counter() - t0)
 
     def _classify(self, exc: BaseException) -> _AttemptError:

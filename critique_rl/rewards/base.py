@@ -1,9 +1,22 @@
 """Reward-function protocol, registry, and scoring.
 
-A reward function is any callable ``(prompts, completions, **dataset_columns) -> list[float | None]``
-(None = not applicable to that sample), or an ``async def`` with the same signature. The registry maps a name
-to a *factory* ``(task, **kwargs) -> RewardFunc`` so built-ins can bind the task's verifier and options; the
-options come from the config's ``reward_kwargs`` (``{reward name: {arg: value}}``).
+A reward function is called the way TRL's ``GRPOTrainer`` calls one, with keyword arguments only::
+
+    fn(prompts=..., completions=..., completion_ids=..., trainer_state=..., <every dataset column>=...)
+    -> list[float | None]                      # None = not applicable to that sample; async def allowed
+
+so a function written for TRL (``def correct(completions, answer, **kwargs)``) drops in unchanged. Every
+argument is a list of N values except ``trainer_state`` (a :class:`TrainerState`). With a chat template
+(conversational data) ``prompts`` and ``completions`` are lists of messages
+(``[{"role": "assistant", "content": "..."}]``), else strings; :func:`completion_text` reads either. The
+trainer also passes ``completion_lengths`` (generated tokens) and ``truncated`` (stopped by the token limit).
+A function without ``**kwargs`` receives only the arguments it names; one whose first two parameters are
+positional and named otherwise (the old ``(prompts, completions, **columns)`` form under other names) is
+still called positionally. Gates (:mod:`critique_rl.rewards.gates`) and TRL-style verifiers
+(:class:`Verifier`) follow the same convention.
+
+The registry maps a name to a *factory* ``(task, **kwargs) -> RewardFunc`` so built-ins can bind the task's
+verifier and options; the options come from the config's ``reward_kwargs`` (``{reward name: {arg: value}}``).
 
 Calling convention for the trainer: :func:`score_rewards` (sync) or :func:`ascore_rewards` (async) turn
 K functions into an ``[N, K]`` float tensor, NaN where a function returned None, after checking every function
@@ -14,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import functools
 import inspect
 import math
@@ -32,7 +46,81 @@ T = TypeVar("T")
 class RewardFunc(Protocol):
     __name__: str
 
-    def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[float | None]: ...
+    def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> list[float | None]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerState:
+    """What the trainer passes as ``trainer_state=`` (TRL passes its ``TrainerState``; these are the fields a
+    reward schedule reads from it)."""
+
+    global_step: int = 0
+    """RL steps completed so far."""
+    max_steps: int = 0
+    """RL steps the run will take."""
+
+
+Message = dict[str, Any]
+
+
+def completion_text(completion: str | list[Message] | Any) -> str:
+    """The text of a completion: a string as is; a conversational completion (list of messages, TRL's
+    ``[{"role": "assistant", "content": ...}]``) -> its assistant content (the last message's when none is
+    marked assistant). Content given as parts (``[{"type": "text", "text": ...}]``) is joined."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        completion = [completion]
+    if isinstance(completion, list | tuple):
+        msgs = [m for m in completion if isinstance(m, dict)]
+        chosen = [m for m in msgs if m.get("role") == "assistant"] or msgs[-1:]
+        return "".join(_content_text(m.get("content")) for m in chosen)
+    return str(completion)
+
+
+def _content_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    return str(content)
+
+
+def reward_inputs(
+    rows: list[dict[str, Any]],
+    texts: list[str],
+    completion_ids: list[list[int]] | None = None,
+    *,
+    conversational: bool = False,
+    trainer_state: TrainerState | None = None,
+    extra: dict[str, list[Any]] | None = None,
+) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """``(prompts, completions, columns)`` for N rollouts, as TRL builds them.
+
+    ``prompts`` are the rows' ``prompt`` values; ``completions`` the texts. ``conversational`` (a chat
+    template is in use) wraps them as messages: ``[{"role": "user", "content": prompt}]`` (a prompt that is
+    already a list of messages stays as is) and ``[{"role": "assistant", "content": text}]``. ``columns``:
+    every other dataset column by name (a list of N values), ``completion_ids``, ``trainer_state`` and
+    ``extra`` (e.g. ``completion_lengths``).
+    """
+    if len(rows) != len(texts):
+        raise ValueError(f"{len(rows)} rows but {len(texts)} completions")
+    prompts: list[Any] = [r.get("prompt") for r in rows]
+    completions: list[Any] = list(texts)
+    if conversational:
+        prompts = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
+        completions = [[{"role": "assistant", "content": t}] for t in texts]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    columns: dict[str, Any] = {k: [r.get(k) for r in rows] for k in keys if k not in _RESERVED}
+    columns["completion_ids"] = [list(ids) for ids in completion_ids] if completion_ids is not None else None
+    columns["trainer_state"] = trainer_state
+    columns.update(extra or {})
+    return prompts, completions, columns
+
+
+_RESERVED = ("prompt", "prompts", "completions")
 
 
 RewardFactory = Callable[..., RewardFunc]
@@ -56,10 +144,10 @@ def correctness_factory(task: Task) -> RewardFunc:
     None (not applicable) where the reference is None."""
 
     def correctness(
-        prompts: list[str], completions: list[str], answer: list[str | None], **_: Any
+        prompts: list[Any], completions: list[Any], answer: list[str | None], **_: Any
     ) -> list[float | None]:
         return [
-            None if a is None else (1.0 if task.verify(c, a) else 0.0)
+            None if a is None else (1.0 if task.verify(completion_text(c), a) else 0.0)
             for c, a in zip(completions, answer, strict=True)
         ]
 
@@ -151,7 +239,61 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
         return pool.submit(asyncio.run, coro).result()
 
 
-async def _invoke(fn: Callable[..., Any], what: str, *args: Any, **kwargs: Any) -> Any:
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def call_arguments(
+    fn: Callable[..., Any], what: str, prompts: list[Any], completions: list[Any], columns: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` to call ``fn`` with, TRL's keyword convention first (see the module docstring).
+
+    - a function naming ``prompts`` / ``completions`` as keyword-capable parameters, or with no required
+      positional parameter (``def f(**kwargs)``), is called with keywords only: ``prompts=``,
+      ``completions=``, then every column;
+    - otherwise (the old positional form, ``def f(p, c, **cols)``) ``fn(prompts, completions, **columns)``;
+    - without ``**kwargs`` only the arguments it names are passed; a required one nobody provides is a
+      :class:`UserError` naming the function, the argument and the columns there are.
+    """
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature (some builtins / C callables): TRL's call
+        return (), {"prompts": prompts, "completions": completions, **columns}
+    values = dict(columns)
+    values.pop("prompts", None)
+    values.pop("completions", None)
+    by_keyword = {"prompts": prompts, "completions": completions, **values}
+    keyword_ok = [p for p in params.values() if p.kind is not inspect.Parameter.POSITIONAL_ONLY]
+    names_io = any(p.name in ("prompts", "completions") for p in keyword_ok)
+    required_pos = [p for p in params.values() if p.kind in _POSITIONAL and p.default is inspect.Parameter.empty]
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if names_io or not required_pos:
+        args: tuple[Any, ...] = ()
+        offered = by_keyword
+        taken = {p.name for p in keyword_ok}
+    else:  # legacy positional (prompts, completions, **columns)
+        args = (prompts, completions)
+        offered = values
+        skip = {p.name for p in list(params.values())[:2] if p.kind in _POSITIONAL}
+        taken = {p.name for p in keyword_ok} - skip
+    kwargs = offered if var_kw else {k: v for k, v in offered.items() if k in taken}
+    positional_names = {p.name for p in list(params.values())[: len(args)]}
+    for p in params.values():
+        if (p.default is inspect.Parameter.empty and p.kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                                     inspect.Parameter.VAR_KEYWORD)
+                and p.name not in kwargs and p.name not in positional_names):
+            cols = sorted(values)
+            raise UserError(
+                f"{what} function {func_name(fn)!r} needs argument {p.name!r}, which is not given; it is "
+                f"called with prompts, completions and {cols} (add the column to the dataset, or give the "
+                "parameter a default)"
+            )
+    return args, kwargs
+
+
+async def _invoke(
+    fn: Callable[..., Any], what: str, prompts: list[Any], completions: list[Any], columns: dict[str, Any]
+) -> Any:
+    args, kwargs = call_arguments(fn, what, prompts, completions, columns)
     try:
         out = fn(*args, **kwargs)
         if inspect.isawaitable(out):
@@ -190,28 +332,80 @@ def validate_rewards(out: Any, n: int, fn: Callable[..., Any]) -> list[float | N
     return clean
 
 
+class Verifier:
+    """Correctness of completions, from a user's ``verifier`` in either form:
+
+    - per sample, ``verify(completion: str, answer: str) -> bool`` (the tasks' form), called positionally
+      with the completion's text;
+    - batched, TRL-style (a function with a ``completions`` parameter, e.g. ``def correct(completions,
+      answer, **kwargs)``): called like a reward function (:func:`call_arguments`), returning one bool or
+      number per completion; correct iff the value is not None and ``> threshold`` (default 0.5, the
+      trainer passes ``reward_threshold``).
+
+    ``verifier(completion, answer)`` answers for one completion in both cases; :meth:`check` for a batch.
+    """
+
+    def __init__(self, fn: Callable[..., Any], threshold: float = 0.5, conversational: bool = False) -> None:
+        self.fn = fn
+        self.threshold = float(threshold)
+        self.conversational = conversational
+        """Default of :meth:`check_rows`: pass prompts and completions as messages (a chat template is used)."""
+        self.batched = is_batched(fn)
+        self.__name__ = func_name(fn)
+
+    def check(self, prompts: list[Any], completions: list[Any], columns: dict[str, Any] | None = None) -> list[bool]:
+        cols = _check_inputs(prompts, completions, columns)
+        if not self.batched:
+            answers = cols.get("answer") or [None] * len(completions)
+            return [bool(self.fn(completion_text(c), a)) for c, a in zip(completions, answers, strict=True)]
+        out = run_sync(_invoke(self.fn, "verifier", prompts, completions, cols))
+        values = validate_rewards(out, len(completions), self.fn)
+        return [v is not None and v > self.threshold for v in values]
+
+    def check_rows(self, rows: list[dict[str, Any]], texts: list[str], **inputs: Any) -> list[bool]:
+        """:meth:`check` for dataset rows and completion texts (``inputs`` go to :func:`reward_inputs`)."""
+        inputs.setdefault("conversational", self.conversational)
+        return self.check(*reward_inputs(rows, texts, **inputs))
+
+    def __call__(self, completion: Any, answer: Any, **columns: Any) -> bool:
+        if not self.batched:
+            return bool(self.fn(completion_text(completion), answer))
+        cols = {k: [v] for k, v in columns.items()}
+        return self.check([None], [completion], {**cols, "answer": [answer]})[0]
+
+
+def is_batched(fn: Callable[..., Any]) -> bool:
+    """True for a TRL-style batch function (it names a ``completions`` or ``prompts`` parameter)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return any(p in params for p in ("completions", "prompts"))
+
+
 async def acall_reward(
     fn: Callable[..., list[float | None] | Awaitable[list[float | None]]],
-    prompts: list[str],
-    completions: list[str],
+    prompts: list[Any],
+    completions: list[Any],
     **columns: Any,
 ) -> list[float | None]:
-    """Call a sync or async reward function and validate its output (N values, float or None)."""
-    out = await _invoke(fn, "reward", prompts, completions, **columns)
+    """Call a sync or async reward function TRL's way (:func:`call_arguments`) and validate its output
+    (N values, float or None)."""
+    out = await _invoke(fn, "reward", prompts, completions, columns)
     return validate_rewards(out, len(completions), fn)
 
 
 def call_reward(
     fn: Callable[..., list[float | None] | Awaitable[list[float | None]]],
-    prompts: list[str],
-    completions: list[str],
+    prompts: list[Any],
+    completions: list[Any],
     **columns: Any,
 ) -> list[float | None]:
     """Sync entry point of :func:`acall_reward`: coroutine functions are awaited in an event loop."""
     return run_sync(acall_reward(fn, prompts, completions, **columns))
 
 
-def _check_inputs(prompts: list[str], completions: list[str], columns: dict[str, Any] | None) -> dict[str, Any]:
+def _check_inputs(prompts: list[Any], completions: list[Any], columns: dict[str, Any] | None) -> dict[str, Any]:
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     return dict(columns or {})
@@ -219,8 +413,8 @@ def _check_inputs(prompts: list[str], completions: list[str], columns: dict[str,
 
 async def ascore_rewards(
     funcs: list[Callable[..., Any]],
-    prompts: list[str],
-    completions: list[str],
+    prompts: list[Any],
+    completions: list[Any],
     columns: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Score N completions with K reward functions concurrently -> float32 ``[N, K]``, NaN where None."""
@@ -234,13 +428,14 @@ async def ascore_rewards(
 
 def score_rewards(
     funcs: list[Callable[..., Any]],
-    prompts: list[str],
-    completions: list[str],
+    prompts: list[Any],
+    completions: list[Any],
     columns: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Sync :func:`ascore_rewards`: ``[N, K]`` rewards (column k = ``funcs[k]``), NaN for None.
 
     ``columns`` are the dataset columns of the N samples (each a list of N values, e.g. ``answer``) plus
-    extras such as ``completion_lengths``; every function receives them as keyword arguments.
+    ``completion_ids``, ``trainer_state`` and extras such as ``completion_lengths`` (see
+    :func:`reward_inputs`); every function receives them as keyword arguments, TRL's way.
     """
     return run_sync(ascore_rewards(funcs, prompts, completions, columns))

@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 from critique_rl.errors import UserError
-from critique_rl.rewards.base import RewardFunc, register_reward
+from critique_rl.rewards.base import RewardFunc, completion_text, register_reward
 from critique_rl.tasks import Task
 from critique_rl.tasks.confidence import CONFIDENCE_FORMAT
 
@@ -57,16 +57,16 @@ def format_factory(task: Task, pattern: str | None = None) -> RewardFunc:
     """
     regex = resolve_format_pattern(task, pattern)
 
-    def format(prompts: list[str], completions: list[str], **_: Any) -> list[float | None]:
-        return [1.0 if format_ok(task, regex, c) else 0.0 for c in completions]
+    def format(prompts: list[Any], completions: list[Any], **_: Any) -> list[float | None]:
+        return [1.0 if format_ok(task, regex, completion_text(c)) else 0.0 for c in completions]
 
     return format
 
 
-def token_lengths(completions: list[str], lengths: list[int] | None) -> list[int]:
+def token_lengths(completions: list[Any], lengths: list[int] | None) -> list[int]:
     """Token lengths from a ``completion_lengths`` column when given, else whitespace-token counts."""
     if lengths is None:
-        return [len(c.split()) for c in completions]
+        return [len(completion_text(c).split()) for c in completions]
     if len(lengths) != len(completions):
         raise UserError(f"column 'completion_lengths' has {len(lengths)} values for {len(completions)} completions")
     return [int(x) for x in lengths]
@@ -105,7 +105,7 @@ def overlong_factory(task: Task, max_length: int | None = None, cache_length: in
         )
 
     def overlong(
-        prompts: list[str], completions: list[str], completion_lengths: list[int] | None = None, **_: Any
+        prompts: list[Any], completions: list[Any], completion_lengths: list[int] | None = None, **_: Any
     ) -> list[float | None]:
         lengths = token_lengths(completions, completion_lengths)
         if l_cache == 0:
@@ -155,13 +155,14 @@ def brier_factory(task: Task, format_penalty: float = -1.0) -> RewardFunc:
     -1.0, equal to the worst well-formed score: confidently wrong). None where ``answer`` is None.
     """
 
-    def brier(prompts: list[str], completions: list[str], answer: list[str | None], **_: Any) -> list[float | None]:
+    def brier(prompts: list[Any], completions: list[Any], answer: list[str | None], **_: Any) -> list[float | None]:
         out: list[float | None] = []
         for c, a in zip(completions, answer, strict=True):
             if a is None:
                 out.append(None)
                 continue
-            out.append(brier_reward(task.verify(c, a), parse_confidence(c), format_penalty))
+            text = completion_text(c)
+            out.append(brier_reward(task.verify(text, a), parse_confidence(text), format_penalty))
         return out
 
     return brier

@@ -1,6 +1,7 @@
 """Rubric gates: hard accept/reject checks (DRO, arXiv:2506.13351), not reward points.
 
-A gate is a callable ``(prompts, completions, **dataset_columns) -> list[bool]`` (sync or async). The registry
+A gate is a callable ``(prompts, completions, **dataset_columns) -> list[bool]`` (sync or async), called with
+keyword arguments the way TRL calls reward functions (see :mod:`critique_rl.rewards.base`). The registry
 maps a name to a factory ``(task, **kwargs) -> Gate``; user gates load from ``pkg.module:fn`` / ``file.py:fn``.
 The trainer combines the results with :func:`critique_rl.algos.gates.apply_gates`: a rejected rollout gets no
 gradient and leaves its group's baseline; a group with no passing rollout is dropped.
@@ -21,7 +22,15 @@ from typing import Any, Protocol
 import torch
 
 from critique_rl.errors import UserError
-from critique_rl.rewards.base import _as_list, _check_inputs, _invoke, func_name, resolve_named, run_sync
+from critique_rl.rewards.base import (
+    _as_list,
+    _check_inputs,
+    _invoke,
+    completion_text,
+    func_name,
+    resolve_named,
+    run_sync,
+)
 from critique_rl.rewards.builtin import format_ok, resolve_format_pattern, token_lengths
 from critique_rl.tasks import Task
 
@@ -29,7 +38,7 @@ from critique_rl.tasks import Task
 class Gate(Protocol):
     __name__: str
 
-    def __call__(self, prompts: list[str], completions: list[str], **columns: Any) -> list[bool]: ...
+    def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> list[bool]: ...
 
 
 GateFactory = Callable[..., Gate]
@@ -50,8 +59,8 @@ def register_gate(name: str) -> Callable[[GateFactory], GateFactory]:
 def has_answer_factory(task: Task) -> Gate:
     """Pass iff the task can extract a final answer (``task.extract(completion) is not None``)."""
 
-    def has_answer(prompts: list[str], completions: list[str], **_: Any) -> list[bool]:
-        return [task.extract(c) is not None for c in completions]
+    def has_answer(prompts: list[Any], completions: list[Any], **_: Any) -> list[bool]:
+        return [task.extract(completion_text(c)) is not None for c in completions]
 
     return has_answer
 
@@ -69,8 +78,8 @@ def max_length_factory(task: Task, max_length: int | None = None) -> Gate:
         raise UserError(f"config field 'gate_kwargs' max_length: max_length must be >= 1; got {limit}")
 
     def max_length_gate(
-        prompts: list[str],
-        completions: list[str],
+        prompts: list[Any],
+        completions: list[Any],
         completion_lengths: list[int] | None = None,
         truncated: list[bool] | None = None,
         **_: Any,
@@ -88,8 +97,8 @@ def format_gate_factory(task: Task, pattern: str | None = None) -> Gate:
     """Pass iff the completion has the task's format (same rules as the ``format`` reward)."""
     regex = resolve_format_pattern(task, pattern)
 
-    def format(prompts: list[str], completions: list[str], **_: Any) -> list[bool]:
-        return [format_ok(task, regex, c) for c in completions]
+    def format(prompts: list[Any], completions: list[Any], **_: Any) -> list[bool]:
+        return [format_ok(task, regex, completion_text(c)) for c in completions]
 
     return format
 
@@ -115,14 +124,14 @@ def validate_gate(out: Any, n: int, fn: Callable[..., Any]) -> list[bool]:
 
 async def aevaluate_gates(
     gates: list[Callable[..., Any]],
-    prompts: list[str],
-    completions: list[str],
+    prompts: list[Any],
+    completions: list[Any],
     columns: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Async :func:`evaluate_gates`."""
     cols = _check_inputs(prompts, completions, columns)
     n = len(completions)
-    outs = await asyncio.gather(*(_invoke(g, "gate", prompts, completions, **cols) for g in gates))
+    outs = await asyncio.gather(*(_invoke(g, "gate", prompts, completions, cols) for g in gates))
     passed = torch.ones(n, dtype=torch.bool)
     rates: dict[str, float] = {}
     for g, out in zip(gates, outs, strict=True):
@@ -138,8 +147,8 @@ async def aevaluate_gates(
 
 def evaluate_gates(
     gates: list[Callable[..., Any]],
-    prompts: list[str],
-    completions: list[str],
+    prompts: list[Any],
+    completions: list[Any],
     columns: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Run every gate on N completions -> ``(passed [N] bool = AND over gates, {gate name: pass rate})``.

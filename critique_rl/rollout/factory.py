@@ -1,15 +1,16 @@
-"""The one place a rollout engine is chosen: ``build_generator(cfg, model, tokenizer)``.
+"""The one place a rollout engine is chosen: ``build_generator(backend, model, tokenizer, ...)``.
 
 The trainer never constructs an engine itself; it asks this factory for a :class:`Generator` and calls
 ``generator.sync_weights()`` after every optimizer step. Engines that share the policy's memory
-(transformers ``generate``) make that a no-op; engines with their own copy of the weights (vLLM) load the
-new weights there.
+(transformers ``generate``) make that a no-op; engines with their own copy of the weights (vLLM, colocated or a
+server) load the new weights there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 from critique_rl.errors import ConfigError
@@ -26,17 +27,38 @@ def build_generator(
     batch_size: int = 256,
     autocast: Callable[[], AbstractContextManager[Any]] | None = None,
     synced_gpus: bool = False,
+    vllm_config: Any = None,
+    seed: int = 0,
+    workdir: str | Path | None = None,
+    is_main: bool = True,
+    weights_fn: Callable[[], dict[str, Any]] | None = None,
 ) -> Generator:
     """A :class:`Generator` for ``backend`` sampling from ``model`` (the unwrapped policy module).
 
     ``autocast``: a context factory entered around generation (bf16 autocast over fp32 master weights);
     ``synced_gpus``: keep ranks generating in lock-step (needed when parameters are sharded: FSDP, ZeRO-3).
+
+    vLLM (``backend="vllm"``): ``model`` may also be a zero-argument function returning the policy module (read
+    at every weight sync); ``vllm_config`` is the ``vllm:`` section (:class:`critique_rl.config.VLLMConfig`:
+    colocate or server); ``seed`` seeds sampling; ``workdir`` holds the engine's config folder (colocate) or the
+    pushed weights (server, unless ``vllm.sync_dir`` is set); ``is_main``: the process that pushes weights to a
+    server; ``weights_fn``: returns the full weights to load (default: the policy's, LoRA merged).
     """
     if backend == "hf":
         from critique_rl.rollout.hf import HFGenerator
 
         return HFGenerator(model, tokenizer, batch_size=batch_size, autocast=autocast, synced_gpus=synced_gpus)
     if backend == "vllm":
-        raise ConfigError("rollout_backend", backend, "the vLLM rollout engine is not in this release yet; use hf "
-                          "(transformers generate)")
+        from critique_rl.config import VLLMConfig
+
+        cfg = vllm_config or VLLMConfig()
+        if cfg.mode == "server":
+            from critique_rl.rollout.vllm import VLLMServerGenerator
+
+            sync_dir = cfg.sync_dir or (Path(workdir) / "vllm_sync" if workdir is not None else None)
+            return VLLMServerGenerator(model, tokenizer, cfg, sync_dir=sync_dir, seed=seed, is_main=is_main,
+                                       weights_fn=weights_fn, batch_size=max(1, min(batch_size, 64)))
+        from critique_rl.rollout.vllm import VLLMGenerator
+
+        return VLLMGenerator(model, tokenizer, cfg, seed=seed, workdir=workdir, weights_fn=weights_fn)
     raise ConfigError("rollout_backend", backend, f"choose one of {list(ROLLOUT_BACKENDS)}")

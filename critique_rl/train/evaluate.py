@@ -39,9 +39,13 @@ def greedy_records(
     records: list[EvalRecord] = []
     for s in range(0, len(rows), batch_size):
         outs = generator.generate(prompts[s : s + batch_size], SamplingParams(n=1, max_new_tokens=max_new_tokens, greedy=True))
-        for row, (c,) in zip(rows[s : s + batch_size], outs, strict=True):
+        chunk, done = rows[s : s + batch_size], [c for (c,) in outs]
+        check_rows = getattr(verify, "check_rows", None)  # a rewards.Verifier: one keyword call per chunk
+        flags = (check_rows(chunk, [c.text for c in done], completion_ids=[c.token_ids for c in done])
+                 if check_rows is not None else [verify(c.text, row["answer"]) for row, c in zip(chunk, done, strict=True)])
+        for c, ok in zip(done, flags, strict=True):
             conf = confidence_fn(c.text) if confidence_fn is not None else None
-            records.append((bool(verify(c.text, row["answer"])), len(c.token_ids), conf))
+            records.append((bool(ok), len(c.token_ids), conf))
     return records
 
 

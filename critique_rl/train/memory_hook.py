@@ -38,6 +38,10 @@ from critique_rl.memory.abstraction import CriticAbstractor
 
 SNAPSHOT_NAME = "memory.sqlite"
 """File name of the bank copy inside a checkpoint directory."""
+INITIAL_SNAPSHOT = "memory_initial.sqlite"
+"""Run-directory copy of the bank as it was when the run first started (see :meth:`MemoryHook.begin_fresh_run`)."""
+INITIAL_ABSENT = "memory_initial.absent"
+"""Run-directory marker: the bank did not exist when the run first started."""
 
 
 class MemoryHook:
@@ -227,6 +231,38 @@ class MemoryHook:
                 side.unlink()
         os.replace(tmp, dest)
 
+    @staticmethod
+    def begin_fresh_run(bank_path: Path, run_dir: Path) -> bool:
+        """Call on a fresh (not resumed) start, before the bank is opened. The first start of a run directory
+        records the bank as it is (a consistent copy, or a marker that there was none); a later fresh start in
+        the same directory (an attempt that died before its first checkpoint, or a restart after the checkpoints
+        were removed) puts the bank back to that state, so a dead attempt's records are not counted twice.
+        Returns True when the bank was put back."""
+        bank_path, run_dir = Path(bank_path).expanduser(), Path(run_dir)
+        snap, absent = run_dir / INITIAL_SNAPSHOT, run_dir / INITIAL_ABSENT
+        if snap.is_file():
+            MemoryHook.restore(snap, bank_path)
+            return True
+        if absent.is_file():
+            existed = bank_path.exists()
+            for f in (bank_path, *_sidecars(bank_path)):
+                f.unlink(missing_ok=True)
+            return existed
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if bank_path.is_file():
+            tmp = snap.with_name(snap.name + f".tmp-{os.getpid()}")
+            tmp.unlink(missing_ok=True)
+            source, dest = sqlite3.connect(str(bank_path)), sqlite3.connect(str(tmp))
+            try:
+                source.backup(dest)
+            finally:
+                dest.close()
+                source.close()
+            os.replace(tmp, snap)
+        else:
+            absent.write_text("the memory bank did not exist when this run first started\n")
+        return False
+
     def restore_open(self, snapshot_path: Path) -> bool:
         """Like :meth:`restore` for a bank that is already open (e.g. passed in by the user): copies the
         snapshot into the live connection with SQLite's backup API and resets the retrieval cache. Returns
@@ -244,6 +280,11 @@ class MemoryHook:
         self.bank.index._reset()
         self._last = []
         return True
+
+
+def _sidecars(bank_path: Path) -> list[Path]:
+    """The bank's existing -wal/-shm/-journal files."""
+    return [s for s in (bank_path.with_name(bank_path.name + x) for x in ("-wal", "-shm", "-journal")) if s.exists()]
 
 
 def _snapshot_file(path: Path) -> Path:

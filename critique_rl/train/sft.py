@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from critique_rl.algos.logprobs import selective_log_softmax
+from critique_rl.errors import UserError
 from critique_rl.train.batching import pack
 
 
@@ -33,9 +34,11 @@ def sft_warmup(
     lr: float,
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
+    max_nonfinite: int = 3,
 ) -> list[float]:
     """Cross-entropy on completion tokens (+EOS) only, over (prompt text, completion text) ``pairs``.
-    Returns the per-step losses."""
+    Returns the per-step losses. A step whose loss or gradient norm is NaN/inf is skipped (no optimizer step);
+    ``max_nonfinite`` such steps in a row stop the warm-up with a :class:`UserError`."""
     if steps <= 0:
         return []
     device = next(model.parameters()).device
@@ -48,6 +51,7 @@ def sft_warmup(
     buckets = length_buckets([len(p) + len(c) for p, c in zip(prompt_ids, comp_ids, strict=True)])
     sizes = torch.tensor([len(b) for b in buckets], dtype=torch.float)
     losses = []
+    in_a_row = 0
     model.train()
     for step in range(steps):
         bucket = buckets[int(torch.multinomial(sizes, 1, generator=gen))]
@@ -61,7 +65,17 @@ def sft_warmup(
         mask = batch.completion_mask.float()
         loss = (nll * mask).sum() / mask.sum()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        if not (torch.isfinite(loss) and torch.isfinite(torch.tensor(grad_norm))):
+            opt.zero_grad(set_to_none=True)
+            in_a_row += 1
+            if in_a_row >= max(1, max_nonfinite):
+                raise UserError(f"SFT warm-up: the loss or gradient norm was NaN/inf in {in_a_row} steps in a row "
+                                f"(step {step + 1}); lower sft_learning_rate or check the data")
+            sched.step()
+            losses.append(loss.item())
+            continue
+        in_a_row = 0
         opt.step()
         opt.zero_grad(set_to_none=True)  # after the step: no stale gradient outlives the warm-up
         sched.step()

@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -44,7 +46,7 @@ from rich.table import Table
 
 from critique_rl.algos import aggregate_rewards, apply_gates, sampled_token_advantage
 from critique_rl.config import TrainConfig
-from critique_rl.data import load_rows
+from critique_rl.data import load_rows, validate_rows
 from critique_rl.errors import ConfigError, UserError
 from critique_rl.models import (
     build_tiny_model,
@@ -53,11 +55,21 @@ from critique_rl.models import (
     load_policy,
     wants_chat_template,
 )
-from critique_rl.rewards import build_gates, build_reward_funcs, evaluate_gates, func_name, score_rewards
+from critique_rl.rewards import (
+    TrainerState,
+    Verifier,
+    build_gates,
+    build_reward_funcs,
+    evaluate_gates,
+    func_name,
+    reward_inputs,
+    score_rewards,
+)
 from critique_rl.rewards.builtin import parse_confidence
 from critique_rl.rollout import Completion, SamplingParams
 from critique_rl.rollout.factory import build_generator
 from critique_rl.tasks import Task, get_task, load_callable
+from critique_rl.templates import check_templates
 from critique_rl.train import checkpoint as ckpt
 from critique_rl.train import distributed as dist
 from critique_rl.train.batching import pack
@@ -73,7 +85,7 @@ from critique_rl.train.metrics import JsonlWriter, plot_curves, read_jsonl
 from critique_rl.train.rollout_batch import AdvantagePlan, CritiqueResult, RolloutBatch
 from critique_rl.train.sampler import PromptSampler
 from critique_rl.train.sft import sft_warmup
-from critique_rl.train.update import Normalisation, UpdateBatch, policy_update, score_tokens
+from critique_rl.train.update import NonFiniteGuard, Normalisation, UpdateBatch, policy_update, score_tokens
 
 __all__ = ["EVAL_SEED", "CritiqueGRPOTrainer", "resolve_mixed_precision", "summary_table"]
 
@@ -83,9 +95,53 @@ LORA_BASE_DIR = "lora_base"
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (every device)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def deterministic_mode(enabled: bool) -> Iterator[None]:
+    """``TrainConfig.deterministic``: make torch pick deterministic kernels
+    (``torch.use_deterministic_algorithms(True)``, cuDNN without autotuning) and give cuBLAS the fixed
+    workspace it needs for reproducible GEMMs (``CUBLAS_WORKSPACE_CONFIG=:4096:8``, set before the trainer
+    initialises CUDA, unless already set). An op with no deterministic kernel then raises. The previous
+    torch settings come back on exit (the environment variable stays: cuBLAS reads it once)."""
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2], before[3]
+
+
+@contextmanager
+def quiet_library_progress() -> Iterator[None]:
+    """Silence transformers' / huggingface_hub's own tqdm bars ("Loading weights", "Writing model shards",
+    one per checkpoint) while the trainer runs; ours is the only progress display. Restores the previous
+    settings on exit."""
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    was_on, hub_was_off = hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+        if hub_was_off:
+            hub_utils.disable_progress_bars()
+        else:
+            hub_utils.enable_progress_bars()
 
 
 def resolve_mixed_precision(requested: str, device: str) -> str:
@@ -96,6 +152,30 @@ def resolve_mixed_precision(requested: str, device: str) -> str:
     if requested == "fp16" and not on_gpu:
         raise ConfigError("mixed_precision", requested, "fp16 autocast needs a CUDA GPU; use auto or no on CPU")
     return requested
+
+
+def check_device(device: str) -> None:
+    """``device: cuda`` needs a visible CUDA GPU (one-line error instead of silently training on the CPU)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", device, "no CUDA GPU is visible to this process; use auto or cpu (or check "
+                          "CUDA_VISIBLE_DEVICES and the torch build)")
+
+
+def check_output_dir(out: Path) -> None:
+    """``output_dir`` must be (or be creatable as) a writable folder: not a file, not below a file."""
+    for path in [out, *out.parents]:
+        if not path.exists():
+            continue
+        if not path.is_dir():
+            where = "is a file" if path == out else f"is below '{path}', which is a file"
+            raise ConfigError("output_dir", str(out), f"{where}; choose a folder path (--output-dir)")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError("output_dir", str(out), f"'{path}' is not writable; choose another --output-dir")
+        return
+
+
+CRITIC_MIN_REQUESTS = 16
+"""Critic requests made before ``critic.max_failure_share`` is enforced."""
 
 
 class _Timer:
@@ -156,19 +236,36 @@ class CritiqueGRPOTrainer:
     # ------------------------------------------------------------------------------------------------------
     def _setup(self, resume: bool) -> Path | None:
         cfg = self.cfg
+        check_device(cfg.device)
+        check_output_dir(self.out)
         seed_everything(cfg.seed)
+        precision = resolve_mixed_precision(cfg.mixed_precision, cfg.device)
+        if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
+            # a second trainer in this process with another precision (a notebook, a benchmark's arms): accelerate
+            # keeps one global state; drop it (the process group, PartialState, is kept)
+            AcceleratorState._reset_state()
         self.accelerator = Accelerator(
-            mixed_precision=resolve_mixed_precision(cfg.mixed_precision, cfg.device),
+            mixed_precision=precision,
             cpu=(cfg.device == "cpu") or (cfg.device == "auto" and not torch.cuda.is_available()),
         )
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         dist.validate_world(cfg.generation_batch_size, cfg.num_generations, cfg.mini_batch_size, self.world)
         self.task: Task = get_task(cfg.task)
-        self.verify = load_callable(cfg.verifier) if cfg.verifier else self.task.verify
+        self.verify = Verifier(load_callable(cfg.verifier) if cfg.verifier else self.task.verify, cfg.reward_threshold)
+        if cfg.verifier:  # built-in rewards, gates and critiques judge by the user's verifier too
+            self.task = copy.copy(self.task)
+            self.task.verify = self.verify
         self.train_rows = self._rows(self._train_arg, cfg.train_file, "train", cfg.sft_examples)
         self.eval_rows = self._rows(self._eval_arg, cfg.eval_file, "eval", cfg.eval_n)[: cfg.eval_n]
-        resume_from = ckpt.latest_checkpoint(self.out / "checkpoints") if resume else None
+        # task-specific SFT helpers (the task's mistake, its completion format) only on the task's own rows
+        self._task_rows = self._train_arg is None and not cfg.train_file
+        check_templates(cfg.critic.template_dir)
+        self._nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps)
+        self._critic_errors_seen = 0.0
+        warn = (lambda msg: console.print(f"[bold yellow]warning: {msg}[/]")) if self.accelerator.is_main_process \
+            else None
+        resume_from = ckpt.latest_valid_checkpoint(self.out / "checkpoints", warn=warn) if resume else None
         if resume and resume_from is None and self.is_main:
             console.print(f"[yellow]--resume: no checkpoint under {self.out / 'checkpoints'}; starting fresh[/]")
         if not resume and ckpt.latest_checkpoint(self.out / "checkpoints") is not None:
@@ -183,7 +280,9 @@ class CritiqueGRPOTrainer:
 
         self.model, self.tokenizer = self._load_model(resume_from)
         self.use_chat = wants_chat_template(self.tokenizer, cfg.use_chat_template)
+        self.verify.conversational = self.use_chat
         self.max_new_tokens = cfg.max_new_tokens or self.task.max_new_tokens
+        self._check_lengths()
         funcs = self._reward_arg if self._reward_arg is not None else cfg.reward_funcs
         self.reward_funcs = [
             f if callable(f) else build_reward_funcs([f], self.task, cfg.reward_kwargs)[0] for f in funcs
@@ -218,6 +317,9 @@ class CritiqueGRPOTrainer:
         given = self.memory is not None
         if resume_from is not None and not given:  # bank and model go back to the same step
             MemoryHook.restore(resume_from / "memory.sqlite", bank_path)
+        elif not given and MemoryHook.begin_fresh_run(bank_path, self.out):
+            console.print(f"[bold yellow]warning: {self.out} was started before and has no checkpoint to resume; "
+                          f"the memory bank {bank_path} was put back to how it was when the run first started[/]")
         if not given:
             self.memory = MemoryBank(bank_path, config=cfg.memory, critic=self.critic)
         mem_cfg = cfg.memory if cfg.memory.enabled else dataclasses.replace(cfg.memory, enabled=True)  # memory= given
@@ -228,9 +330,9 @@ class CritiqueGRPOTrainer:
 
     def _rows(self, given: Any, path: str | None, split: str, n: int) -> list[dict[str, Any]]:
         if given is not None:
-            rows = [dict(r) for r in given]
-            if rows and ("prompt" not in rows[0] or "answer" not in rows[0]):
-                raise UserError(f"{split} dataset: rows need columns 'prompt' and 'answer'; got {sorted(rows[0])}")
+            rows = validate_rows(list(given), f"{split}_dataset")
+            if not rows:
+                raise UserError(f"{split}_dataset is empty; pass rows with 'prompt' and 'answer'")
             return rows
         if path:
             return load_rows(path, field=f"{split}_file")
@@ -255,9 +357,9 @@ class CritiqueGRPOTrainer:
                 raise UserError("pass tokenizer= together with a loaded model object")
             return self._model_arg.to(self.accelerator.device), self._tokenizer_arg
         if self._model_arg == "tiny":
-            texts = [r["prompt"] + self.task.sft_completion(r) for r in self.train_rows[:4000]]
-            texts += [p + c for p, c in refinement_demos(self.task, self.train_rows[:500], 1.0, cfg.seed,
-                                                         self.task.sft_completion, cfg.critic.template_dir)]
+            texts = [r["prompt"] + self._sft_completion(r) for r in self.train_rows[:4000]]
+            texts += [p + c for p, c in refinement_demos(self._sft_task(), self.train_rows[:500], 1.0, cfg.seed,
+                                                         self._sft_completion, cfg.critic.template_dir)]
             tok = build_tiny_tokenizer(texts, cfg.tiny_vocab_size)
             model = build_tiny_model(tok, cfg.tiny_hidden_size, cfg.tiny_layers, cfg.tiny_heads, seed=cfg.seed)
             return model.to(self._weights_dtype()).to(self.accelerator.device), tok
@@ -286,7 +388,7 @@ class CritiqueGRPOTrainer:
             pairs = [(self.prompt_text(r), self._demonstration(r)) for r in self.train_rows]
             if cfg.sft_refine_fraction > 0:
                 pairs += [(self.prompt_text({"prompt": p}), c) for p, c in refinement_demos(
-                    self.task, self.train_rows, cfg.sft_refine_fraction, cfg.seed, self.task.sft_completion,
+                    self._sft_task(), self.train_rows, cfg.sft_refine_fraction, cfg.seed, self._sft_completion,
                     cfg.critic.template_dir)]
             losses = sft_warmup(
                 self.model, self.tokenizer, pairs,
@@ -304,12 +406,44 @@ class CritiqueGRPOTrainer:
 
     def _demonstration(self, row: dict[str, Any]) -> str:
         """SFT target: the task's completion, or its typical mistake at ``sft_mistake_rate`` (seeded per row)."""
-        rate, mistake = self.cfg.sft_mistake_rate, self.task.mistake
+        rate, mistake = self.cfg.sft_mistake_rate, self._sft_task().mistake
         if rate > 0 and mistake is not None:
             wrong = mistake(row)
             if wrong is not None and random.Random(f"{self.cfg.seed}:{row['prompt']}").random() < rate:
                 return wrong
-        return self.task.sft_completion(row)
+        return self._sft_completion(row)
+
+    def _sft_task(self) -> Task:
+        """The task for SFT helpers: itself on its own generated rows; without its typical mistake on user rows
+        (a train_file or train_dataset need not hold the columns the mistake reads, e.g. addition's `a`, `b`)."""
+        return self.task if self._task_rows else dataclasses.replace(self.task, mistake=None)
+
+    def _sft_completion(self, row: dict[str, Any]) -> str:
+        """SFT target of a row: the task's completion format on its own rows, the reference answer on user rows."""
+        return self.task.sft_completion(row) if self._task_rows else row["answer"]
+
+    def _check_lengths(self) -> None:
+        """Every prompt plus ``max_new_tokens`` must fit the model's positions (a 1 MB prompt is a one-line error,
+        not an allocator failure in the middle of a step)."""
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if not isinstance(limit, int) or limit <= 0:
+            return
+        field = "max_new_tokens" if self.cfg.max_new_tokens else "task"
+        if self.max_new_tokens >= limit:
+            raise ConfigError(field, self.cfg.max_new_tokens or self.cfg.task,
+                              f"completions of {self.max_new_tokens} tokens do not fit the model's {limit} positions; "
+                              f"use max_new_tokens < {limit}")
+        for split, rows, source in (("train", self.train_rows, self.cfg.train_file or "train_dataset"),
+                                    ("eval", self.eval_rows, self.cfg.eval_file or "eval_dataset")):
+            for start in range(0, len(rows), 1024):
+                chunk = rows[start:start + 1024]
+                ids = self.tokenizer([self.prompt_text(r) for r in chunk], add_special_tokens=False)["input_ids"]
+                for i, x in enumerate(ids):
+                    if len(x) + self.max_new_tokens > limit:
+                        raise UserError(
+                            f"{split} data ({source}) row {start + i + 1}: the prompt is {len(x)} tokens; with "
+                            f"max_new_tokens {self.max_new_tokens} it does not fit the model's {limit} positions; "
+                            "shorten or drop the row (or lower max_new_tokens)")
 
     def _evaluate(self) -> dict[str, Any]:
         """Greedy held-out accuracy; with a ``brier`` reward in use, also calibration (ECE, Brier score, AUROC).
@@ -385,25 +519,31 @@ class CritiqueGRPOTrainer:
         return ([r for r in rows for _ in range(n)], [p for p in prompts for _ in range(n)],
                 [c for g in groups for c in g])
 
-    def _columns(self, rows: list[dict[str, Any]], completions: list[Completion]) -> dict[str, list[Any]]:
-        columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
-        columns["completion_lengths"] = [len(c.token_ids) for c in completions]
-        columns["truncated"] = [not c.finished for c in completions]
-        return columns
+    def _reward_inputs(self, rows: list[dict[str, Any]], completions: list[Completion]) -> tuple[list, list, dict]:
+        """``(prompts, completions, columns)`` as TRL passes them to reward functions, gates and verifiers:
+        messages when a chat template is in use, else strings; every dataset column, ``completion_ids``,
+        ``trainer_state``, plus ``completion_lengths`` and ``truncated``."""
+        return reward_inputs(
+            rows, [c.text for c in completions], [c.token_ids for c in completions], conversational=self.use_chat,
+            trainer_state=TrainerState(global_step=self.step, max_steps=self.cfg.max_steps),
+            extra={"completion_lengths": [len(c.token_ids) for c in completions],
+                   "truncated": [not c.finished for c in completions]})
 
     def _score(self, rows: list[dict[str, Any]], completions: list[Completion]) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Reward matrix ``[N, K]`` (NaN = not applicable), gate pass mask ``[N]`` and gate pass rates."""
-        prompts, texts = [r["prompt"] for r in rows], [c.text for c in completions]
-        columns = self._columns(rows, completions)
-        R = score_rewards(self.reward_funcs, prompts, texts, columns)
+        prompts, comps, columns = self._reward_inputs(rows, completions)
+        R = score_rewards(self.reward_funcs, prompts, comps, columns)
         if not self.gates:
             return R, torch.ones(len(rows), dtype=torch.bool), {}
-        passed, rates = evaluate_gates(self.gates, prompts, texts, columns)
+        passed, rates = evaluate_gates(self.gates, prompts, comps, columns)
         return R, passed, rates
+
+    def _correct(self, rows: list[dict[str, Any]], completions: list[Completion]) -> list[bool]:
+        return self.verify.check(*self._reward_inputs(rows, completions)) if completions else []
 
     def _score_batch(self, rows: list[dict[str, Any]], prompts: list[str], completions: list[Completion]) -> RolloutBatch:
         R, passed, rates = self._score(rows, completions)
-        correct = [bool(self.verify(c.text, r["answer"])) for c, r in zip(completions, rows, strict=True)]
+        correct = self._correct(rows, completions)
         return RolloutBatch(rows=rows, prompts=prompts, completions=completions, group_size=self.cfg.num_generations,
                             rewards=R, passed=passed, correct=correct, gate_rates=rates)
 
@@ -432,7 +572,7 @@ class CritiqueGRPOTrainer:
             R_ref, passed_ref, _ = self._score(ref_rows, ref_completions)
         else:
             R_ref, passed_ref = torch.zeros(0, len(self.reward_funcs)), torch.zeros(0, dtype=torch.bool)
-        ref_correct = [bool(self.verify(c.text, r["answer"])) for c, r in zip(ref_completions, ref_rows, strict=True)]
+        ref_correct = self._correct(ref_rows, ref_completions)
         return CritiqueResult(idx=idx, critiques=critiques, teacher_prompts=teacher_prompts, ref_src=ref_src,
                               ref_completions=ref_completions, ref_rewards=R_ref, ref_passed=passed_ref,
                               ref_correct=ref_correct)
@@ -572,7 +712,8 @@ class CritiqueGRPOTrainer:
             ub, distill_metrics = self._update_batch(batch, crit, plan)
         with timer("train"):
             stats = policy_update(self.model, self.optimizer, self.scheduler, self.accelerator, ub, cfg,
-                                  norm_constant=float(self.max_new_tokens), norm=self._normalisation(ub))
+                                  norm_constant=float(self.max_new_tokens), norm=self._normalisation(ub),
+                                  guard=self._nonfinite)
             self.generator.sync_weights()
         metrics = self._metrics(batch, crit, plan)
         metrics.update(distill_metrics)
@@ -682,10 +823,11 @@ class CritiqueGRPOTrainer:
         self.summary["wall_seconds_before_resume"] = self._wall_prior + time.perf_counter() - self._t_start
         rng_states = dist.gather_objects(ckpt.rng_state())
         refine_states = dist.gather_objects(self.rng.getstate())
+        critic_states = dist.gather_objects(_critic_counts(self.critic))
         if self.is_main:
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "sampler": self.sampler.state_dict(), "summary": self.summary, "refine_rng": refine_states,
-                     "rng_per_rank": rng_states, "world_size": self.world}
+                     "rng_per_rank": rng_states, "world_size": self.world, "critic_stats": critic_states}
             extra = {"memory.sqlite": self.memory_hook.snapshot} if self.memory_hook is not None else None
             ckpt.save_checkpoint(self.out / "checkpoints", self.step, self._policy(), self.tokenizer, state,
                                  keep=self.cfg.keep_checkpoints, extra_files=extra)
@@ -705,6 +847,8 @@ class CritiqueGRPOTrainer:
         refine = state["refine_rng"]
         self.rng.setstate(refine[self.rank] if isinstance(refine, list) else refine)
         self._wall_prior = self.summary.get("wall_seconds_before_resume", 0.0)
+        _restore_critic_counts(self.critic, (state.get("critic_stats") or [None] * self.world)[self.rank])
+        self._critic_errors_seen = float(_critic_counts(self.critic).get("errors", 0))
         ckpt.set_rng_state(state["rng_per_rank"][self.rank] if "rng_per_rank" in state else state["rng"])
 
     # ------------------------------------------------------------------------------------------------------
@@ -712,6 +856,10 @@ class CritiqueGRPOTrainer:
     # ------------------------------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict[str, Any]:
         """Run SFT warm-up (unless resuming), RL for ``max_steps``, and write the run directory."""
+        with quiet_library_progress(), deterministic_mode(self.cfg.deterministic):
+            return self._train(resume)
+
+    def _train(self, resume: bool) -> dict[str, Any]:
         t_start = self._t_start = time.perf_counter()
         self._wall_prior = 0.0
         resume_from = self._setup(resume)
@@ -733,6 +881,7 @@ class CritiqueGRPOTrainer:
             while self.step < self.cfg.max_steps:
                 metrics = self._step()
                 self.step += 1
+                self._check_critic(metrics)
                 if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.max_steps:
                     metrics.update(_eval_metrics(self._evaluate()))
                 self._write_metrics(metrics)
@@ -742,6 +891,26 @@ class CritiqueGRPOTrainer:
                 if self.step % self.cfg.checkpoint_every == 0:
                     self._save()
         return self._finish(t_start)
+
+    def _check_critic(self, metrics: dict[str, Any]) -> None:
+        """Warn about failed critic requests (they fell back to rule critiques) and stop the run once more than
+        ``critic.max_failure_share`` of them failed. ``critic/*`` counters are summed over processes, so every
+        rank takes the same decision."""
+        requests, errors = metrics.get("critic/requests") or 0.0, metrics.get("critic/errors") or 0.0
+        new = errors - self._critic_errors_seen
+        where = getattr(self.critic, "url", None) or self.cfg.critic.model or self.cfg.critic.backend
+        last = getattr(self.critic, "last_error", None)
+        detail = f"; last error: {last}" if last else ""
+        if new > 0 and self.is_main and (self._critic_errors_seen == 0 or self.step % 10 == 0):
+            console.print(f"[bold red]warning: critic at {where}: {new:.0f} request(s) failed by step {self.step} "
+                          f"({errors:.0f} of {requests:.0f} so far{detail}); they fell back to rule critiques[/]")
+        self._critic_errors_seen = errors
+        share = self.cfg.critic.max_failure_share
+        if share < 1.0 and requests >= CRITIC_MIN_REQUESTS and errors > share * requests:
+            raise UserError(f"critic at {where} failed {errors:.0f} of {requests:.0f} requests by step {self.step} "
+                            f"(more than critic.max_failure_share = {share:g}){detail}; check critic.base_url, "
+                            "critic.model and the key in $" + self.cfg.critic.api_key_env + ", or raise "
+                            "critic.max_failure_share")
 
     def _write_metrics(self, row: dict[str, Any]) -> None:
         if self.is_main:
@@ -795,12 +964,33 @@ class CritiqueGRPOTrainer:
     def _save_final(self, final_dir: Path) -> None:
         """``final/``: the trained model (LoRA: merged into the base, or the adapter alone) + tokenizer."""
         policy = self._policy()
+        bad = ckpt.nonfinite_parameters(policy)
+        if bad:
+            raise UserError(f"the policy weights hold NaN/inf after step {self.step} ({len(bad)} tensor(s), e.g. "
+                            f"{bad[0]}); final/ was not written (the checkpoints hold the last finite weights)")
         if self.cfg.lora.enabled and self.cfg.lora.merge_final:
             from critique_rl.lora import merged_copy
 
             policy = merged_copy(policy)
         policy.save_pretrained(final_dir)
         self.tokenizer.save_pretrained(final_dir)
+
+
+def _critic_counts(critic: Any) -> dict[str, int]:
+    """The critic's cumulative counters (empty for a critic without :class:`CriticStats`)."""
+    stats = getattr(critic, "stats", None)
+    counts = getattr(stats, "counts", None)
+    return dict(counts) if isinstance(counts, dict) else {}
+
+
+def _restore_critic_counts(critic: Any, counts: dict[str, int] | None) -> None:
+    """Put a checkpoint's critic counters back, so ``critic/*`` metrics continue instead of restarting at 0."""
+    stats = getattr(critic, "stats", None)
+    if not counts or not isinstance(getattr(stats, "counts", None), dict):
+        return
+    for name, value in counts.items():
+        if name in stats.counts:
+            stats.add(name, int(value) - int(stats.counts[name]))
 
 
 def _eval_metrics(result: dict[str, Any]) -> dict[str, Any]:

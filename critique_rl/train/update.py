@@ -14,6 +14,7 @@ chunks and carries a graph only when the entropy bonus is in the loss.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from critique_rl.algos import (
     topk_reverse_kl,
 )
 from critique_rl.config import TrainConfig
+from critique_rl.errors import UserError
 from critique_rl.train.batching import TokenBatch, completion_logprobs
 
 STAT_KEYS = ("loss/total", "loss/policy", "loss/offpolicy", "loss/distill", "loss/kl", "loss/entropy",
@@ -68,6 +70,37 @@ class Normalisation:
     micro_batches: int
 
 
+class NonFiniteGuard:
+    """Counts optimizer updates skipped because the loss or the gradient norm was NaN/inf; after ``limit`` in a
+    row it raises a :class:`UserError` (training stops, and no NaN weights ever reach a checkpoint)."""
+
+    def __init__(self, limit: int = 3) -> None:
+        self.limit = max(1, int(limit))
+        self.in_a_row = 0
+        self.total = 0
+
+    def record(self, skipped: bool, loss: float = 0.0, grad_norm: float = 0.0) -> None:
+        if not skipped:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row >= self.limit:
+            raise UserError(
+                f"the loss or gradient norm was NaN/inf in {self.in_a_row} updates in a row (last: loss={loss}, "
+                f"grad_norm={grad_norm}); those updates were skipped and the weights stay finite. Check "
+                "reward_weights and the reward functions for inf/NaN rewards, lower learning_rate, or raise "
+                "max_nonfinite_steps")
+
+
+def _any_process(accelerator: Any, flag: bool) -> bool:
+    """``flag`` or-reduced over processes (every rank takes the same skip decision)."""
+    if getattr(accelerator, "num_processes", 1) <= 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
 def local_normalisation(ub: UpdateBatch, mb_size: int) -> Normalisation:
     n = ub.tokens.input_ids.shape[0]
     return Normalisation(float(n), float(ub.tokens.completion_mask.sum().clamp_min(1)), -(-n // mb_size))
@@ -82,8 +115,14 @@ def micro_slices(n: int, mb_size: int, count: int) -> list[tuple[slice, bool]]:
 
 
 def policy_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, accelerator: Any, ub: UpdateBatch,
-                  cfg: TrainConfig, norm_constant: float, norm: Normalisation | None = None) -> dict[str, float]:
-    """``cfg.num_iterations`` optimizer steps over ``ub``, each accumulating gradients over mini-batches."""
+                  cfg: TrainConfig, norm_constant: float, norm: Normalisation | None = None,
+                  guard: NonFiniteGuard | None = None) -> dict[str, float]:
+    """``cfg.num_iterations`` optimizer steps over ``ub``, each accumulating gradients over mini-batches.
+
+    An iteration whose loss (on any process) or gradient norm (already reduced over processes) is NaN/inf is
+    skipped: gradients dropped, no optimizer step; ``guard`` (default: a fresh one with
+    ``cfg.max_nonfinite_steps``) counts skips in a row and stops training after too many."""
+    guard = guard if guard is not None else NonFiniteGuard(getattr(cfg, "max_nonfinite_steps", 3))
     dev = accelerator.device
     tokens = ub.tokens.to(dev)
     adv = ub.advantages.to(dev)
@@ -100,9 +139,11 @@ def policy_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, accele
     use_topk = ub.teacher_topk_logp is not None and cfg.distill_weight > 0
     ent_mode = "grad" if cfg.entropy_coef > 0 else "detached"
     stats = dict.fromkeys(STAT_KEYS, 0.0)
+    skipped = 0
     model.train()
     model.zero_grad(set_to_none=True)  # gradients come from this batch only (never from earlier code)
     for _ in range(cfg.num_iterations):
+        iter_loss = 0.0
         for j, (sl, real) in enumerate(slices):
             mb = tokens.select(sl)
             mask = mb.completion_mask.float()
@@ -134,6 +175,7 @@ def policy_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, accele
                 continue
             with torch.no_grad():
                 on_mask = mask * (~is_off).float()
+                iter_loss += loss.item()
                 stats["loss/total"] += loss.item()
                 stats["loss/policy"] += aggregate_loss(on_loss * on_mask, mask, **agg).item()
                 stats["loss/offpolicy"] += aggregate_loss(off_loss * (mask - on_mask), mask, **agg).item()
@@ -146,14 +188,22 @@ def policy_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, accele
                     stats["loss/entropy"] -= cfg.entropy_coef * aggregate_loss(ent, mask, **agg).item()
                 if dist is not None:
                     stats["loss/distill"] += cfg.distill_weight * aggregate_loss(dist * rows, mask, **agg).item()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        if _any_process(accelerator, not (math.isfinite(iter_loss) and math.isfinite(grad_norm))):
+            optimizer.zero_grad(set_to_none=True)  # a NaN/inf update never reaches the weights
+            skipped += 1
+            guard.record(True, iter_loss, grad_norm)
+            stats["grad_norm"] += grad_norm
+            continue
+        guard.record(False)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        stats["grad_norm"] += float(grad_norm)
+        stats["grad_norm"] += grad_norm
     scheduler.step()
     for k in STAT_KEYS:
         stats[k] /= cfg.num_iterations
     stats["lr"] = scheduler.get_last_lr()[0]
+    stats["nonfinite_skipped"] = float(skipped)
     return stats
 
 
