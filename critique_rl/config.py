@@ -115,7 +115,9 @@ class MemoryConfig:
 
     enabled: bool = False
     bank_path: str | None = None
-    """SQLite file of the bank. None = <output_dir>/memory.sqlite."""
+    """SQLite file of the bank. None = <output_dir>/memory.sqlite (the run's own bank, snapshotted into every
+    checkpoint). `critique-rl memory ...` defaults to `memory/critique-rl.sqlite` (the repository's `memory/`
+    folder, git-ignored); point this there to train into that bank."""
     top_k_demos: int = 2
     top_k_lessons: int = 2
     token_budget: int = 256
@@ -244,6 +246,10 @@ class TrainConfig:
     """dtype of the trained weights and optimizer state. `float32` (default): fp32 master weights, with bf16
     autocast from `mixed_precision` on GPU. `bfloat16`: pure bf16 weights (half the memory of weights, grads and
     Adam state; updates smaller than bf16's resolution are lost), only when asked for."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them (RL updates only): a
+    ~30% slower update for activation memory that no longer grows with layers x completion length; what long
+    (reasoning-length) completions on one GPU need."""
     use_chat_template: Literal["auto", "yes", "no"] = "auto"
     """Wrap prompts in the tokenizer's chat template. `auto`: when the tokenizer has one."""
 
@@ -688,6 +694,8 @@ def _expanded_nodes(data: Any, path: str) -> int:
 
 def _read_yaml(path: str | Path) -> Any:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"config file '{path}' is a folder; pass a YAML file, or no argument for the demo")
     if not p.is_file():
         raise UserError(f"config file '{path}' does not exist; pass a YAML file or no argument for the demo")
     try:

@@ -46,3 +46,22 @@ def test_pure_bf16_weights_only_when_asked(fast_config):
     trainer = _one_step(fast_config, weights_dtype="bfloat16")
     policy = trainer.accelerator.unwrap_model(trainer.model)
     assert {p.dtype for p in policy.parameters()} == {torch.bfloat16}
+
+
+def test_gradient_checkpointing_gives_the_same_update(fast_config, tmp_path):
+    """Recomputing activations must not change the numbers: same losses and gradient norms, step by step."""
+    from critique_rl.train.metrics import read_jsonl
+
+    runs = []
+    for gc in (False, True):
+        cfg = fast_config(max_steps=2, sft_steps=5, critique_on="none", entropy_coef=0.05, gradient_checkpointing=gc,
+                          output_dir=str(tmp_path / f"gc{int(gc)}"))
+        trainer = CritiqueGRPOTrainer(args=cfg)
+        trainer.train()
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in policy.modules()) is gc
+        runs.append([r for r in read_jsonl(tmp_path / f"gc{int(gc)}" / "metrics.jsonl") if "loss/total" in r])
+    for a, b in zip(*runs, strict=True):
+        assert a["grad_norm"] > 0
+        for key in ("loss/total", "grad_norm", "entropy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key

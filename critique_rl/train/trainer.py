@@ -372,6 +372,12 @@ class CritiqueGRPOTrainer:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _policy_module(self) -> Any:
+        """The transformers model itself (below a peft wrapper, if any)."""
+        from critique_rl.lora import is_lora
+
+        return self.model.get_base_model() if is_lora(self.model) else self.model
+
     def _policy(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
@@ -448,8 +454,8 @@ class CritiqueGRPOTrainer:
     def _evaluate(self) -> dict[str, Any]:
         """Greedy held-out accuracy; with a ``brier`` reward in use, also calibration (ECE, Brier score, AUROC).
         Each process decodes its share of the held-out rows; the records are gathered before summarising."""
-        gen = build_generator("hf", self._policy(), self.tokenizer, batch_size=cfg_bs(self.cfg),
-                              autocast=self.accelerator.autocast)
+        gen = self._vllm_engine() if self.cfg.rollout_backend == "vllm" else build_generator(
+            "hf", self._policy(), self.tokenizer, batch_size=cfg_bs(self.cfg), autocast=self.accelerator.autocast)
         conf = parse_confidence if "brier" in self.reward_names else None
         n = len(self.eval_rows)
         mine = self.eval_rows[self.rank * n // self.world : (self.rank + 1) * n // self.world]
@@ -469,6 +475,14 @@ class CritiqueGRPOTrainer:
                     self.tokenizer.save_pretrained(self.out / LORA_BASE_DIR)
                 self.model = apply_lora(self.model, cfg.lora)
             self.summary["lora_trainable_parameters"] = trainable_parameter_summary(self.model)["trainable"]
+        if cfg.gradient_checkpointing:
+            m = self._policy_module()
+            if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.20 name
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if cfg.lora.enabled:  # frozen embeddings: the checkpointed blocks still need an input with grad
+                self._policy_module().enable_input_require_grads()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         total = max(1, cfg.max_steps)
@@ -490,10 +504,24 @@ class CritiqueGRPOTrainer:
             self.ref_model = copy.deepcopy(self._policy()).eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
-        self.generator = build_generator(cfg.rollout_backend, self._policy(), self.tokenizer, batch_size=cfg_bs(cfg),
-                                         autocast=self.accelerator.autocast)
+        self.generator = self._vllm_engine() if cfg.rollout_backend == "vllm" else build_generator(
+            "hf", self._policy(), self.tokenizer, batch_size=cfg_bs(cfg), autocast=self.accelerator.autocast)
         if self.world > 1:  # ranks sample different completions (the same seed would correlate them)
             torch.manual_seed(cfg.seed + 1000 * self.rank)
+
+    def _vllm_engine(self) -> Any:
+        """The vLLM engine (``rollout_backend: vllm``), built on first use (after the SFT warm-up) and kept: it
+        serves rollouts, refinements and evaluation, and gets the weights after every optimizer step. It reads
+        the policy through ``self._policy`` at each sync, so a LoRA wrap after it was built is seen (merged)."""
+        if getattr(self, "_vllm", None) is None:
+            cfg = self.cfg
+            sharded = self.world > 1 and not cfg.lora.enabled  # FSDP / ZeRO-3: full weights gathered for the push
+            self._vllm = build_generator(
+                "vllm", self._policy, self.tokenizer, batch_size=cfg_bs(cfg), vllm_config=cfg.vllm,
+                seed=cfg.seed + 1000 * self.rank, workdir=self.out if cfg.vllm.mode == "server" else None,
+                is_main=self.is_main,
+                weights_fn=(lambda: self.accelerator.get_state_dict(self.model)) if sharded else None)
+        return self._vllm
 
     # ------------------------------------------------------------------------------------------------------
     # one RL step: the stages
@@ -639,6 +667,10 @@ class CritiqueGRPOTrainer:
         tokens.completion_mask *= torch.tensor(row_mask, dtype=tokens.completion_mask.dtype).unsqueeze(-1)
         adv_tok = cfg.eval_weight * torch.tensor(row_adv).unsqueeze(-1).expand(-1, tokens.completion_len).clone()
         ub = UpdateBatch(tokens=tokens, advantages=adv_tok, offpolicy=torch.tensor(offpolicy))
+        if all(len(c.logprobs) == len(c.token_ids) for c in batch.completions):  # engine log-probs: TIS, mismatch
+            ub.sampling_logp = torch.zeros(len(comp_ids), tokens.completion_len)
+            for i, c in enumerate(batch.completions):
+                ub.sampling_logp[i, : len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
         distill_metrics = self._directive_distillation(ub, crit, batch) if crit and cfg.distill_weight > 0 else {}
         if cfg.kl_beta > 0:
             ub.ref_logp = self._reference_logprobs(ub)
@@ -711,6 +743,7 @@ class CritiqueGRPOTrainer:
             plan = self._advantages(batch, crit)
             ub, distill_metrics = self._update_batch(batch, crit, plan)
         with timer("train"):
+            getattr(self.generator, "sleep", lambda: None)()  # a colocated engine frees its memory for the update
             stats = policy_update(self.model, self.optimizer, self.scheduler, self.accelerator, ub, cfg,
                                   norm_constant=float(self.max_new_tokens), norm=self._normalisation(ub),
                                   guard=self._nonfinite)
