@@ -246,6 +246,11 @@ class TrainConfig:
     """dtype of the trained weights and optimizer state. `float32` (default): fp32 master weights, with bf16
     autocast from `mixed_precision` on GPU. `bfloat16`: pure bf16 weights (half the memory of weights, grads and
     Adam state; updates smaller than bf16's resolution are lost), only when asked for."""
+    fused_lm_head: Literal["auto", "on", "off"] = "auto"
+    """Score completion tokens straight from the last hidden states in row chunks, never holding the
+    `[batch, tokens, vocab]` logits (`critique_rl.algos.logprobs.linear_selective_log_softmax`, as TRL's fused
+    LM head). `auto`: on for CUDA runs of models whose logits are a plain projection; `off` on CPU, where tiny
+    vocabularies make the logits cheap. Top-K distillation still takes the logits path."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them (RL updates only): a
     ~30% slower update for activation memory that no longer grows with layers x completion length; what long
@@ -542,6 +547,8 @@ def _type_name(tp: Any) -> str:
         return "a mapping"
     if tp is type(None):
         return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} fields (key: value)"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -684,7 +691,8 @@ def _expanded_nodes(data: Any, path: str) -> int:
             total += size(item, depth + 1)
             if total > MAX_CONFIG_NODES:
                 raise UserError(f"config file '{path}' expands to more than {MAX_CONFIG_NODES} values (YAML "
-                                "aliases counted at every use); a run config is small: remove the aliases")
+                                "aliases counted at every use); a run config is small: remove the aliases or the "
+                                "data (data belongs in train_file)")
         active.discard(key)
         memo[key] = total
         return total

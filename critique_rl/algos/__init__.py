@@ -32,12 +32,13 @@ from critique_rl.algos.shaping import shaped_offpolicy_loss  # noqa: E402
 __all__ += ["sampled_token_advantage", "shaped_offpolicy_loss", "topk_reverse_kl"]
 from critique_rl.algos.logprobs import (  # noqa: E402
     chunked_entropy,
+    linear_selective_log_softmax,
     logsumexp_chunked,
     selective_log_softmax,
     topk_logprobs,
 )
 
-__all__ += ["chunked_entropy", "logsumexp_chunked", "selective_log_softmax", "topk_logprobs"]
+__all__ += ["chunked_entropy", "linear_selective_log_softmax", "logsumexp_chunked", "selective_log_softmax", "topk_logprobs"]
 from critique_rl.algos.tis import mismatch_stats, tis_weights  # noqa: E402
 
 __all__ += ["mismatch_stats", "tis_weights"]

@@ -21,7 +21,8 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["chunked_entropy", "logsumexp_chunked", "selective_log_softmax", "topk_logprobs"]
+__all__ = ["chunked_entropy", "linear_selective_log_softmax", "logsumexp_chunked", "selective_log_softmax",
+           "topk_logprobs"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -266,3 +267,91 @@ def topk_logprobs(
         indices[s : s + n] = i
         s += n
     return values.view(*lead, k), indices.view(*lead, k)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fused LM head: hidden states -> per-token log-prob (and entropy) without the [N, V] logits
+# ---------------------------------------------------------------------------------------------------------
+
+class _LinearLogProb(torch.autograd.Function):
+    """``z = h W^T / tau`` in row chunks; returns ``z[a] - logsumexp(z)`` and (optionally) the entropy of
+    ``softmax(z)``. Saves only ``h``, ``W``, the ids and two numbers per row; the backward recomputes each
+    chunk's logits (under the autocast state of the forward) and accumulates ``dh`` and ``dW``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, temperature, chunk_rows, with_entropy):  # type: ignore[override]
+        dev = hidden.device.type
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        n = hidden.shape[0]
+        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(logp)
+        ent = torch.empty_like(logp) if with_entropy else None
+        for s in range(0, n, chunk_rows):
+            z = torch.nn.functional.linear(hidden[s : s + chunk_rows], weight).float()
+            if temperature != 1.0:
+                z.div_(temperature)
+            lse_c = torch.logsumexp(z, dim=-1)
+            lse[s : s + chunk_rows] = lse_c
+            logp[s : s + chunk_rows] = z.gather(-1, ids[s : s + chunk_rows].unsqueeze(-1)).squeeze(-1) - lse_c
+            if ent is not None:
+                p = torch.exp(z - lse_c.unsqueeze(-1))
+                ent[s : s + chunk_rows] = lse_c - (p * z).sum(-1)
+        ctx.save_for_backward(hidden, weight, ids, lse, ent if ent is not None else lse)
+        ctx.temperature, ctx.chunk_rows, ctx.with_entropy = temperature, chunk_rows, with_entropy
+        if ent is None:
+            return logp, torch.zeros(0, device=hidden.device)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):  # type: ignore[override]
+        hidden, weight, ids, lse, ent = ctx.saved_tensors
+        tau, rows = ctx.temperature, ctx.chunk_rows
+        dev, enabled, dtype = ctx.autocast
+        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        use_ent = ctx.with_entropy and g_ent is not None and g_ent.numel() > 0
+        for s in range(0, hidden.shape[0], rows):
+            h = hidden[s : s + rows]
+            with torch.autocast(dev, dtype=dtype, enabled=enabled):
+                z = torch.nn.functional.linear(h, weight).float()
+            if tau != 1.0:
+                z.div_(tau)
+            logp_all = z - lse[s : s + rows].unsqueeze(-1)
+            p = logp_all.exp()
+            g = g_logp[s : s + rows].float().unsqueeze(-1)
+            dz = -p * g  # d logp_a / dz = onehot(a) - p
+            dz.scatter_add_(-1, ids[s : s + rows].unsqueeze(-1), g)
+            if use_ent:  # d H / dz_j = -p_j (log p_j + H)
+                dz -= g_ent[s : s + rows].float().unsqueeze(-1) * p * (logp_all + ent[s : s + rows].unsqueeze(-1))
+            if tau != 1.0:
+                dz.div_(tau)
+            if grad_h is not None:
+                grad_h[s : s + rows] = (dz @ weight.float()).to(grad_h.dtype)
+            if grad_w is not None:
+                grad_w += dz.t() @ h.float()
+        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None, None
+
+
+def linear_selective_log_softmax(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    chunk_rows: int = 1024,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs (and entropy) straight from the last hidden states, never holding ``[N, V]`` logits
+    (a fused LM head, as TRL's ``add_fused_lm_head`` and Liger's fused linear cross-entropy do)::
+
+        z_i = h_i W^T / tau,   logp_i = z_i[a_i] - logsumexp(z_i),   H_i = logsumexp(z_i) - sum_v softmax(z_i)_v z_iv
+
+    ``hidden``: ``[..., H]``; ``weight``: ``[V, H]`` (the output embedding, no bias); ``ids``: ``[...]``.
+    Differentiable in ``hidden`` and ``weight`` (both ``logp`` and the entropy); extra memory is
+    ``O(chunk_rows * V)`` float32 in the forward and the backward. Returns float32 ``(logp, entropy or None)``.
+    """
+    _check_temperature(temperature)
+    shape = ids.shape
+    h = hidden.reshape(-1, hidden.shape[-1])
+    logp, ent = _LinearLogProb.apply(h, weight, ids.reshape(-1), temperature, chunk_rows, with_entropy)
+    return logp.view(shape), (ent.view(shape) if with_entropy else None)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
-from critique_rl.algos.logprobs import chunked_entropy, selective_log_softmax
+from critique_rl.algos.logprobs import chunked_entropy, linear_selective_log_softmax, selective_log_softmax
 
 
 @dataclass
@@ -93,6 +94,14 @@ def completion_logprobs(
     if entropy not in ("none", "detached", "grad"):
         raise ValueError(f"entropy must be 'none', 'detached' or 'grad', got {entropy!r}")
     T = batch.completion_len
+    if not keep_logits and fused_head_enabled(model):
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                    use_cache=False, critique_rl_fused=(batch.completion_ids, temperature, entropy != "none",
+                                                        chunk_rows))
+        ent = out["entropy"]
+        if ent is not None and entropy == "detached":
+            ent = ent.detach()
+        return CompletionScores(logp=out["logp"], entropy=ent, logits=None)
     out = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -109,3 +118,78 @@ def completion_logprobs(
     if keep_logits:
         logits = raw if temperature == 1.0 else raw / temperature
     return CompletionScores(logp=logp, entropy=ent, logits=logits)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fused LM head
+# ---------------------------------------------------------------------------------------------------------
+
+_FUSED_FLAG = "_critique_rl_fused_head"
+
+
+def _innermost(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model below DDP/FSDP (``.module``), torch.compile (``._orig_mod``) and peft wrappers."""
+    m = model
+    for _ in range(8):
+        if hasattr(m, "module") and isinstance(m.module, torch.nn.Module):
+            m = m.module
+        elif hasattr(m, "_orig_mod"):
+            m = m._orig_mod
+        elif hasattr(m, "get_base_model") and callable(m.get_base_model):
+            m = m.get_base_model()
+        else:
+            break
+    return m
+
+
+def fused_head_enabled(model: torch.nn.Module) -> bool:
+    return bool(getattr(_innermost(model), _FUSED_FLAG, False))
+
+
+def fused_head_supported(model: torch.nn.Module) -> bool:
+    """A causal LM whose logits are exactly ``last_hidden_state @ W_out^T``: an output embedding without bias,
+    no logit soft-capping or scaling in its config, and a backbone under ``base_model_prefix``."""
+    m = _innermost(model)
+    head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
+    cfg = getattr(m, "config", None)
+    if head is None or getattr(head, "bias", None) is not None or cfg is None:
+        return False
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        if getattr(text, name, None) not in (None, 1, 1.0):
+            return False
+    return isinstance(getattr(m, getattr(m, "base_model_prefix", ""), None), torch.nn.Module)
+
+
+def enable_fused_head(model: torch.nn.Module) -> torch.nn.Module:
+    """Patch ``model.forward`` so that ``model(..., critique_rl_fused=(completion_ids, tau, entropy, chunk))``
+    runs the backbone and scores the last ``T`` positions with
+    :func:`~critique_rl.algos.logprobs.linear_selective_log_softmax` (no ``[B, T, V]`` logits); any other call
+    is the original forward (generation is unchanged). Patch before wrapping (DDP, peft): the wrappers pass
+    the keyword through to this forward, so gradient hooks stay intact. Raises ValueError when the model is
+    not :func:`fused_head_supported`."""
+    m = _innermost(model)
+    if getattr(m, _FUSED_FLAG, False):
+        return model
+    if not fused_head_supported(m):
+        raise ValueError(f"{type(m).__name__}: logits are not a plain projection of the last hidden state; "
+                         "the fused LM head does not apply")
+    original = m.forward
+    backbone_name = m.base_model_prefix
+
+    @functools.wraps(original)
+    def forward(*args: Any, critique_rl_fused: tuple | None = None, **kwargs: Any) -> Any:
+        if critique_rl_fused is None:
+            return original(*args, **kwargs)
+        ids, tau, with_entropy, chunk_rows = critique_rl_fused
+        kwargs.pop("logits_to_keep", None)
+        hidden = getattr(m, backbone_name)(*args, **kwargs).last_hidden_state
+        T = ids.shape[1]
+        h = hidden[:, -(T + 1) : -1]
+        logp, ent = linear_selective_log_softmax(h, m.get_output_embeddings().weight, ids, chunk_rows,
+                                                 temperature=tau, with_entropy=with_entropy)
+        return {"logp": logp, "entropy": ent}
+
+    m.forward = forward
+    setattr(m, _FUSED_FLAG, True)
+    return model

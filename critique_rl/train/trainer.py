@@ -72,7 +72,7 @@ from critique_rl.tasks import Task, get_task, load_callable
 from critique_rl.templates import check_templates
 from critique_rl.train import checkpoint as ckpt
 from critique_rl.train import distributed as dist
-from critique_rl.train.batching import pack
+from critique_rl.train.batching import enable_fused_head, fused_head_supported, pack
 from critique_rl.train.critique_step import (
     choose_refinements,
     critique_requests,
@@ -372,6 +372,14 @@ class CritiqueGRPOTrainer:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _fused_head(self) -> bool:
+        """``fused_lm_head``: ``auto`` = on a GPU, when the model's logits are a plain projection."""
+        mode, supported = self.cfg.fused_lm_head, fused_head_supported(self.model)
+        if mode == "on" and not supported:
+            raise ConfigError("fused_lm_head", "on", f"{type(self._policy_module()).__name__} scales or soft-caps "
+                              "its logits; use auto or off")
+        return mode == "on" or (mode == "auto" and supported and self.accelerator.device.type == "cuda")
+
     def _policy_module(self) -> Any:
         """The transformers model itself (below a peft wrapper, if any)."""
         from critique_rl.lora import is_lora
@@ -504,6 +512,10 @@ class CritiqueGRPOTrainer:
             self.ref_model = copy.deepcopy(self._policy()).eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
+        if self._fused_head():  # after the reference copy: each model gets its own patched forward
+            enable_fused_head(self.model)
+            if self.ref_model is not None:
+                enable_fused_head(self.ref_model)
         self.generator = self._vllm_engine() if cfg.rollout_backend == "vllm" else build_generator(
             "hf", self._policy(), self.tokenizer, batch_size=cfg_bs(cfg), autocast=self.accelerator.autocast)
         if self.world > 1:  # ranks sample different completions (the same seed would correlate them)
