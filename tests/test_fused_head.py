@@ -88,3 +88,19 @@ def test_trainer_with_the_fused_head_matches_the_logits_path(fast_config, tmp_pa
         for key in ("loss/total", "grad_norm", "entropy", "kl"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     assert runs[0][-1]["kl"] > 0
+
+
+def test_plain_and_chunked_token_logprobs_agree(monkeypatch):
+    """Small inputs take the plain fp32 log-softmax (reproducible runs), large ones the chunked path."""
+    import critique_rl.train.batching as batching
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 97, generator=g, dtype=torch.float64).float().requires_grad_(True)
+    ids = torch.randint(0, 97, (3, 5), generator=g)
+    plain = batching.token_logprobs(x, ids, temperature=0.9)
+    monkeypatch.setattr(batching, "PLAIN_FP32_BYTES", 0)
+    chunked = batching.token_logprobs(x, ids, 4, temperature=0.9)
+    torch.testing.assert_close(plain, chunked, rtol=0, atol=1e-5)
+    (gp,) = torch.autograd.grad(plain.sum(), x)
+    (gc,) = torch.autograd.grad(chunked.sum(), x)
+    torch.testing.assert_close(gp, gc, rtol=0, atol=1e-6)

@@ -110,7 +110,7 @@ def completion_logprobs(
         use_cache=False,
     )
     raw = out.logits[:, :-1, :]
-    logp = selective_log_softmax(raw, batch.completion_ids, chunk_rows, temperature=temperature)
+    logp = token_logprobs(raw, batch.completion_ids, chunk_rows, temperature=temperature)
     ent = None
     if entropy != "none":
         ent = chunked_entropy(raw, chunk_rows, grad=entropy == "grad", temperature=temperature)
@@ -193,3 +193,21 @@ def enable_fused_head(model: torch.nn.Module) -> torch.nn.Module:
     m.forward = forward
     setattr(m, _FUSED_FLAG, True)
     return model
+
+
+PLAIN_FP32_BYTES = 64 * 2**20
+"""Score tensors whose float32 copy is at most this size (tiny vocabularies, CPU runs) take the plain
+``log_softmax(logits.float() / tau)`` path: bit-identical to earlier releases, so runs on the same machine
+reproduce; larger ones (a 150k vocabulary: gigabytes) take the chunked path. Both compute the same quantity."""
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, chunk_rows: int = 1024, *,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """``log softmax(logits / tau)[ids]`` as float32 ``[...]``: plain for small inputs (see
+    :data:`PLAIN_FP32_BYTES`), else :func:`~critique_rl.algos.logprobs.selective_log_softmax` in row chunks."""
+    if logits.numel() * 4 > PLAIN_FP32_BYTES:
+        return selective_log_softmax(logits, ids, chunk_rows, temperature=temperature)
+    x = logits.float()
+    if temperature != 1.0:
+        x = x / temperature
+    return torch.log_softmax(x, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)

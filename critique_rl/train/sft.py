@@ -11,9 +11,8 @@ from typing import Any
 
 import torch
 
-from critique_rl.algos.logprobs import selective_log_softmax
 from critique_rl.errors import UserError
-from critique_rl.train.batching import pack
+from critique_rl.train.batching import pack, token_logprobs
 
 
 def length_buckets(lengths: list[int], num_buckets: int = 4) -> list[list[int]]:
@@ -60,8 +59,8 @@ def sft_warmup(
         T = batch.completion_len
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids, logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
-        # cross entropy -log softmax(z)[a], in row chunks (no [B, T, V] float32 copy)
-        nll = -selective_log_softmax(logits, batch.completion_ids)
+        # cross entropy -log softmax(z)[a] (in row chunks past PLAIN_FP32_BYTES: no [B, T, V] float32 copy)
+        nll = -token_logprobs(logits, batch.completion_ids)
         mask = batch.completion_mask.float()
         loss = (nll * mask).sum() / mask.sum()
         loss.backward()
