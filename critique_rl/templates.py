@@ -1,5 +1,7 @@
-"""jinja2 templates, rendered in the sandbox. Packaged templates live in critique_rl/prompts/*.j2;
-a user folder (``template_dir``) overrides them file by file.
+"""jinja2 templates, rendered in the sandbox. The packaged templates live in the top-level ``prompts/`` folder
+of the repository (``prompts/*.j2``: copy it, edit, and point ``critic.template_dir`` at your copy); the wheel
+carries them as package data ``critique_rl/prompts/*.j2`` (a setuptools ``package-dir`` mapping, see
+``pyproject.toml``). A user folder (``template_dir``) overrides them file by file.
 
 Text from critics and memory is data: it is only ever passed as a template *variable*, never compiled as a
 template, so ``{{ ... }}`` inside a critique stays literal text.
@@ -16,7 +18,21 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from critique_rl.errors import UserError
 
-PACKAGED_PROMPTS = Path(__file__).parent / "prompts"
+TEMPLATE_GLOB = "*.j2"
+
+
+def packaged_prompts_dir() -> Path:
+    """The folder of the packaged templates: ``critique_rl/prompts`` in an installed wheel, else (a source
+    checkout, an editable install) the repository's top-level ``prompts/``."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "prompts", here.parent / "prompts"):
+        if folder.is_dir() and any(folder.glob(TEMPLATE_GLOB)):
+            return folder
+    return here / "prompts"
+
+
+PACKAGED_PROMPTS = packaged_prompts_dir()
+"""Where :func:`render` finds a template that ``template_dir`` does not override."""
 
 
 @lru_cache(maxsize=16)
@@ -47,6 +63,10 @@ def render(name: str, template_dir: str | None = None, **variables: Any) -> str:
     except UnicodeDecodeError:
         raise UserError(f"template {name} (critic.template_dir '{template_dir}'): not UTF-8 text; save it as "
                         "UTF-8") from None
+    except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError, RecursionError) as exc:
+        if not template_dir:  # a packaged template failing is a bug: keep its stack
+            raise
+        raise template_error(name, template_dir, exc) from None
 
 
 TEMPLATE_VARIABLES: dict[str, dict[str, Any]] = {
@@ -65,6 +85,11 @@ def template_error(name: str, template_dir: str | None, exc: Exception) -> UserE
     """One line naming the template file (and line), what is wrong and the fix."""
     where = getattr(exc, "filename", None) or name
     line = getattr(exc, "lineno", None)
+    tb = exc.__traceback__
+    while tb is not None:  # a runtime error inside a template: jinja maps its frames to the .j2 file and line
+        if tb.tb_frame.f_code.co_filename.endswith(".j2"):
+            where, line = tb.tb_frame.f_code.co_filename, tb.tb_lineno
+        tb = tb.tb_next
     at = f"{where}, line {line}" if line else where
     kinds = {"TemplateSyntaxError": "syntax error", "TemplateNotFound": "template not found",
              "TemplatesNotFound": "template not found", "UndefinedError": "undefined variable",

@@ -167,6 +167,10 @@ def test_verifier_both_forms():
     trl = Verifier(correct)
     assert trl.batched and trl.check(prompts, comps, cols) == [True, False, False]
     assert trl("4", "4") and not trl("5", "4")
+    chat_trl = Verifier(lambda completions, answer, **kw: [float(c[0]["content"] == a)
+                                                           for c, a in zip(completions, answer, strict=True)])
+    chat_trl.conversational = True  # per-sample calls with text wrap it as messages, like the batch calls
+    assert chat_trl("4", "4") and not chat_trl("5", "4")
     per_sample = Verifier(ADD.verify)
     assert not per_sample.batched
     assert per_sample.check(prompts, comps, cols) == [True, False, False]
@@ -201,8 +205,11 @@ def test_trainer_calls_trl_reward_and_verifier_with_a_chat_template(fast_config,
     cfg = fast_config(sft_steps=0, max_steps=1, eval_n=4, eval_batch_size=4, critique_on="none",
                       use_chat_template="yes", verifier=f"{verifier}:correct")
     trainer = CritiqueGRPOTrainer(model=model, tokenizer=tok, train_dataset=rows,
-                                  reward_funcs=[recording_correct, reward_func], args=cfg)
+                                  reward_funcs=[recording_correct, reward_func, "correctness"], args=cfg)
     trainer.train()
+    # the built-in correctness reward judges by the configured verifier (messages, as the verifier expects)
+    assert trainer.task.verify is trainer.verify
+    assert trainer.task.verify("25", "25") and not trainer.task.verify("24", "25")
     assert CALLS, "the reward function was never called"
     call = CALLS[-1]
     assert isinstance(call["completions"][0], list) and call["completions"][0][0]["role"] == "assistant"

@@ -368,8 +368,11 @@ class Verifier:
         return self.check(*reward_inputs(rows, texts, **inputs))
 
     def __call__(self, completion: Any, answer: Any, **columns: Any) -> bool:
+        """One completion (text or messages) against its reference; ``columns``: that row's other values."""
         if not self.batched:
             return bool(self.fn(completion_text(completion), answer))
+        if self.conversational and isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion}]
         cols = {k: [v] for k, v in columns.items()}
         return self.check([None], [completion], {**cols, "answer": [answer]})[0]
 
