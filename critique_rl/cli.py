@@ -31,12 +31,13 @@ def train(
 ) -> None:
     """Train. With no CONFIG: the embedded demo (tiny model, addition, SFT warm-up, Critique-GRPO on CPU)."""
     from critique_rl.config import load_config
-    from critique_rl.train.trainer import CritiqueGRPOTrainer, summary_table
 
     overrides = {"output_dir": output_dir, "max_steps": max_steps, "seed": seed}
     if no_progress:
         overrides["progress"] = False
-    cfg = load_config(config, **overrides)
+    cfg = load_config(config, **overrides)  # before the heavy imports: a bad config fails in about a second
+    from critique_rl.train.trainer import CritiqueGRPOTrainer, summary_table
+
     trainer = CritiqueGRPOTrainer(args=cfg)
     summary = trainer.train(resume=resume)
     if not trainer.is_main:  # under accelerate launch, one process reports
@@ -55,11 +56,6 @@ def eval_cmd(
     device: str = typer.Option("auto", "--device"),
 ) -> None:
     """Evaluate a saved policy: accuracy (greedy), pass@k, mean completion length. Prints JSON."""
-    from critique_rl.models import format_prompt, load_policy, wants_chat_template
-    from critique_rl.rollout.factory import build_generator
-    from critique_rl.tasks import get_task
-    from critique_rl.train.evaluate import EVAL_SEED, evaluate
-
     if k < 1:
         raise UserError(f"--k {k}: must be >= 1")
     if n < 1:
@@ -68,8 +64,11 @@ def eval_cmd(
         raise UserError(f"--temperature {temperature}: use a finite value > 0 (sampling temperature for pass@k)")
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device {device!r}: choose auto, cpu or cuda")
-    if not checkpoint.is_dir():
-        raise UserError(f"checkpoint '{checkpoint}' is not a folder; pass run_dir/final or a checkpoint-*/ folder")
+
+    from critique_rl.models import format_prompt, load_policy, wants_chat_template
+    from critique_rl.rollout.factory import build_generator
+    from critique_rl.tasks import get_task
+    from critique_rl.train.evaluate import EVAL_SEED, evaluate
     path = checkpoint / "model" if (checkpoint / "model" / "config.json").is_file() else checkpoint
     t = get_task(task)
     model, tok = load_policy(path, device=device)

@@ -105,3 +105,28 @@ def test_public_api_names():
 
     assert critique_rl.CritiqueGRPOConfig is TrainConfig
     assert critique_rl.CritiqueGRPOTrainer.__name__ == "CritiqueGRPOTrainer"
+
+
+def test_vllm_example_configs_are_valid(tmp_path):
+    from pathlib import Path
+
+    from critique_rl.config import DEMO_PRESET
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    for name, mode in (("vllm_colocate_1gpu.yaml", "colocate"), ("vllm_server_8gpu.yaml", "server")):
+        data = yaml.safe_load((root / name).read_text())
+        data["model"] = str(tmp_path)  # the recipes point at a local dir that exists only on the GPU box
+        cfg = from_dict(TrainConfig, data)
+        assert cfg.rollout_backend == "vllm" and cfg.vllm.mode == mode and cfg.tis_cap == 2.0
+    assert cfg.vllm.base_url and cfg.critic.base_url
+    demo = load_config(root / "demo_vllm_cpu.yaml")
+    assert demo.rollout_backend == "vllm"
+    assert demo == dataclasses_replace(load_config(None, output_dir="runs/demo_vllm"), rollout_backend="vllm")
+    assert set(yaml.safe_load((root / "demo_vllm_cpu.yaml").read_text())) == set(DEMO_PRESET) | {"rollout_backend",
+                                                                                                 "vllm"}
+
+
+def dataclasses_replace(cfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)

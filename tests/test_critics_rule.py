@@ -6,7 +6,6 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from jinja2.exceptions import SecurityError
 
 from critique_rl.config import CriticConfig
 from critique_rl.critics import (
@@ -136,7 +135,7 @@ def test_user_template_dir_overrides_and_sandbox(tmp_path: Path):
     critic = RuleCritic("indicative", template_dir=str(tmp_path))
     assert critic.critique([req()])[0].text == "WRONG: 84"
     (tmp_path / "critique_ground_truth.j2").write_text("{{ answer.__class__.__mro__[1].__subclasses__() }}")
-    with pytest.raises(SecurityError):
+    with pytest.raises(UserError, match="forbidden by the sandbox"):  # the sandbox holds; one line, no stack
         RuleCritic("ground_truth", template_dir=str(tmp_path)).critique([req()])
 
 

@@ -317,10 +317,6 @@ class OpenAICritic(BaseCritic):
         last: _AttemptError | None = None
         probe = False
         for attempt in range(self.max_retries + 1):
-            if not probe:  # the probe keeps its retries; every other request checks the breaker before each try
-                blocked, probe = self._circuit_gate()
-                if blocked is not None:  # the endpoint is backed off: fail now, without a request
-                    return CritiqueFailure(blocked, time.perf_counter() - t0)
             if attempt:
                 assert last is not None
                 delay = self.backoff_delay(attempt - 1, last.retry_after)
@@ -329,6 +325,12 @@ class OpenAICritic(BaseCritic):
                 await asyncio.sleep(delay)
             try:
                 async with sem:
+                    # the breaker is checked right before each try (after waiting for a slot): requests queued
+                    # behind the failures that opened it never reach the server; the probe keeps its retries
+                    if not probe:
+                        blocked, probe = self._circuit_gate()
+                        if blocked is not None:
+                            return CritiqueFailure(blocked, time.perf_counter() - t0)
                     logger.debug("critic request to %s model=%s attempt=%d", self.url, self.model, attempt + 1)
                     text, p_tok, c_tok = await asyncio.wait_for(
                         self._post(client, messages, temperature), timeout=self.timeout_s

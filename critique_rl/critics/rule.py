@@ -1,7 +1,7 @@
 """Rule critic: critiques rendered from the verifier's verdict and the reference answer, no model.
 
-Templates ``critique_indicative.j2`` and ``critique_ground_truth.j2`` (packaged in ``critique_rl/prompts``,
-overridable file by file with ``template_dir``) are rendered in jinja2's sandbox; the response and the
+Templates ``critique_indicative.j2`` and ``critique_ground_truth.j2`` (the top-level ``prompts/`` folder,
+packaged into the wheel; overridable file by file with ``template_dir``) are rendered in jinja2's sandbox; the response and the
 reference are template variables, so their text comes back literally.
 """
 

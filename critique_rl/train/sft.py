@@ -71,7 +71,6 @@ def sft_warmup(
             if in_a_row >= max(1, max_nonfinite):
                 raise UserError(f"SFT warm-up: the loss or gradient norm was NaN/inf in {in_a_row} steps in a row "
                                 f"(step {step + 1}); lower sft_learning_rate or check the data")
-            sched.step()
             losses.append(loss.item())
             continue
         in_a_row = 0

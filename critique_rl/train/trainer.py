@@ -263,8 +263,8 @@ class CritiqueGRPOTrainer:
         check_templates(cfg.critic.template_dir)
         self._nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps)
         self._critic_errors_seen = 0.0
-        warn = (lambda msg: console.print(f"[bold yellow]warning: {msg}[/]")) if self.accelerator.is_main_process \
-            else None
+        warn = (lambda msg: console.print(f"[bold yellow]warning: {msg}[/]", soft_wrap=True, markup=True)) \
+            if self.accelerator.is_main_process else None
         resume_from = ckpt.latest_valid_checkpoint(self.out / "checkpoints", warn=warn) if resume else None
         if resume and resume_from is None and self.is_main:
             console.print(f"[yellow]--resume: no checkpoint under {self.out / 'checkpoints'}; starting fresh[/]")
@@ -319,7 +319,8 @@ class CritiqueGRPOTrainer:
             MemoryHook.restore(resume_from / "memory.sqlite", bank_path)
         elif not given and MemoryHook.begin_fresh_run(bank_path, self.out):
             console.print(f"[bold yellow]warning: {self.out} was started before and has no checkpoint to resume; "
-                          f"the memory bank {bank_path} was put back to how it was when the run first started[/]")
+                          f"the memory bank {bank_path} was put back to how it was when the run first started[/]",
+                          soft_wrap=True)
         if not given:
             self.memory = MemoryBank(bank_path, config=cfg.memory, critic=self.critic)
         mem_cfg = cfg.memory if cfg.memory.enabled else dataclasses.replace(cfg.memory, enabled=True)  # memory= given
@@ -942,14 +943,16 @@ class CritiqueGRPOTrainer:
         ``critic.max_failure_share`` of them failed. ``critic/*`` counters are summed over processes, so every
         rank takes the same decision."""
         requests, errors = metrics.get("critic/requests") or 0.0, metrics.get("critic/errors") or 0.0
-        new = errors - self._critic_errors_seen
         where = getattr(self.critic, "url", None) or self.cfg.critic.model or self.cfg.critic.backend
         last = getattr(self.critic, "last_error", None)
         detail = f"; last error: {last}" if last else ""
-        if new > 0 and self.is_main and (self._critic_errors_seen == 0 or self.step % 10 == 0):
-            console.print(f"[bold red]warning: critic at {where}: {new:.0f} request(s) failed by step {self.step} "
-                          f"({errors:.0f} of {requests:.0f} so far{detail}); they fell back to rule critiques[/]")
-        self._critic_errors_seen = errors
+        # warn at the first failures, then (while more fail) every 10 steps and at the last step
+        if errors > self._critic_errors_seen and (self._critic_errors_seen == 0 or self.step % 10 == 0
+                                                   or self.step >= self.cfg.max_steps):
+            if self.is_main:
+                console.print(f"[bold red]warning: critic at {where}: {errors:.0f} of {requests:.0f} requests failed "
+                              f"so far (step {self.step}{detail}); they fell back to rule critiques[/]", soft_wrap=True)
+            self._critic_errors_seen = errors
         share = self.cfg.critic.max_failure_share
         if share < 1.0 and requests >= CRITIC_MIN_REQUESTS and errors > share * requests:
             raise UserError(f"critic at {where} failed {errors:.0f} of {requests:.0f} requests by step {self.step} "

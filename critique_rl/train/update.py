@@ -25,8 +25,10 @@ import torch
 from critique_rl.algos import (
     aggregate_loss,
     kl_k3,
+    mismatch_stats,
     ppo_clip_loss,
     shaped_offpolicy_loss,
+    tis_weights,
     topk_logprobs,
     topk_reverse_kl,
 )
@@ -53,6 +55,10 @@ class UpdateBatch:
     """Bool ``[N]``: rows that get the top-K distillation term."""
     ref_logp: torch.Tensor | None = None
     """``[N, T]`` reference-policy log-probs (KL term), or None when ``kl_beta`` is 0."""
+    sampling_logp: torch.Tensor | None = None
+    """``[N, T]`` log-probs the rollout engine recorded while sampling the on-policy rows (``Completion.logprobs``),
+    or None. Used for truncated importance sampling (``tis_cap``) and the ``mismatch/*`` metrics; refinement rows
+    (sampled under another prompt) are never reweighted."""
 
 
 @dataclass(frozen=True)
@@ -139,10 +145,13 @@ def policy_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, accele
     use_topk = ub.teacher_topk_logp is not None and cfg.distill_weight > 0
     ent_mode = "grad" if cfg.entropy_coef > 0 else "detached"
     stats = dict.fromkeys(STAT_KEYS, 0.0)
+    samp_logp = ub.sampling_logp.to(dev) if ub.sampling_logp is not None else None
+    mismatch: dict[str, float] = {}
+    mismatch_tokens = 0.0
     skipped = 0
     model.train()
     model.zero_grad(set_to_none=True)  # gradients come from this batch only (never from earlier code)
-    for _ in range(cfg.num_iterations):
+    for it in range(cfg.num_iterations):
         iter_loss = 0.0
         for j, (sl, real) in enumerate(slices):
             mb = tokens.select(sl)
@@ -154,6 +163,8 @@ def policy_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, accele
                 logp, ent = scores.logp, scores.entropy
                 old = old_logp[sl] if old_logp is not None else logp.detach()
                 on_loss, clipped = ppo_clip_loss(logp, old, adv[sl], cfg.clip_eps_low, cfg.clip_eps_high)
+                if samp_logp is not None and cfg.tis_cap is not None:  # TIS: w = min(pi_old / pi_engine, C)
+                    on_loss = on_loss * tis_weights(old, samp_logp[sl], cfg.tis_cap)
                 off_loss = shaped_offpolicy_loss(logp, adv[sl], cfg.offpolicy_gamma)
                 per_token = torch.where(is_off, off_loss, on_loss)
                 kl = kl_k3(logp, ref_logp[sl]) if ref_logp is not None else None
@@ -188,6 +199,11 @@ def policy_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, accele
                     stats["loss/entropy"] -= cfg.entropy_coef * aggregate_loss(ent, mask, **agg).item()
                 if dist is not None:
                     stats["loss/distill"] += cfg.distill_weight * aggregate_loss(dist * rows, mask, **agg).item()
+                if samp_logp is not None and it == 0:  # pi_old is the same in every iteration
+                    count = float(on_mask.sum())
+                    for k, v in mismatch_stats(old, samp_logp[sl], on_mask, cfg.tis_cap).items():
+                        mismatch[k] = mismatch.get(k, 0.0) + v.item() * count
+                    mismatch_tokens += count
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
         if _any_process(accelerator, not (math.isfinite(iter_loss) and math.isfinite(grad_norm))):
             optimizer.zero_grad(set_to_none=True)  # a NaN/inf update never reaches the weights
@@ -199,11 +215,14 @@ def policy_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, accele
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         stats["grad_norm"] += grad_norm
-    scheduler.step()
+    if skipped < cfg.num_iterations:  # no optimizer step at all: the schedule waits too
+        scheduler.step()
     for k in STAT_KEYS:
         stats[k] /= cfg.num_iterations
     stats["lr"] = scheduler.get_last_lr()[0]
     stats["nonfinite_skipped"] = float(skipped)
+    for k, v in mismatch.items():  # engine vs trainer, token means over the on-policy tokens
+        stats[f"mismatch/{k}"] = v / max(mismatch_tokens, 1.0)
     return stats
 
 
