@@ -333,7 +333,8 @@ class TrainConfig:
     """C of truncated importance sampling (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You
     Off-Policy RL Training"): on-policy token losses are weighted by min(pi_old / pi_engine, C), the trainer's
     probability of each sampled token over the rollout engine's. null = no correction (the mismatch is still
-    logged as mismatch/*). With `hf` the two agree up to numerics, so the weight is ~1."""
+    logged as mismatch/*). Applied only with a separate engine (`vllm`): with `hf` the sampler is the trained
+    module itself, so the ratio is 1 up to float noise and is logged, not applied."""
 
     # --- Critique-GRPO (arXiv:2506.03106) -----------------------------------------------------------------
     critique_on: Literal["none", "all_wrong_groups", "wrong", "all"] = "all_wrong_groups"

@@ -618,15 +618,18 @@ class CritiqueGRPOTrainer:
                               ref_completions=ref_completions, ref_rewards=R_ref, ref_passed=passed_ref,
                               ref_correct=ref_correct)
 
-    def _refinement_slots(self) -> int:
-        """k: refinement slots per group (constant whenever a critic is on, so groups stack across processes)."""
-        return self.cfg.refinements_per_group if self.critic is not None else 0
+    def _refinement_slots(self, crit: CritiqueResult | None) -> int:
+        """k: refinement slots per group. With several processes it is constant whenever a critic is on (the
+        groups of every process stack into one tensor); with one, a step with no critique has none."""
+        if self.critic is None or (crit is None and self.world == 1):
+            return 0
+        return self.cfg.refinements_per_group
 
     def _mixed_group(self, batch: RolloutBatch, crit: CritiqueResult | None):
         """Rewards ``[G, n+k, K]`` and pass mask ``[G, n+k]`` of initial samples plus kept refinements (empty
         slots: NaN and masked), and the refinements kept as ``(group, slot, j)``."""
         n, K, G = batch.group_size, batch.rewards.shape[-1], batch.num_groups
-        k = self._refinement_slots()
+        k = self._refinement_slots(crit)
         R_mix = torch.full((G, n + k, K), float("nan"))
         R_mix[:, :n] = batch.rewards.view(G, n, K)
         passed_mix = torch.zeros(G, n + k, dtype=torch.bool)

@@ -163,7 +163,9 @@ def policy_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, accele
                 logp, ent = scores.logp, scores.entropy
                 old = old_logp[sl] if old_logp is not None else logp.detach()
                 on_loss, clipped = ppo_clip_loss(logp, old, adv[sl], cfg.clip_eps_low, cfg.clip_eps_high)
-                if samp_logp is not None and cfg.tis_cap is not None:  # TIS: w = min(pi_old / pi_engine, C)
+                # TIS, w = min(pi_old / pi_engine, C), when a separate engine sampled (with hf the sampler is the
+                # trained module itself: the ratio is 1 up to float noise, logged as mismatch/* but not applied)
+                if samp_logp is not None and cfg.tis_cap is not None and cfg.rollout_backend != "hf":
                     on_loss = on_loss * tis_weights(old, samp_logp[sl], cfg.tis_cap)
                 off_loss = shaped_offpolicy_loss(logp, adv[sl], cfg.offpolicy_gamma)
                 per_token = torch.where(is_off, off_loss, on_loss)
