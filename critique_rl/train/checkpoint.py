@@ -84,7 +84,7 @@ def save_checkpoint(
     if final.exists():  # re-saving the same step (e.g. resumed then saved again)
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    _fsync_path(root)
     for cp in list_checkpoints(root):  # newer steps belong to an abandoned timeline (e.g. a damaged newest one)
         m = _NAME.match(cp.name)
         if m and int(m.group(1)) > step:
@@ -112,21 +112,13 @@ def _fsync_tree(path: Path) -> None:
     """fsync every file under ``path``, then the folders (so a rename never publishes unwritten data)."""
     for f in path.rglob("*"):
         if f.is_file():
-            try:
-                fd = os.open(f, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            _fsync_path(f)
     for d in [*(d for d in path.rglob("*") if d.is_dir()), path]:
-        _fsync_dir(d)
+        _fsync_path(d)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_path(path: Path) -> None:
+    """fsync one file or folder; best effort (a filesystem without fsync on folders is not an error)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -137,6 +129,7 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
