@@ -41,6 +41,7 @@ from critique_rl.config import VLLMConfig
 from critique_rl.errors import UserError
 from critique_rl.rollout.base import Completion, SamplingParams
 
+_INPROC = "VLLM_ENABLE_V1_MULTIPROCESSING"
 PolicyRef = nn.Module | Callable[[], nn.Module]
 """The policy module, or a zero-argument function returning it (for a trainer that re-wraps its module, e.g.
 with LoRA adapters, after the engine was built)."""
@@ -70,20 +71,12 @@ def _resolve(policy: PolicyRef) -> nn.Module:
 
 def policy_weights(policy: nn.Module) -> dict[str, torch.Tensor]:
     """The policy's weights under their transformers names, as the engine loads them: LoRA adapters merged
-    (:func:`critique_rl.lora.merged_copy`, the live model untouched), wrappers removed, tensors detached. A
-    weight tied to an earlier one (``lm_head`` = embeddings) is listed once, under the first name."""
+    (:func:`critique_rl.lora.merged_copy`, the live model untouched), wrappers removed, tensors detached. Tied
+    weights keep both names (``lm_head.weight`` and the embeddings): vLLM re-processes a layer after an in-place
+    reload only once all of its weights arrived, tied head included."""
     from critique_rl.lora import merged_copy, unwrap
 
-    model = merged_copy(unwrap(policy))
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, t in model.state_dict().items():
-        ptr = t.data_ptr()
-        if ptr in seen:
-            continue
-        seen.add(ptr)
-        out[name] = t.detach()
-    return out
+    return {name: t.detach() for name, t in merged_copy(unwrap(policy)).state_dict().items()}
 
 
 def engine_dtype(requested: str, policy: nn.Module) -> str:
@@ -124,8 +117,8 @@ def to_completion(ids: list[int], logprobs: list[float], finished: bool, tokeniz
 
 
 class _RNGGuard:
-    """Keeps the caller's Python / NumPy / torch RNG states across vLLM calls that reseed them (``LLM(seed=...)``
-    seeds the global generators when the engine core runs in this process)."""
+    """Keeps the caller's Python / NumPy / torch RNG states across building an engine (``LLM(seed=...)`` seeds the
+    global generators when the engine core runs in this process)."""
 
     def __enter__(self) -> None:
         self.states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
@@ -159,7 +152,6 @@ class VLLMGenerator:
         self.weights_fn = weights_fn
         self.syncs = 0
         self._sleeping = False
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process: in-place loads
         vllm = import_vllm()
         from vllm.platforms import current_platform
 
@@ -167,7 +159,7 @@ class VLLMGenerator:
         if workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="critique_rl_vllm_")
             workdir = self._tmp.name
-        folder = write_engine_dir(model, tokenizer, Path(workdir) / "engine")
+        folder = write_engine_dir(model, tokenizer, Path(workdir) / "vllm_engine")
         cfg = self.config
         on_cpu = current_platform.is_cpu()
         self.sleep_mode = bool(cfg.sleep and current_platform.is_sleep_mode_available())
@@ -186,8 +178,14 @@ class VLLMGenerator:
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"  # one engine per trainer process
-        with _RNGGuard():
-            self.llm = vllm.LLM(**kwargs)
+        previous = os.environ.get(_INPROC)
+        os.environ[_INPROC] = previous if previous is not None else "0"  # engine core here: in-place weight loads
+        try:
+            with _RNGGuard():
+                self.llm = vllm.LLM(**kwargs)
+        finally:  # servers or engines started later from this process keep their own default
+            if previous is None:
+                os.environ.pop(_INPROC, None)
         self.sync_weights()
 
     # -- weights -----------------------------------------------------------------------------------------------
@@ -236,9 +234,10 @@ class VLLMGenerator:
             return []
         self.wake_up()
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        with _RNGGuard():
-            outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], self.sampling_params(params),
-                                     use_tqdm=False)
+        # in this process vLLM samples from the global torch generator, as transformers generate does: seeded
+        # runs repeat, and successive calls draw fresh numbers
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], self.sampling_params(params),
+                                 use_tqdm=False)
         result = []
         for out in outs:
             group = []
@@ -318,7 +317,13 @@ class VLLMServerGenerator:
 
             self.sync_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.sync_dir / "model.safetensors.tmp"
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(tmp))
+            seen: set[int] = set()
+            tensors = {}
+            for k, v in weights.items():  # safetensors refuses shared storage (tied weights): copy repeats
+                v = v.detach().to("cpu").contiguous()
+                tensors[k] = v.clone() if v.data_ptr() in seen else v
+                seen.add(v.data_ptr())
+            save_file(tensors, str(tmp))
             os.replace(tmp, self.sync_dir / "model.safetensors")
             self._post(f"{self.root}/collective_rpc",
                        {"method": "reload_weights", "kwargs": {"weights_path": str(self.sync_dir.resolve())}},
