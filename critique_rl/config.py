@@ -370,6 +370,14 @@ class TrainConfig:
     checkpoint_every: int = 20
     keep_checkpoints: int = 2
     progress: bool = True
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers fed the same scalars, under the same names and steps, as metrics.jsonl (which is
+    always written): any of `tensorboard`, `wandb`, `trackio` (through accelerate's trackers; install with
+    `pip install "critique-rl[trackers]"`), or `all`. TensorBoard writes under `<output_dir>/tensorboard`;
+    wandb runs offline with no network when `WANDB_MODE=offline` is set (its files go under `<output_dir>`);
+    trackio keeps a local SQLite database (`$TRACKIO_DIR`). Only the main process logs."""
+    tracker_project: str = "critique-rl"
+    """Project name given to the trackers (the wandb/trackio project; TensorBoard's run folder)."""
 
     critic: CriticConfig = field(default_factory=CriticConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -416,6 +424,7 @@ class TrainConfig:
                               f"the byte-level tokenizer needs at least {TINY_MIN_VOCAB} tokens (256 bytes + 3 "
                               f"special tokens); use >= {TINY_MIN_VOCAB}, e.g. 512")
         _positive("max_nonfinite_steps", self.max_nonfinite_steps)
+        _check_trackers(self.report_to)
         if self.tis_cap is not None:
             _positive("tis_cap", self.tis_cap)
         if not 0.0 <= self.sft_refine_fraction <= 1.0:
@@ -514,6 +523,18 @@ def _nonfinite(value: Any, depth: int = 0) -> bool:
     if isinstance(value, dict):
         return any(_nonfinite(v, depth + 1) for v in value.values())
     return False
+
+
+TRACKERS = ("tensorboard", "wandb", "trackio")
+
+
+def _check_trackers(names: list[str]) -> None:
+    for name in names:
+        if name not in (*TRACKERS, "all"):
+            raise ConfigError("report_to", names, f"'{name}' is not a tracker; use a list of {', '.join(TRACKERS)} "
+                              "(or [all]), or [] for metrics.jsonl only")
+    if "all" in names and len(names) > 1:
+        raise ConfigError("report_to", names, "`all` stands alone; write [all] or list the trackers")
 
 
 def _check_finite(obj: Any, prefix: str = "") -> None:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import ProjectConfiguration
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -85,6 +86,7 @@ from critique_rl.train.metrics import JsonlWriter, plot_curves, read_jsonl
 from critique_rl.train.rollout_batch import AdvantagePlan, CritiqueResult, RolloutBatch
 from critique_rl.train.sampler import PromptSampler
 from critique_rl.train.sft import sft_warmup
+from critique_rl.train.trackers import flat_config, resolve_trackers, scalars, tracker_init_kwargs
 from critique_rl.train.update import NonFiniteGuard, Normalisation, UpdateBatch, policy_update, score_tokens
 
 __all__ = ["EVAL_SEED", "CritiqueGRPOTrainer", "resolve_mixed_precision", "summary_table"]
@@ -244,9 +246,12 @@ class CritiqueGRPOTrainer:
             # a second trainer in this process with another precision (a notebook, a benchmark's arms): accelerate
             # keeps one global state; drop it (the process group, PartialState, is kept)
             AcceleratorState._reset_state()
+        self.trackers = resolve_trackers(cfg.report_to)
         self.accelerator = Accelerator(
             mixed_precision=precision,
             cpu=(cfg.device == "cpu") or (cfg.device == "auto" and not torch.cuda.is_available()),
+            log_with=self.trackers or None,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "tensorboard")),
         )
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
@@ -304,6 +309,9 @@ class CritiqueGRPOTrainer:
         self.memory_hook = self._build_memory(resume_from) if self.is_main else None
         if self.is_main:
             cfg.save_yaml(self.out / "config.yaml")
+        if self.trackers:  # accelerate starts them on the main process only
+            self.accelerator.init_trackers(cfg.tracker_project, config=flat_config(cfg.to_dict()),
+                                           init_kwargs=tracker_init_kwargs(self.trackers, self.out, self.out.name))
         return resume_from
 
     def _build_memory(self, resume_from: Path | None) -> Any:
@@ -906,7 +914,11 @@ class CritiqueGRPOTrainer:
     def train(self, resume: bool = False) -> dict[str, Any]:
         """Run SFT warm-up (unless resuming), RL for ``max_steps``, and write the run directory."""
         with quiet_library_progress(), deterministic_mode(self.cfg.deterministic):
-            return self._train(resume)
+            try:
+                return self._train(resume)
+            finally:  # flush and close the trackers, on success and on errors alike
+                if getattr(self, "trackers", None):
+                    self.accelerator.end_training()
 
     def _train(self, resume: bool) -> dict[str, Any]:
         t_start = self._t_start = time.perf_counter()
@@ -966,6 +978,8 @@ class CritiqueGRPOTrainer:
     def _write_metrics(self, row: dict[str, Any]) -> None:
         if self.is_main:
             self.metrics_log.write(row)
+        if self.trackers:  # the same scalars under the same names and step
+            self.accelerator.log(scalars(row), step=int(row["step"]))
 
     def _run_totals(self) -> dict[str, Any]:
         """Critique and memory totals over the whole run (from metrics.jsonl, so resumed runs count too)."""
@@ -1002,7 +1016,7 @@ class CritiqueGRPOTrainer:
             self._save()
         if self.is_main:
             self.summary.update(self._run_totals())
-            self.metrics_log.write({"step": self.step, **_eval_metrics(final), "final": True})
+            self._write_metrics({"step": self.step, **_eval_metrics(final), "final": True})
             self.metrics_log.close()
             self.rollout_log.close()
             self._save_final(self.out / "final")
