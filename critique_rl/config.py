@@ -165,6 +165,39 @@ class LoraConfig:
 
 
 @dataclass
+class AgentConfig:
+    """Multi-turn agent training (critique_rl/agents): episodes in an environment instead of single answers.
+
+    With ``env`` set, `critique-rl train` runs :class:`critique_rl.agents.EpisodeTrainer`: ``num_generations``
+    episodes per task form a GRPO group, ``generation_batch_size`` episodes per step; critiques are written per
+    episode and refined episodes re-run with the critique in context; memory is read at reset and written after."""
+
+    env: str | None = None
+    """A built-in env (`guess_number`) or `package.module:function` returning an `EnvSpec`. None = single-turn."""
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the env constructor (guess_number: max_guesses)."""
+    task_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the env's task generator (guess_number: lo, hi)."""
+    max_turns: int = 4
+    """Policy turns per episode at most (an episode still running then stops with stop_reason max_turns)."""
+    max_turn_tokens: int = 8
+    """New tokens per action at most (an action cut there is kept, finished=False)."""
+    max_episode_tokens: int | None = None
+    """Tokens in the whole episode context at most; None = the model's positions."""
+    critique_source: Literal["env", "critic"] = "env"
+    """Episode critiques from the env's own rule critic (`env`, when it has one) or from the `critic:` section
+    (`critic`: rule/hf/openai over the episode transcript)."""
+    threaded_envs: bool = False
+    """Step synchronous envs in worker threads (for envs that wait on I/O); async envs always interleave."""
+
+    def __post_init__(self) -> None:
+        _positive("agent.max_turns", self.max_turns)
+        _positive("agent.max_turn_tokens", self.max_turn_tokens)
+        if self.max_episode_tokens is not None:
+            _positive("agent.max_episode_tokens", self.max_episode_tokens)
+
+
+@dataclass
 class VLLMConfig:
     """The vLLM rollout engine (``rollout_backend: vllm``): where it runs and how it gets the new weights.
 
@@ -383,6 +416,7 @@ class TrainConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
 
     def __post_init__(self) -> None:
         _check_finite(self)

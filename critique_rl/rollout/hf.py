@@ -86,9 +86,28 @@ class HFGenerator:
             flat.extend(self._generate_chunk(expanded[start : start + self.batch_size], params))
         return [flat[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
+    @torch.no_grad()
+    def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """:meth:`generate` from token ids (token in / token out: multi-turn contexts are never re-tokenized)."""
+        expanded = [p for p in prompt_ids for _ in range(params.n)]
+        flat: list[Completion] = []
+        for start in range(0, len(expanded), self.batch_size):
+            chunk = expanded[start : start + self.batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            attn = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, p in enumerate(chunk):  # left padding, as the tokenizer pads
+                ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+                attn[i, width - len(p):] = 1
+            flat.extend(self._generate_encoded({"input_ids": ids, "attention_mask": attn}, params))
+        return [flat[i * params.n : (i + 1) * params.n] for i in range(len(prompt_ids))]
+
     def _generate_chunk(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return self._generate_encoded(dict(enc), params)
+
+    def _generate_encoded(self, enc: dict[str, torch.Tensor], params: SamplingParams) -> list[Completion]:
         tok = self.tokenizer
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         device = next(self.model.parameters()).device
         enc = {k: v.to(device) for k, v in enc.items()}
         was_training = self.model.training
