@@ -377,6 +377,11 @@ class TrainConfig:
     """k refinements kept per question (correct first, else random); the group is n initial + k (paper: 7+1)."""
     offpolicy_gamma: float | None = 0.1
     """Shaping of refinement tokens, p/(p+gamma) (LUFFY, arXiv:2504.14945); null = no shaping (plain -A log p)."""
+    refinement_source: Literal["critique", "reference"] = "critique"
+    """Where the off-policy sample of a critiqued group comes from. `critique`: the policy's refinement under the
+    critique (Critique-GRPO). `reference`: the row's reference completion put into the group as is, with no
+    critic call (LUFFY-style off-policy demonstration, arXiv:2504.14945): the control that separates "a correct
+    answer in the group" from what the critique's content teaches."""
     distill_weight: float = 0.0
     """w_dir: weight of token-level directive distillation (OpenClaw-RL arXiv:2603.10165, SDPO arXiv:2601.20802);
     the teacher is the policy conditioned on the critique (the refinement prompt), the student the policy on q."""
@@ -468,6 +473,13 @@ class TrainConfig:
         _non_negative("refinements_per_group", self.refinements_per_group)
         _non_negative("distill_weight", self.distill_weight)
         _positive("distill_topk", self.distill_topk)
+        if self.refinement_source == "reference" and self.critique_on == "none":
+            raise ConfigError("refinement_source", self.refinement_source,
+                              "reference answers are injected into the groups critique_on selects; set critique_on "
+                              "(e.g. all_wrong_groups)")
+        if self.refinement_source == "reference" and self.distill_weight > 0:
+            raise ConfigError("distill_weight", self.distill_weight, "directive distillation needs critiques; with "
+                              "refinement_source: reference there are none, use 0 or refinement_source: critique")
         if self.distill_weight > 0 and (self.critic.backend == "none" or self.critique_on == "none"):
             raise ConfigError("distill_weight", self.distill_weight,
                               "directive distillation needs critiques; set critic.backend and critique_on, or 0")

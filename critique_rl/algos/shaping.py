@@ -29,3 +29,18 @@ def shaped_offpolicy_loss(logp: torch.Tensor, advantages: torch.Tensor, gamma: f
         return -adv * logp
     p = logp.exp()
     return -adv * p / (p + gamma)
+
+
+def offpolicy_coefficient(logp: torch.Tensor, gamma: float | None = 0.1) -> torch.Tensor:
+    """The factor on ``-A * grad log p_t`` that the off-policy term gives each token (a diagnostic, no grad):
+
+        shaped (LUFFY, arXiv:2504.14945):  c(p) = gamma * p / (p + gamma)^2   (at most 1/4, at p = gamma)
+        unshaped (``gamma=None``):          c(p) = 1
+
+    An on-policy token at the first PPO iteration has factor 1 (ratio 1), so ``sum |A| c`` over refinement
+    tokens against ``sum |A|`` over sampled tokens measures how much of the update the refinements drive.
+    """
+    if gamma is None:
+        return torch.ones_like(logp)
+    p = logp.detach().exp()
+    return gamma * p / (p + gamma) ** 2

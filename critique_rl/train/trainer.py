@@ -299,12 +299,17 @@ class CritiqueGRPOTrainer:
 
         self.sampler = PromptSampler(self.train_rows, cfg.seed)  # same state on every rank: global batches
         self.rng = random.Random(cfg.seed + 1 + 7919 * self.rank)  # refinement choice; checkpointed
-        if self.critic is None and cfg.critic.backend != "none" and cfg.critique_on != "none":
+        self._selection: dict[str, Any] = {"samples_total": 0, "pass_rate": None}  # data selection; checkpointed
+        if cfg.refinement_source == "reference":  # the control arm: reference answers, no critic at all
+            self.critic = None
+        elif self.critic is None and cfg.critic.backend != "none" and cfg.critique_on != "none":
             from critique_rl.critics import build_critic
 
             self.critic = build_critic(cfg.critic, policy=self.model, tokenizer=self.tokenizer, output_dir=self.out)
         if cfg.critique_on == "none":
             self.critic = None
+        # groups get an off-policy sample: a refinement from a critique, or (control) the reference answer
+        self._refines = self.critic is not None or (cfg.refinement_source == "reference" and cfg.critique_on != "none")
         self.memory_on = self.memory is not None or cfg.memory.enabled
         self.memory_hook = self._build_memory(resume_from) if self.is_main else None
         if self.is_main:
@@ -604,6 +609,8 @@ class CritiqueGRPOTrainer:
         idx = select_for_critique(batch.correct, n, mode)
         if not idx:
             return None
+        if cfg.refinement_source == "reference":
+            return self._reference_samples(batch, idx)
         texts = batch.texts
         critiques = self.critic.critique(critique_requests(self.task, batch.rows, texts, batch.correct, idx))
         teacher_prompts = [
@@ -626,10 +633,24 @@ class CritiqueGRPOTrainer:
                               ref_completions=ref_completions, ref_rewards=R_ref, ref_passed=passed_ref,
                               ref_correct=ref_correct)
 
+    def _reference_samples(self, batch: RolloutBatch, idx: list[int]) -> CritiqueResult:
+        """Control arm (``refinement_source: reference``): each selected row's reference completion (the task's
+        demonstration format, the ``answer`` on user rows) stands in for a refinement; no critique is written."""
+        eos = self.tokenizer.eos_token_id
+        ref_rows = [batch.rows[i] for i in idx]
+        texts = [self._sft_completion(row) for row in ref_rows]
+        ids = [(self._encode(t) + ([eos] if eos is not None else []))[: self.max_new_tokens] for t in texts]
+        ref_completions = [Completion(token_ids=i, logprobs=[], text=t, finished=bool(i) and i[-1] == eos)
+                           for i, t in zip(ids, texts, strict=True)]
+        R_ref, passed_ref, _ = self._score(ref_rows, ref_completions)
+        return CritiqueResult(idx=[], critiques=[], teacher_prompts=[], ref_src=list(idx),
+                              ref_completions=ref_completions, ref_rewards=R_ref, ref_passed=passed_ref,
+                              ref_correct=self._correct(ref_rows, ref_completions))
+
     def _refinement_slots(self, crit: CritiqueResult | None) -> int:
         """k: refinement slots per group. With several processes it is constant whenever a critic is on (the
         groups of every process stack into one tensor); with one, a step with no critique has none."""
-        if self.critic is None or (crit is None and self.world == 1):
+        if not self._refines or (crit is None and self.world == 1):
             return 0
         return self.cfg.refinements_per_group
 
@@ -762,7 +783,7 @@ class CritiqueGRPOTrainer:
         with timer("score"):
             batch = self._score_batch(*sampled)
         with timer("critique"):
-            crit = self._critique_and_refine(batch) if self.critic is not None else None
+            crit = self._critique_and_refine(batch) if self._refines else None
         with timer("prepare"):
             plan = self._advantages(batch, crit)
             ub, distill_metrics = self._update_batch(batch, crit, plan)

@@ -26,6 +26,7 @@ from critique_rl.algos import (
     aggregate_loss,
     kl_k3,
     mismatch_stats,
+    offpolicy_coefficient,
     ppo_clip_loss,
     shaped_offpolicy_loss,
     tis_weights,
@@ -148,6 +149,7 @@ def policy_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, accele
     samp_logp = ub.sampling_logp.to(dev) if ub.sampling_logp is not None else None
     mismatch: dict[str, float] = {}
     mismatch_tokens = 0.0
+    offdiag = dict.fromkeys(("tokens", "logp", "coef_off", "coef_on"), 0.0)  # refinement-channel diagnostics
     skipped = 0
     model.train()
     model.zero_grad(set_to_none=True)  # gradients come from this batch only (never from earlier code)
@@ -201,6 +203,15 @@ def policy_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, accele
                     stats["loss/entropy"] -= cfg.entropy_coef * aggregate_loss(ent, mask, **agg).item()
                 if dist is not None:
                     stats["loss/distill"] += cfg.distill_weight * aggregate_loss(dist * rows, mask, **agg).item()
+                if it == 0:  # how much the refinement tokens drive this update (first iteration: ratio 1)
+                    off_mask = mask - on_mask
+                    abs_adv = adv[sl].abs().expand_as(logp)
+                    offdiag["coef_on"] += float((abs_adv * on_mask).sum())
+                    if bool(is_off.any()):
+                        offdiag["tokens"] += float(off_mask.sum())
+                        offdiag["logp"] += float((logp.detach() * off_mask).sum())
+                        coef = offpolicy_coefficient(logp, cfg.offpolicy_gamma)
+                        offdiag["coef_off"] += float((abs_adv * coef * off_mask).sum())
                 if samp_logp is not None and it == 0:  # pi_old is the same in every iteration
                     count = float(on_mask.sum())
                     for k, v in mismatch_stats(old, samp_logp[sl], on_mask, cfg.tis_cap).items():
@@ -223,6 +234,10 @@ def policy_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, accele
         stats[k] /= cfg.num_iterations
     stats["lr"] = scheduler.get_last_lr()[0]
     stats["nonfinite_skipped"] = float(skipped)
+    if offdiag["tokens"]:  # mean log-prob of refinement tokens under the plain prompt; their share of the update
+        stats["offpolicy/logp_mean"] = offdiag["logp"] / offdiag["tokens"]
+        total = offdiag["coef_off"] + offdiag["coef_on"]
+        stats["offpolicy/grad_weight_share"] = offdiag["coef_off"] / total if total else 0.0
     for k, v in mismatch.items():  # engine vs trainer, token means over the on-policy tokens
         stats[f"mismatch/{k}"] = v / max(mismatch_tokens, 1.0)
     return stats
