@@ -391,6 +391,12 @@ class TrainConfig:
     """`sampled_token`: per-token advantage log pi(a|s_enh) - log pi(a|q) in the clipped loss;
     `topk_logits`: reverse KL over the teacher's top-K tokens plus a tail bin, added to the loss."""
     distill_topk: int = 20
+    distill_teacher: Literal["current", "ema"] = "current"
+    """Weights of the critique-conditioned teacher. `current`: the policy being trained (the teacher moves with
+    every update). `ema`: an exponential moving average of the policy weights, a stabilised teacher as SDPO
+    (arXiv:2601.20802) uses; costs one extra copy of the weights (also in checkpoints); single process or DDP."""
+    distill_teacher_ema: float = 0.99
+    """EMA decay of the `ema` teacher: theta_T <- decay * theta_T + (1 - decay) * theta after each update."""
     distill_on: Literal["critiqued", "all"] = "critiqued"
     """Responses distilled: those that got a critique, or all (then every response is critiqued)."""
     sft_refine_fraction: float = 0.0
@@ -473,6 +479,8 @@ class TrainConfig:
         _non_negative("refinements_per_group", self.refinements_per_group)
         _non_negative("distill_weight", self.distill_weight)
         _positive("distill_topk", self.distill_topk)
+        if not 0.0 < self.distill_teacher_ema < 1.0:
+            raise ConfigError("distill_teacher_ema", self.distill_teacher_ema, "use a decay in (0, 1), e.g. 0.99")
         if self.refinement_source == "reference" and self.critique_on == "none":
             raise ConfigError("refinement_source", self.refinement_source,
                               "reference answers are injected into the groups critique_on selects; set critique_on "

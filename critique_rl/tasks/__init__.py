@@ -8,13 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from critique_rl.errors import UserError
-from critique_rl.tasks.arithmetic import ADDITION
+from critique_rl.tasks.arithmetic import ADDITION, CARRY_ADDITION
 from critique_rl.tasks.base import Example, Task, final_answer_span, parse_number
 from critique_rl.tasks.confidence import ADDITION_CONF
 from critique_rl.tasks.strings import REVERSE
 from critique_rl.tasks.trap import TRAP
 
-TASKS: dict[str, Task] = {t.name: t for t in (ADDITION, REVERSE, ADDITION_CONF, TRAP)}
+TASKS: dict[str, Task] = {t.name: t for t in (ADDITION, CARRY_ADDITION, REVERSE, ADDITION_CONF, TRAP)}
 
 
 def register_task(task: Task) -> Task:

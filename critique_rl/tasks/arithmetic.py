@@ -58,3 +58,26 @@ ADDITION = Task(
     max_new_tokens=6,
     mistake=drop_carry,
 )
+
+
+def make_carry_addition(split: str, n: int, seed: int = 0) -> list[Example]:
+    """Two-digit additions that all need a carry (``47+38=``), from the same disjoint train/eval split."""
+    pool = [(a, b) for a, b in _split_pairs(split) if a % 10 + b % 10 >= 10]
+    rng = random.Random(seed)
+    if split == "eval":
+        chosen = rng.sample(pool, min(n, len(pool)))
+    else:
+        chosen = [rng.choice(pool) for _ in range(n)]
+    return [{"prompt": f"{a}+{b}=", "answer": str(a + b), "a": a, "b": b} for a, b in chosen]
+
+
+CARRY_ADDITION = Task(
+    name="addition_carry",
+    make_examples=make_carry_addition,
+    verify=verify_number,
+    extract=extract_number,
+    description="two-digit additions that all need a carry (the plateau task: with sft_mistake_rate near 1 the "
+                "warmed-up policy almost never carries, so most GRPO groups are all wrong)",
+    max_new_tokens=6,
+    mistake=drop_carry,
+)

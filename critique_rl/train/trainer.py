@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DistributedType, ProjectConfiguration
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -81,6 +81,7 @@ from critique_rl.train.critique_step import (
     refinement_demos,
     select_for_critique,
 )
+from critique_rl.train.ema import EmaTeacher
 from critique_rl.train.evaluate import EVAL_SEED, greedy_records, summarise_records
 from critique_rl.train.metrics import JsonlWriter, plot_curves, read_jsonl
 from critique_rl.train.rollout_batch import AdvantagePlan, CritiqueResult, RolloutBatch
@@ -526,10 +527,18 @@ class CritiqueGRPOTrainer:
             self.ref_model = copy.deepcopy(self._policy()).eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
+        self._ema_teacher = None
+        if cfg.distill_weight > 0 and cfg.distill_teacher == "ema":  # stabilised self-teacher (SDPO)
+            if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+                raise UserError("distill_teacher: ema keeps a full copy of the policy and needs unsharded weights; "
+                                "use it on one process or with DDP, or distill_teacher: current under FSDP/ZeRO")
+            self._ema_teacher = EmaTeacher(self._policy(), cfg.distill_teacher_ema)
         if self._fused_head():  # after the reference copy: each model gets its own patched forward
             enable_fused_head(self.model)
             if self.ref_model is not None:
                 enable_fused_head(self.ref_model)
+            if self._ema_teacher is not None:
+                enable_fused_head(self._ema_teacher.model)
         self.generator = self._vllm_engine() if cfg.rollout_backend == "vllm" else build_generator(
             "hf", self._policy(), self.tokenizer, batch_size=cfg_bs(cfg), autocast=self.accelerator.autocast)
         if self.world > 1:  # ranks sample different completions (the same seed would correlate them)
@@ -745,8 +754,9 @@ class CritiqueGRPOTrainer:
         student = ub.tokens.select(torch.tensor(idx))
         model, dev, ac = self._policy(), self.accelerator.device, self.accelerator.autocast
         topk = cfg.distill_topk if cfg.distill_mode == "topk_logits" else None
-        t_lp, t_tk_lp, t_tk_idx = score_tokens(model, teacher.to(dev), cfg.temperature, cfg.mini_batch_size, ac,
-                                               topk=topk)
+        teacher_model = self._ema_teacher.model if self._ema_teacher is not None else model
+        t_lp, t_tk_lp, t_tk_idx = score_tokens(teacher_model, teacher.to(dev), cfg.temperature, cfg.mini_batch_size,
+                                               ac, topk=topk)
         s_lp, _, _ = score_tokens(model, student.to(dev), cfg.temperature, cfg.mini_batch_size, ac)
         Tt = t_lp.shape[1]
         t_lp_full = torch.zeros(len(idx), T)
@@ -793,6 +803,8 @@ class CritiqueGRPOTrainer:
                                   norm_constant=float(self.max_new_tokens), norm=self._normalisation(ub),
                                   guard=self._nonfinite)
             self.generator.sync_weights()
+            if self._ema_teacher is not None:
+                self._ema_teacher.update(self._policy())
         metrics = self._metrics(batch, crit, plan)
         metrics.update(distill_metrics)
         metrics.update(stats)
@@ -905,7 +917,10 @@ class CritiqueGRPOTrainer:
         if self.is_main:
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "sampler": self.sampler.state_dict(), "summary": self.summary, "refine_rng": refine_states,
-                     "rng_per_rank": rng_states, "world_size": self.world, "critic_stats": critic_states}
+                     "rng_per_rank": rng_states, "world_size": self.world, "critic_stats": critic_states,
+                     "selection": self._selection}
+            if self._ema_teacher is not None:
+                state["distill_teacher_ema"] = self._ema_teacher.state_dict()
             extra = {"memory.sqlite": self.memory_hook.snapshot} if self.memory_hook is not None else None
             ckpt.save_checkpoint(self.out / "checkpoints", self.step, self._policy(), self.tokenizer, state,
                                  keep=self.cfg.keep_checkpoints, extra_files=extra)
@@ -920,6 +935,12 @@ class CritiqueGRPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
+        self._selection = state.get("selection", self._selection)
+        if self._ema_teacher is not None:
+            if "distill_teacher_ema" not in state:
+                raise UserError(f"checkpoint {path} holds no EMA teacher (it was written with distill_teacher: "
+                                "current); resume with the same distill_teacher")
+            self._ema_teacher.load_state_dict(state["distill_teacher_ema"])
         self.summary = state["summary"]
         self.step = state["step"]
         refine = state["refine_rng"]

@@ -1,0 +1,255 @@
+"""Fair arms x seeds experiments: every arm of a seed starts from the same SFT checkpoint.
+
+    python benchmarks/learning_evidence.py --task addition_carry --seeds 0 1 2 \
+        --arms grpo grpo+reference critique critique_unshaped --max-steps 200 --jobs 2 \
+        --set sft_mistake_rate=0.9 --out benchmarks/results/learning_evidence/plateau
+
+One SFT warm-up per seed (``sft_s<seed>/final``), then one process per (arm, seed) started from it with
+``sft_steps: 0``, up to ``--jobs`` at a time. Each finished run leaves ``<arm>_s<seed>/result.json``; re-running
+the same command skips finished runs and restarts unfinished ones (resume). Writes ``results.json``,
+``results.md`` (mean +- std over seeds and the paired difference to the baseline arm, per seed) and
+``curves.png`` (held-out greedy accuracy over RL steps, mean over seeds). All arms go through the same
+``CritiqueGRPOTrainer`` code path users run; an arm is only a set of config overrides (ARMS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+# Arms: config overrides on top of the shared base. Controls first, then Critique-GRPO variants.
+ARMS: dict[str, dict[str, Any]] = {
+    # plain GRPO: no critiques, nothing added to the groups
+    "grpo": {"critique_on": "none"},
+    # control: the reference answer injected as the off-policy sample of all-wrong groups, no critique
+    "grpo+reference": {"refinement_source": "reference"},
+    "grpo+reference_unshaped": {"refinement_source": "reference", "offpolicy_gamma": None},
+    # Critique-GRPO (arXiv:2506.03106): rule ground-truth critiques, one refinement per all-wrong group,
+    # refinement tokens shaped p/(p+0.1) (LUFFY)
+    "critique": {},
+    "critique_unshaped": {"offpolicy_gamma": None},  # plain -A log p on refinement tokens
+    "critique_gamma1": {"offpolicy_gamma": 1.0},
+    "critique_k2": {"refinements_per_group": 2},
+    "critique_indicative": {"critic": {"backend": "rule", "kind": "indicative"}},  # verdict only
+    "critique_cot_self": {"critic": {"backend": "hf", "model": "policy", "kind": "cot"}},  # the policy critiques
+    "critique+distill": {"distill_weight": 0.2},
+    "critique+distill_topk": {"distill_weight": 0.2, "distill_mode": "topk_logits"},
+}
+METRICS = ("critique/refine_success_rate", "critique/groups_rescued", "critique/all_wrong_groups",
+           "offpolicy/grad_weight_share", "offpolicy/logp_mean", "train/accuracy", "time/step", "entropy")
+
+
+def base_config(task: str, seed: int, out: Path, max_steps: int, eval_every: int, eval_n: int,
+                extra: dict[str, Any]) -> dict[str, Any]:
+    """The demo's settings (SFT mixture with refinement demos, cosine LR, rule critic on all-wrong groups), memory
+    off (it has its own benchmark), then ``--set`` overrides; identical for the warm-up and every arm."""
+    from critique_rl.config import DEMO_PRESET
+
+    kw = {k: v for k, v in DEMO_PRESET.items() if k != "memory"}
+    kw.update(task=task, seed=seed, output_dir=str(out), max_steps=max_steps, eval_every=eval_every,
+              eval_n=eval_n, eval_batch_size=eval_n, progress=False, checkpoint_every=10_000,
+              memory={"enabled": False})
+    kw.update(extra)
+    return kw
+
+
+def deep_update(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# worker (one process per SFT warm-up or arm run)
+# ----------------------------------------------------------------------------------------------------------
+def work(spec: dict[str, Any]) -> None:
+    import torch
+
+    from critique_rl.config import load_config
+    from critique_rl.train.metrics import read_jsonl
+    from critique_rl.train.trainer import CritiqueGRPOTrainer
+
+    torch.set_num_threads(int(spec.get("threads", 1)))
+    out = Path(spec["out"])
+    shutil.rmtree(out, ignore_errors=True)  # an unfinished run starts over
+    kw = base_config(spec["task"], spec["seed"], out, spec["max_steps"], spec["eval_every"], spec["eval_n"],
+                     spec["extra"])
+    if spec["arm"] == "sft":
+        kw.update(max_steps=0, eval_every=0)
+    else:
+        kw = deep_update(kw, ARMS[spec["arm"]])
+        kw.update(model=spec["model_dir"], sft_steps=0)
+    cfg = load_config(None, **kw)
+    t0 = time.perf_counter()
+    summary = CritiqueGRPOTrainer(args=cfg).train()
+    rows = read_jsonl(out / "metrics.jsonl")
+    steps = [r for r in rows if "loss/total" in r]
+    curve = [(r["step"], r["eval/accuracy"]) for r in rows if r.get("eval/accuracy") is not None]
+
+    def mean(key: str, part: slice = slice(None)) -> float | None:
+        vals = [r[key] for r in steps[part] if r.get(key) is not None]
+        return float(np.mean(vals)) if vals else None
+
+    result = {"task": spec["task"], "seed": spec["seed"], "arm": spec["arm"],
+              "before": summary["eval_accuracy_before_rl"], "after": summary["eval_accuracy_after_rl"],
+              "eval_n": summary["eval_n"], "steps": summary["steps"], "curve": curve,
+              "wall_s": time.perf_counter() - t0,
+              "means": {k: mean(k) for k in METRICS},
+              "means_first_quarter": {k: mean(k, slice(0, max(1, len(steps) // 4))) for k in METRICS},
+              "means_last_quarter": {k: mean(k, slice(-max(1, len(steps) // 4), None)) for k in METRICS}}
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------------------------
+def launch(spec: dict[str, Any], log: Path) -> dict[str, Any]:
+    result = Path(spec["out"]) / "result.json"
+    if result.is_file():
+        return json.loads(result.read_text())
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec.get("threads", 1)), MKL_NUM_THREADS=str(spec.get("threads", 1)))
+    t0 = time.perf_counter()
+    with log.open("w") as fh:
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], stdout=fh,
+                              stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0 or not result.is_file():
+        raise RuntimeError(f"{spec['arm']} seed {spec['seed']} failed (exit {proc.returncode}); see {log}")
+    print(f"  done {spec['arm']:<26} seed {spec['seed']}  {time.perf_counter() - t0:6.0f} s", flush=True)
+    return json.loads(result.read_text())
+
+
+def run_all(args: argparse.Namespace, extra: dict[str, Any]) -> list[dict[str, Any]]:
+    root = Path(args.out)
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    common = dict(task=args.task, max_steps=args.max_steps, eval_every=args.eval_every, eval_n=args.eval_n,
+                  extra=extra, threads=args.threads)
+    (root / "setup.json").write_text(json.dumps({**common, "arms": args.arms, "seeds": args.seeds}, indent=1))
+
+    def seed_chain(seed: int) -> list[dict[str, Any]]:
+        sft = dict(common, arm="sft", seed=seed, out=str(root / f"sft_s{seed}"))
+        launch(sft, root / "logs" / f"sft_s{seed}.log")
+        return [dict(common, arm=arm, seed=seed, out=str(root / f"{arm}_s{seed}"),
+                     model_dir=str(root / f"sft_s{seed}" / "final")) for arm in args.arms]
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        arm_specs = [s for chain in pool.map(seed_chain, args.seeds) for s in chain]
+        futures = [pool.submit(launch, s, root / "logs" / f"{s['arm']}_s{s['seed']}.log") for s in arm_specs]
+        results = [f.result() for f in futures]
+    (root / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def fmt(x: float | None, pct: bool = True) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}" if pct else f"{x:.3f}"
+
+
+def report(results: list[dict[str, Any]], root: Path, baseline: str, command: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(dict.fromkeys(r["arm"] for r in results))
+    seeds = sorted({r["seed"] for r in results})
+    by = {(r["arm"], r["seed"]): r for r in results}
+    lines = [f"`{command}`", "",
+             f"| arm | before RL | after RL, mean ± std ({len(seeds)} seeds) | gain | after - {baseline} per seed "
+             "| mean paired diff | refine success | refinements' share of the update | log p(refinement token "
+             "| q), first → last quarter |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for arm in arms:
+        rs = [by[(arm, s)] for s in seeds if (arm, s) in by]
+        after = np.array([r["after"] for r in rs])
+        before = np.array([r["before"] for r in rs])
+        diffs = [by[(arm, s)]["after"] - by[(baseline, s)]["after"] for s in seeds
+                 if (arm, s) in by and (baseline, s) in by]
+        share = [r["means"]["offpolicy/grad_weight_share"] for r in rs if r["means"]["offpolicy/grad_weight_share"]
+                 is not None]
+        lp0 = [r["means_first_quarter"]["offpolicy/logp_mean"] for r in rs
+               if r["means_first_quarter"]["offpolicy/logp_mean"] is not None]
+        lp1 = [r["means_last_quarter"]["offpolicy/logp_mean"] for r in rs
+               if r["means_last_quarter"]["offpolicy/logp_mean"] is not None]
+        succ = [r["means"]["critique/refine_success_rate"] for r in rs
+                if r["means"]["critique/refine_success_rate"] is not None]
+        lines.append(
+            f"| {arm} | {100 * before.mean():.1f}% | {100 * after.mean():.1f}% ± {100 * after.std():.1f} "
+            f"| {100 * (after - before).mean():+.1f} | "
+            + (" / ".join(f"{100 * d:+.1f}" for d in diffs) if arm != baseline else "-")
+            + f" | {(f'{100 * np.mean(diffs):+.1f}' if diffs and arm != baseline else '-')}"
+            + f" | {(f'{100 * np.mean(succ):.0f}%' if succ else '-')}"
+            + f" | {(f'{np.mean(share):.2f}' if share else '-')}"
+            + f" | {(f'{np.mean(lp0):.2f} → {np.mean(lp1):.2f}' if lp0 and lp1 else '-')} |")
+    table = "\n".join(lines)
+    (root / "results.md").write_text(table + "\n")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm in arms:
+        curves = [dict(by[(arm, s)]["curve"]) for s in seeds if (arm, s) in by]
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if steps:
+            ax.plot(steps, [100 * np.mean([c[t] for c in curves]) for t in steps], marker="o", ms=3, label=arm)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("held-out greedy accuracy (%), mean over seeds")
+    ax.set_title(f"{results[0]['task']}: every arm from the same SFT start per seed")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(root / "curves.png", dpi=110)
+    plt.close(fig)
+    return table
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        node = extra
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return extra
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        work(json.loads(sys.argv[2]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="addition_carry")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--arms", nargs="+", default=["grpo", "grpo+reference", "critique", "critique_unshaped"],
+                    choices=sorted(ARMS))
+    ap.add_argument("--baseline", default="grpo", help="arm the paired differences are taken against")
+    ap.add_argument("--max-steps", type=int, default=200)
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--eval-n", type=int, default=300)
+    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--set", nargs="*", default=[], help="key=value (YAML) for the warm-up and every arm")
+    ap.add_argument("--out", default="benchmarks/results/learning_evidence/run")
+    args = ap.parse_args()
+    if args.baseline not in args.arms:
+        ap.error(f"--baseline {args.baseline} is not among --arms")
+    command = "python benchmarks/learning_evidence.py " + " ".join(sys.argv[1:])
+    t0 = time.perf_counter()
+    results = run_all(args, parse_set(args.set))
+    print(report(results, Path(args.out), args.baseline, command))
+    print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
