@@ -247,6 +247,72 @@ class VLLMConfig:
 
 
 @dataclass
+class DynamicSamplingConfig:
+    """DAPO dynamic sampling (arXiv:2503.14476): groups whose rewards have zero spread (all samples scored alike
+    on every objective, so every advantage is 0) are dropped and the batch is refilled with further prompts."""
+
+    enabled: bool = False
+    max_refill_batches: int = 3
+    """Most extra prompt batches sampled per step to refill it; a batch still short is padded with dropped
+    groups (no gradient). Each refill costs a whole batch of samples (logged as selection/samples)."""
+
+    def __post_init__(self) -> None:
+        _non_negative("dynamic_sampling.max_refill_batches", self.max_refill_batches)
+
+
+@dataclass
+class PassRateFilterConfig:
+    """Difficulty filter on the prompt pool: measured before RL (and every `refresh_every` steps) by sampling each
+    prompt `samples` times; prompts solved too rarely or too often leave the pool until the next refresh."""
+
+    enabled: bool = False
+    samples: int = 8
+    """Samples per prompt for the pass-rate estimate (at the RL temperature)."""
+    max_prompts: int | None = None
+    """Prompts measured (a seeded sample of the pool); the others always stay. None = the whole pool."""
+    too_hard_at_most: float | None = 0.0
+    """Prompts with pass rate <= this are dropped as too hard (0.0: never solved). null = keep hard prompts."""
+    too_easy_at_least: float | None = 1.0
+    """Prompts with pass rate >= this are dropped as too easy (1.0: always solved). null = keep easy prompts."""
+    refresh_every: int = 0
+    """Re-measure the whole measured pool every N RL steps (dropped prompts may come back). 0 = only before RL."""
+
+    def __post_init__(self) -> None:
+        _check_finite(self, "pass_rate_filter.")
+        _positive("pass_rate_filter.samples", self.samples)
+        if self.max_prompts is not None:
+            _positive("pass_rate_filter.max_prompts", self.max_prompts)
+        _non_negative("pass_rate_filter.refresh_every", self.refresh_every)
+        for name in ("too_hard_at_most", "too_easy_at_least"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"pass_rate_filter.{name}", value, "use a pass rate in [0, 1], or null to turn "
+                                  "that side off")
+        if (self.too_hard_at_most is not None and self.too_easy_at_least is not None
+                and self.too_hard_at_most >= self.too_easy_at_least):
+            raise ConfigError("pass_rate_filter.too_hard_at_most", self.too_hard_at_most,
+                              f"must be below too_easy_at_least ({self.too_easy_at_least}), or every prompt is dropped")
+
+
+@dataclass
+class LowVarianceFilterConfig:
+    """DRO's query filter (arXiv:2506.13351): groups whose scalar reward (sum_k b_k r_k) varies too little across
+    their samples give a degenerate comparison and get no gradient this step."""
+
+    enabled: bool = False
+    min_std: float = 0.0
+    """Groups whose reward std is below this are dropped (0 = no threshold)."""
+    drop_fraction: float = 0.0
+    """Also drop this fraction of each step's groups with the lowest reward std (decided over all processes)."""
+
+    def __post_init__(self) -> None:
+        _check_finite(self, "low_variance_filter.")
+        _non_negative("low_variance_filter.min_std", self.min_std)
+        if not 0.0 <= self.drop_fraction < 1.0:
+            raise ConfigError("low_variance_filter.drop_fraction", self.drop_fraction, "use a value in [0, 1)")
+
+
+@dataclass
 class TrainConfig:
     """One training run: model, data, SFT warm-up, GRPO / Critique-GRPO, logging and checkpoints."""
 
@@ -403,6 +469,11 @@ class TrainConfig:
     """Share of SFT rows that also yield a refinement demonstration (wrong answer + ground-truth critique ->
     correct answer), so a small policy learns to read the refinement prompt."""
 
+    # --- data selection (critique_rl/train/selection.py) -------------------------------------------------
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    pass_rate_filter: PassRateFilterConfig = field(default_factory=PassRateFilterConfig)
+    low_variance_filter: LowVarianceFilterConfig = field(default_factory=LowVarianceFilterConfig)
+
     # --- evaluation, logging, checkpoints -----------------------------------------------------------------
     eval_n: int = 200
     """Held-out problems for the before/after table."""
@@ -430,6 +501,10 @@ class TrainConfig:
     agent: AgentConfig = field(default_factory=AgentConfig)
 
     def __post_init__(self) -> None:
+        for name, cls in (("dynamic_sampling", DynamicSamplingConfig), ("pass_rate_filter", PassRateFilterConfig),
+                          ("low_variance_filter", LowVarianceFilterConfig)):
+            if isinstance(getattr(self, name), dict):  # a mapping given in Python: validated like YAML
+                setattr(self, name, from_dict(cls, getattr(self, name), prefix=f"{name}."))
         _check_finite(self)
         if self.num_generations < 2:
             raise ConfigError(

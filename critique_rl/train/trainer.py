@@ -73,6 +73,7 @@ from critique_rl.tasks import Task, get_task, load_callable
 from critique_rl.templates import check_templates
 from critique_rl.train import checkpoint as ckpt
 from critique_rl.train import distributed as dist
+from critique_rl.train import selection
 from critique_rl.train.batching import enable_fused_head, fused_head_supported, pack
 from critique_rl.train.critique_step import (
     choose_refinements,
@@ -692,11 +693,20 @@ class CritiqueGRPOTrainer:
         G = R_mix.shape[0]
         R_all, passed_all = dist.gather_tensor(R_mix), dist.gather_tensor(passed_mix)
         mask, groups_kept = apply_gates(torch.ones_like(passed_all), passed_all)
+        lv = cfg.low_variance_filter
+        lv_drop = None
+        if lv.enabled:  # DRO: on the gathered initial samples, so every rank drops the same groups
+            n = batch.group_size
+            std = selection.group_reward_std(R_all[:, :n].reshape(-1, R_all.shape[-1]), self.reward_weights, n)
+            lv_drop = selection.low_variance_drop(std, lv.min_std, lv.drop_fraction)
+            mask = mask & ~lv_drop.unsqueeze(-1)
         adv, diag = aggregate_rewards(
             cfg.reward_aggregator, R_all, self.reward_weights, mask,
             estimator=cfg.advantage_estimator, w_lambda=cfg.w_lambda, reward_threshold=cfg.reward_threshold,
         )
         diag["groups_kept"] = groups_kept.float().mean().item()
+        if lv_drop is not None:
+            diag["low_variance_dropped"] = int(lv_drop.sum())
         mine = slice(self.rank * G, (self.rank + 1) * G)
         return AdvantagePlan(advantages=adv[mine], mask=mask[mine], kept=kept, diagnostics=diag)
 
@@ -784,14 +794,74 @@ class CritiqueGRPOTrainer:
         micro = dist.all_reduce_max(-(-n // self.cfg.mini_batch_size))
         return Normalisation(seqs / self.world, toks / self.world, micro)
 
-    def _step(self) -> dict[str, Any]:
-        cfg = self.cfg
-        timer = _Timer()
+    def _draw_batch(self, timer: _Timer) -> RolloutBatch:
+        """Draw this process's prompts (global batch, sharded), sample n completions each and score them."""
         with timer("generate"):
             rows, contexts = self._next_prompts()
             sampled = self._sample_groups(rows, contexts)
         with timer("score"):
-            batch = self._score_batch(*sampled)
+            return self._score_batch(*sampled)
+
+    def _collect_batch(self, timer: _Timer) -> tuple[RolloutBatch, dict[str, Any]]:
+        """The step's batch: one draw, or (``dynamic_sampling``) zero-spread groups dropped and refilled
+        (:func:`selection.dynamic_fill`). Logs the zero-spread share of the first draw either way."""
+        ds = self.cfg.dynamic_sampling
+        fill = selection.dynamic_fill(self._draw_batch(timer), lambda: self._draw_batch(timer),
+                                      ds.max_refill_batches, dist.all_reduce_sum, enabled=ds.enabled)
+        self._selection["samples_total"] += fill.samples
+        out: dict[str, Any] = {"train/zero_spread_groups": fill.first_zero_spread,
+                               "selection/samples": fill.samples,
+                               "selection/samples_total": self._selection["samples_total"]}
+        if ds.enabled:
+            out.update({"selection/refills": fill.refills, "selection/zero_spread_dropped": fill.dropped,
+                        "selection/zero_spread_padded": fill.padded})
+        if self.cfg.pass_rate_filter.enabled:
+            out["selection/pool_size"] = len(self.sampler.rows) - len(self.sampler.excluded)
+        return fill.batch, out
+
+    def _measure_pass_rates(self) -> dict[str, Any]:
+        """``pass_rate_filter``: sample each measured prompt ``samples`` times, drop those too hard / too easy from
+        the sampler's pool. Processes measure disjoint shares of the prompts; the rates are gathered, so every
+        rank takes the same decision. Returns ``selection/pass_rate_*`` metrics."""
+        pf = self.cfg.pass_rate_filter
+        t0 = time.perf_counter()
+        measured = selection.measured_indices(len(self.train_rows), pf.max_prompts, self.cfg.seed)
+        mine = measured[self.rank :: self.world]
+        params = SamplingParams(n=pf.samples, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                                max_new_tokens=self.max_new_tokens)
+        rates: dict[int, float] = {}
+        chunk = max(1, cfg_bs(self.cfg) // pf.samples)
+        for s in range(0, len(mine), chunk):
+            idx = mine[s : s + chunk]
+            rows = [self.train_rows[i] for i in idx]
+            groups = self.generator.generate([self.prompt_text(r) for r in rows], params)
+            flat_rows = [r for r in rows for _ in range(pf.samples)]
+            ok = self._correct(flat_rows, [c for g in groups for c in g])
+            for j, i in enumerate(idx):
+                rates[i] = sum(ok[j * pf.samples : (j + 1) * pf.samples]) / pf.samples
+        rates = {i: r for part in dist.gather_objects(rates) for i, r in part.items()}
+        hard, easy = selection.pass_rate_exclusions(rates, pf.too_hard_at_most, pf.too_easy_at_least)
+        total = len(self.train_rows)
+        applied = total - len(hard | easy) >= self.cfg.prompts_per_step
+        if applied:
+            self.sampler.exclude(hard | easy)
+        elif self.is_main:
+            console.print(f"[bold yellow]warning: pass_rate_filter would leave {total - len(hard | easy)} of {total} "
+                          f"prompts ({len(hard)} too hard, {len(easy)} too easy), fewer than one batch "
+                          f"({self.cfg.prompts_per_step}); the pool is left as it was[/]", soft_wrap=True)
+        self._selection["samples_total"] += len(measured) * pf.samples
+        info = {"selection/pass_rate_measured": len(rates), "selection/pass_rate_mean": sum(rates.values()) / max(1, len(rates)),
+                "selection/pass_rate_too_hard": len(hard), "selection/pass_rate_too_easy": len(easy),
+                "selection/pass_rate_applied": int(applied), "selection/pool_size": total - len(self.sampler.excluded),
+                "selection/pass_rate_samples": len(measured) * pf.samples,
+                "time/pass_rate": time.perf_counter() - t0}
+        self._selection["pass_rate"] = info
+        return info
+
+    def _step(self) -> dict[str, Any]:
+        cfg = self.cfg
+        timer = _Timer()
+        batch, selection_metrics = self._collect_batch(timer)
         with timer("critique"):
             crit = self._critique_and_refine(batch) if self._refines else None
         with timer("prepare"):
@@ -811,6 +881,7 @@ class CritiqueGRPOTrainer:
         metrics.update(timer.total())
         metrics = dist.merge_metrics(dist.gather_objects(metrics))
         metrics.update(self._global_metrics(batch, plan))
+        metrics.update(selection_metrics)
         metrics.update(self._memory_update(batch, crit))
         self._log_rollouts(batch, plan, crit)
         return metrics
@@ -852,6 +923,8 @@ class CritiqueGRPOTrainer:
             out[f"reward/{name}/std"] = valid.std(unbiased=False).item() if len(valid) else None
             out[f"reward/{name}/weight"] = float(diag["effective_weight"][k])
         out["gate/groups_kept"] = diag["groups_kept"]
+        if "low_variance_dropped" in diag:
+            out["selection/low_variance_dropped"] = diag["low_variance_dropped"]
         out["reward/mean"] = (torch.nan_to_num(R, nan=0.0) * self.reward_weights).sum(-1).mean().item()
         out["train/accuracy"] = grouped.mean().item()
         out["train/all_wrong_groups"] = (grouped.sum(-1) == 0).float().mean().item()
@@ -972,8 +1045,11 @@ class CritiqueGRPOTrainer:
         with progress or nullcontext():
             if resume_from is None:
                 self._warmup(progress)
-                self._write_metrics({"step": 0, **self._eval_row0})
             self._build_optim()
+            if resume_from is None:
+                if self.cfg.pass_rate_filter.enabled:  # difficulty measured on the warmed-up policy, before RL
+                    self._eval_row0.update(self._measure_pass_rates())
+                self._write_metrics({"step": 0, **self._eval_row0})
             if resume_from is not None:
                 self._restore(resume_from)
                 if self.is_main:
@@ -982,7 +1058,11 @@ class CritiqueGRPOTrainer:
                     console.print(f"resumed from {resume_from} at step {self.step}")
             task_id = progress.add_task("RL", total=self.cfg.max_steps, completed=self.step) if progress else None
             while self.step < self.cfg.max_steps:
+                refresh = self.cfg.pass_rate_filter.refresh_every
+                measured = self._measure_pass_rates() if (self.cfg.pass_rate_filter.enabled and refresh
+                                                          and self.step and self.step % refresh == 0) else {}
                 metrics = self._step()
+                metrics.update(measured)
                 self.step += 1
                 self._check_critic(metrics)
                 if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.max_steps:
@@ -1054,6 +1134,11 @@ class CritiqueGRPOTrainer:
         })
         if self.world > 1:
             self.summary["num_processes"] = self.world
+        cfg = self.cfg
+        if cfg.dynamic_sampling.enabled or cfg.pass_rate_filter.enabled or cfg.low_variance_filter.enabled:
+            self.summary["samples_generated"] = self._selection["samples_total"]
+            if self._selection.get("pass_rate"):
+                self.summary["pass_rate_filter"] = self._selection["pass_rate"]
         if self.step % self.cfg.checkpoint_every != 0 and self.step > 0:
             self._save()
         if self.is_main:
