@@ -54,8 +54,12 @@ def eval_cmd(
     n: int = typer.Option(200, "--n", help="Held-out problems."),
     temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature for pass@k."),
     device: str = typer.Option("auto", "--device"),
+    no_decision_rule: bool = typer.Option(False, "--no-decision-rule",
+                                          help="Ignore a decision_rule.json saved beside the model."),
 ) -> None:
-    """Evaluate a saved policy: accuracy (greedy), pass@k, mean completion length. Prints JSON."""
+    """Evaluate a saved policy: accuracy (greedy), pass@k, mean completion length. Prints JSON. With a
+    decision_rule.json beside the model (`critique-rl calibrate`), also the rule's utility, coverage and
+    accuracy on the answered problems (`selective/*`)."""
     if k < 1:
         raise UserError(f"--k {k}: must be >= 1")
     if n < 1:
@@ -74,8 +78,22 @@ def eval_cmd(
     model, tok = load_policy(path, device=device)
     use_chat = wants_chat_template(tok)
     rows = t.make_examples("eval", n, EVAL_SEED)
+    from critique_rl.train.decision import RULE_FILE
+
+    rule_path = path / RULE_FILE
+    use_rule = rule_path.is_file() and not no_decision_rule
+    records: list = []
+    conf_fn = None
+    if use_rule:
+        from critique_rl.rewards.builtin import parse_confidence
+
+        conf_fn = parse_confidence
     result = evaluate(build_generator("hf", model, tok), rows, lambda r: format_prompt(tok, r["prompt"], use_chat), t.verify,
-                      t.max_new_tokens, k=k, temperature=temperature)
+                      t.max_new_tokens, k=k, temperature=temperature, confidence_fn=conf_fn, records_out=records)
+    if use_rule:
+        from critique_rl.cli_calibrate import apply_rule
+
+        result.update(apply_rule(rule_path, records))
     result["task"] = task
     typer.echo(json.dumps(result))
 
@@ -88,6 +106,12 @@ def _register_optional() -> None:
         pass
     else:
         app.command("critique", cls=CritiqueCommand)(critique_command)
+    try:
+        from critique_rl.cli_calibrate import calibrate_command
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        app.command("calibrate")(calibrate_command)
     try:
         from critique_rl.cli_memory import memory_app
     except ImportError:  # pragma: no cover

@@ -71,6 +71,7 @@ def evaluate(
     batch_size: int = 256,
     confidence_fn: Callable[[str], float | None] | None = None,
     bins: int = 10,
+    records_out: list[EvalRecord] | None = None,
 ) -> dict[str, Any]:
     """``accuracy`` (greedy), ``mean_length`` (tokens, greedy) and, when ``k > 1``, ``pass@k`` from
     ``k`` samples per problem at ``temperature``.
@@ -80,6 +81,8 @@ def evaluate(
     (``ece`` with ``bins`` bins, ``brier_score``, ``auroc``, ``mean_confidence``, ``unparsable_rate``, ...).
     """
     records = greedy_records(generator, rows, prompt_fn, verify, max_new_tokens, batch_size, confidence_fn)
+    if records_out is not None:  # the per-row records, for a caller that applies a decision rule
+        records_out.extend(records)
     result = summarise_records(records, confidence_fn is not None, bins)
     if k > 1:
         total = 0.0
