@@ -1,0 +1,50 @@
+"""benchmarks/learning_evidence.py: arms share one SFT start per seed, results are paired, re-runs resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["tiny_hidden_size=64", "tiny_heads=2", "tiny_layers=1", "sft_steps=20", "sft_batch_size=16",
+        "sft_examples=200", "num_generations=4", "generation_batch_size=16", "mini_batch_size=8"]
+
+
+def _run(out: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "learning_evidence.py"), "--task", "addition", "--seeds", "0",
+           "--arms", "grpo", "grpo+reference", "--max-steps", "2", "--eval-every", "1", "--eval-n", "16",
+           "--jobs", "2", "--out", str(out), "--set", *TINY]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+
+
+def test_runner_shares_the_start_pairs_results_and_resumes(tmp_path):
+    out = tmp_path / "ev"
+    first = _run(out)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(r["arm"] for r in results) == ["grpo", "grpo+reference"]
+    # both arms started from the one SFT checkpoint: same held-out accuracy before RL, same starting weights
+    assert results[0]["before"] == results[1]["before"]
+    for arm in ("grpo", "grpo+reference"):
+        cfg = (out / f"{arm}_s0" / "config.yaml").read_text()
+        assert f"model: {out / 'sft_s0' / 'final'}" in cfg and "sft_steps: 0" in cfg
+    ref = next(r for r in results if r["arm"] == "grpo+reference")
+    assert ref["means"]["critique/refine_success_rate"] == 1.0  # the injected reference answers are right
+    assert [s for s, _ in ref["curve"]] == [0, 1, 2]
+    table = (out / "results.md").read_text()
+    diff = 100 * (ref["after"] - next(r for r in results if r["arm"] == "grpo")["after"])
+    assert "| grpo+reference |" in table and f"{diff:+.1f}" in table  # the paired difference per seed
+    assert (out / "curves.png").stat().st_size > 1000
+    weights = load_file(str(out / "grpo_s0" / "final" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+    stamp = {p: p.stat().st_mtime for p in out.glob("*_s0/result.json")}
+    again = _run(out)  # resume: every run is finished, nothing is retrained
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "done " not in again.stdout
+    assert {p: p.stat().st_mtime for p in out.glob("*_s0/result.json")} == stamp
