@@ -443,6 +443,12 @@ class TrainConfig:
     """k refinements kept per question (correct first, else random); the group is n initial + k (paper: 7+1)."""
     offpolicy_gamma: float | None = 0.1
     """Shaping of refinement tokens, p/(p+gamma) (LUFFY, arXiv:2504.14945); null = no shaping (plain -A log p)."""
+    offpolicy_weighting: Literal["none", "is", "gap"] = "none"
+    """Per-token weight on the refinement tokens' loss (`critique_rl.algos.offpolicy_token_weights`), from
+    their log-probs under the plain prompt and under the critique they were sampled with. `none`: as published;
+    `is`: truncated importance weight min(pi(a|q) / pi(a|q,c), offpolicy_weight_cap); `gap`: 1 + the log-prob the
+    critique added, capped (directive tokens weigh more)."""
+    offpolicy_weight_cap: float = 2.0
     refinement_source: Literal["critique", "reference"] = "critique"
     """Where the off-policy sample of a critiqued group comes from. `critique`: the policy's refinement under the
     critique (Critique-GRPO). `reference`: the row's reference completion put into the group as is, with no
@@ -552,6 +558,7 @@ class TrainConfig:
         if self.offpolicy_gamma is not None and self.offpolicy_gamma <= 0:
             raise ConfigError("offpolicy_gamma", self.offpolicy_gamma, "use a value > 0, or null to disable shaping")
         _non_negative("refinements_per_group", self.refinements_per_group)
+        _positive("offpolicy_weight_cap", self.offpolicy_weight_cap)
         _non_negative("distill_weight", self.distill_weight)
         _positive("distill_topk", self.distill_topk)
         if not 0.0 < self.distill_teacher_ema < 1.0:

@@ -72,3 +72,66 @@ def test_unshaped_channel_weighs_refinements_more_than_shaped(fast_config):
         [row] = [r for r in _rows(trainer.out / "metrics.jsonl") if "loss/total" in r]
         shares[name] = row["offpolicy/grad_weight_share"]
     assert shares["unshaped"] > shares["shaped"] > 0
+
+
+def test_offpolicy_token_weights_by_hand():
+    from critique_rl.algos import offpolicy_token_weights
+
+    logp = torch.tensor([[-3.0, -0.1, -2.0]])  # under the plain prompt
+    beh = torch.tensor([[-0.5, -0.1, -2.5]])  # under the critique it was sampled with
+    assert offpolicy_token_weights(logp, beh, "none").tolist() == [[1.0, 1.0, 1.0]]
+    # is: min(exp(logp - beh), 2) = [e^-2.5, 1, min(e^0.5, 2)]
+    torch.testing.assert_close(offpolicy_token_weights(logp, beh, "is", cap=2.0),
+                               torch.tensor([[torch.e ** -2.5, 1.0, min(torch.e ** 0.5, 2.0)]]))
+    # gap: 1 + clamp(beh - logp, 0, cap) = [1 + min(2.5, 2), 1, 1]
+    torch.testing.assert_close(offpolicy_token_weights(logp, beh, "gap", cap=2.0), torch.tensor([[3.0, 1.0, 1.0]]))
+    with pytest.raises(ValueError, match="offpolicy_weighting"):
+        offpolicy_token_weights(logp, beh, "bogus")
+
+
+def test_offpolicy_weighting_changes_only_the_refinement_loss(fast_config, tmp_path):
+    """Same start and batch: `is` and `gap` reweigh the off-policy term; the on-policy term is untouched. (The
+    injected reference has behaviour log-prob 0, so is = min(p, cap) and gap = 1 + min(-log p, cap) here.)"""
+    from critique_rl.train.trainer import CritiqueGRPOTrainer
+
+    rows = {}
+    for mode in ("none", "is", "gap"):
+        cfg = fast_config(max_steps=1, critique_on="all", refinement_source="reference", offpolicy_weighting=mode,
+                          offpolicy_weight_cap=5.0, output_dir=str(tmp_path / mode))
+        trainer = CritiqueGRPOTrainer(args=cfg)
+        trainer.train()
+        [rows[mode]] = [r for r in _rows(trainer.out / "metrics.jsonl") if "loss/total" in r]
+    assert rows["none"]["loss/offpolicy"] != 0.0
+    for mode in ("is", "gap"):
+        assert rows[mode]["loss/policy"] == pytest.approx(rows["none"]["loss/policy"], abs=1e-6)
+        assert rows[mode]["loss/offpolicy"] != pytest.approx(rows["none"]["loss/offpolicy"], abs=1e-7)
+    # is shrinks (p < 1), gap grows (-log p > 0) the refinement term
+    assert abs(rows["is"]["loss/offpolicy"]) < abs(rows["none"]["loss/offpolicy"]) < abs(rows["gap"]["loss/offpolicy"])
+
+
+def test_refinement_rows_carry_their_critique_conditioned_sampling_logprobs(fast_config, monkeypatch):
+    import critique_rl.train.trainer as tr
+
+    seen = {}
+    real_update, real_refine = tr.policy_update, tr.CritiqueGRPOTrainer._critique_and_refine
+
+    def record_update(model, optimizer, scheduler, accelerator, ub, cfg, **kw):
+        seen["ub"] = ub
+        return real_update(model, optimizer, scheduler, accelerator, ub, cfg, **kw)
+
+    def record_refine(self, batch):
+        seen["crit"], seen["batch"] = real_refine(self, batch), batch
+        return seen["crit"]
+
+    monkeypatch.setattr(tr, "policy_update", record_update)
+    monkeypatch.setattr(tr.CritiqueGRPOTrainer, "_critique_and_refine", record_refine)
+    trainer = tr.CritiqueGRPOTrainer(args=fast_config(max_steps=1, critique_on="all", offpolicy_weighting="gap"))
+    trainer.train()
+    ub, crit, n_init = seen["ub"], seen["crit"], len(seen["batch"].completions)
+    off_rows = ub.offpolicy.nonzero().flatten().tolist()
+    assert off_rows and off_rows[0] == n_init
+    kept = {c.text: c.logprobs for c in crit.ref_completions}
+    for row in off_rows:
+        lp = ub.sampling_logp[row]
+        assert (lp[lp != 0] < 0).all()  # real log-probs were filled in
+        assert any(torch.allclose(lp[: len(v)], torch.tensor(v)) for v in kept.values())

@@ -44,3 +44,27 @@ def offpolicy_coefficient(logp: torch.Tensor, gamma: float | None = 0.1) -> torc
         return torch.ones_like(logp)
     p = logp.detach().exp()
     return gamma * p / (p + gamma) ** 2
+
+
+def offpolicy_token_weights(logp: torch.Tensor, behaviour_logp: torch.Tensor, mode: str,
+                            cap: float = 2.0) -> torch.Tensor:
+    """Per-token weights (no grad) on the off-policy loss of refinement tokens, from the log-probs under the plain
+    prompt, ``logp = log pi(a_t | q)``, and under the critique-conditioned prompt they were sampled from,
+    ``behaviour_logp = log pi(a_t | q, y, c)`` (0 for an injected reference answer: a deterministic source).
+
+    - ``none``: 1 (Critique-GRPO as published).
+    - ``is``: truncated importance weight ``min(pi(a|q) / pi(a|q,y,c), cap)`` (TIS, arXiv:2506.13585 style):
+      corrects for sampling from the critique-conditioned policy; it shrinks exactly the tokens the critique
+      changed most.
+    - ``gap``: ``1 + min(max(behaviour_logp - logp, 0), cap)``: tokens the critique made more likely (the
+      directive ones, where teacher and student disagree, as OpenClaw-RL's directive signal, arXiv:2603.10165)
+      weigh more; the others keep weight 1.
+    """
+    if mode == "none":
+        return torch.ones_like(logp)
+    gap = (behaviour_logp - logp).detach()
+    if mode == "is":
+        return torch.exp(-gap).clamp(max=cap)
+    if mode == "gap":
+        return 1.0 + gap.clamp(min=0.0, max=cap)
+    raise ValueError(f"offpolicy_weighting must be none, is or gap, got {mode!r}")

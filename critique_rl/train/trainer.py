@@ -735,6 +735,12 @@ class CritiqueGRPOTrainer:
             ub.sampling_logp = torch.zeros(len(comp_ids), tokens.completion_len)
             for i, c in enumerate(batch.completions):
                 ub.sampling_logp[i, : len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
+            # refinement rows: log-probs under the critique they were sampled with (offpolicy_weighting); an
+            # injected reference answer has none and keeps 0 (a deterministic source)
+            for row, (_g, _slot, j) in enumerate(plan.kept, start=len(batch.completions)):
+                lp = crit.ref_completions[j].logprobs
+                if lp:
+                    ub.sampling_logp[row, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
         distill_metrics = self._directive_distillation(ub, crit, batch) if crit and cfg.distill_weight > 0 else {}
         if cfg.kl_beta > 0:
             ub.ref_logp = self._reference_logprobs(ub)

@@ -27,6 +27,7 @@ from critique_rl.algos import (
     kl_k3,
     mismatch_stats,
     offpolicy_coefficient,
+    offpolicy_token_weights,
     ppo_clip_loss,
     shaped_offpolicy_loss,
     tis_weights,
@@ -170,6 +171,11 @@ def policy_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, accele
                 if samp_logp is not None and cfg.tis_cap is not None and cfg.rollout_backend != "hf":
                     on_loss = on_loss * tis_weights(old, samp_logp[sl], cfg.tis_cap)
                 off_loss = shaped_offpolicy_loss(logp, adv[sl], cfg.offpolicy_gamma)
+                weighting = getattr(cfg, "offpolicy_weighting", "none")
+                if weighting != "none":  # refinement rows carry their critique-conditioned sampling log-probs
+                    behaviour = samp_logp[sl] if samp_logp is not None else torch.zeros_like(logp)
+                    off_loss = off_loss * offpolicy_token_weights(logp, behaviour, weighting,
+                                                                  cfg.offpolicy_weight_cap)
                 per_token = torch.where(is_off, off_loss, on_loss)
                 kl = kl_k3(logp, ref_logp[sl]) if ref_logp is not None else None
                 dist = rows = None
