@@ -23,6 +23,7 @@ err = Console(stderr=True)
 @app.command()
 def train(
     config: Path | None = typer.Argument(None, help="YAML run config; omit for the embedded CPU demo."),
+    config_opt: Path | None = typer.Option(None, "--config", help="YAML run config (same as the argument)."),
     output_dir: str | None = typer.Option(None, "--output-dir", help="Run directory (overrides the config)."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="RL steps (overrides the config)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run directory."),
@@ -32,13 +33,21 @@ def train(
     """Train. With no CONFIG: the embedded demo (tiny model, addition, SFT warm-up, Critique-GRPO on CPU)."""
     from critique_rl.config import load_config
 
+    if config is not None and config_opt is not None and config != config_opt:
+        raise UserError(f"two configs given ({config} and --config {config_opt}); pass one")
+    config = config if config is not None else config_opt
     overrides = {"output_dir": output_dir, "max_steps": max_steps, "seed": seed}
     if no_progress:
         overrides["progress"] = False
     cfg = load_config(config, **overrides)  # before the heavy imports: a bad config fails in about a second
     from critique_rl.train.trainer import CritiqueGRPOTrainer, summary_table
 
-    trainer = CritiqueGRPOTrainer(args=cfg)
+    if cfg.agent.env is not None:  # multi-turn episodes in an environment (the agent: section)
+        from critique_rl.agents.trainer import EpisodeTrainer
+
+        trainer = EpisodeTrainer(cfg)
+    else:
+        trainer = CritiqueGRPOTrainer(args=cfg)
     summary = trainer.train(resume=resume)
     if not trainer.is_main:  # under accelerate launch, one process reports
         return

@@ -22,7 +22,7 @@ from critique_rl.agents.trajectory import Trajectory
 from critique_rl.critics.base import Critique
 
 _INT = re.compile(r"-?\d+")
-DIRECTIVE = "Guess the middle of the range every turn."
+DIRECTIVE = "Instead, guess the middle of the range every turn."
 
 
 def task_prompt(lo: int, hi: int) -> str:

@@ -14,7 +14,7 @@ Limits: ``max_turns`` policy turns per episode, ``max_new_tokens`` per turn (an 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,9 @@ from critique_rl.agents.env import EnvFactory, StepResult, as_step_result, maybe
 from critique_rl.agents.trajectory import Trajectory, Turn, TurnRenderer
 from critique_rl.critics.base import run_sync, short_error
 from critique_rl.rollout.base import Completion, Generator, SamplingParams
+
+ContextFn = Callable[[list[dict[str, Any]], list[str]], list[tuple[str, list[str]]]]
+"""``(tasks, first_observations) -> [(context_text, retrieved_record_ids)]``, one per episode."""
 
 
 @dataclass
@@ -80,10 +83,14 @@ async def arun_episodes(
     top_p: float = 1.0,
     greedy: bool = False,
     threaded: bool = False,
+    context_fn: ContextFn | None = None,
 ) -> list[Trajectory]:
     """Run ``n`` episodes per task (contiguous: episodes ``i*n .. i*n+n-1`` are task ``i``'s group).
 
-    ``contexts[i]``: text rendered as the system message of task ``i``'s first prompt (memory, critique)."""
+    ``contexts[i]``: text rendered as the system message of task ``i``'s first prompt (e.g. a critique).
+    ``context_fn(tasks, first_observations) -> [(text, record_ids)]``: called once after every env was reset
+    (memory retrieval from task + first observation); its text comes first in the system message and is kept
+    as :attr:`Trajectory.memory_context`, the ids as :attr:`Trajectory.retrieved_ids`."""
     limits = limits or EpisodeLimits()
     if contexts is not None and len(contexts) != len(tasks):
         raise ValueError(f"contexts has {len(contexts)} entries for {len(tasks)} tasks")
@@ -99,6 +106,16 @@ async def arun_episodes(
             _fail(e, f"reset failed: {obs}")
             continue
         e.obs = str(obs)
+    ok = [e for e in live if e.running]
+    if context_fn is not None and ok:
+        got = context_fn([e.traj.task for e in ok], [e.obs for e in ok])
+        if len(got) != len(ok):
+            raise ValueError(f"context_fn returned {len(got)} contexts for {len(ok)} episodes")
+        for e, (text, ids) in zip(ok, got, strict=True):
+            e.traj.memory_context = text or None
+            e.traj.retrieved_ids = list(ids)
+            e.traj.context = "\n\n".join(x for x in (text, e.traj.context) if x) or None
+    for e in ok:
         e.ids = renderer.first(e.obs, e.traj.context)
     params = SamplingParams(n=1, temperature=temperature, top_p=top_p, max_new_tokens=limits.max_new_tokens,
                             greedy=greedy)

@@ -63,6 +63,9 @@ class Trajectory:
     success: bool = False
     stop_reason: StopReason = "max_turns"
     error: str | None = None
+    memory_context: str | None = None
+    """The memory part of ``context`` (retrieved at reset); the plain context a refined episode is trained
+    under. The rest of ``context`` (a critique) follows it."""
     retrieved_ids: list[str] = field(default_factory=list)
     """Memory records rendered into ``context`` (for ``helped`` credit)."""
 

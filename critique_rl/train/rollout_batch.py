@@ -33,6 +33,9 @@ class RolloutBatch:
     passed: torch.Tensor
     correct: list[bool]
     gate_rates: dict[str, float] = field(default_factory=dict)
+    action_masks: list[list[bool]] | None = None
+    """Multi-turn episodes (critique_rl.agents): per row, True on the policy's action tokens of
+    ``completions[i].token_ids`` and False on observation tokens (masked out of every loss). None: single-turn."""
 
     @property
     def num_groups(self) -> int:
