@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -137,16 +137,17 @@ def run_all(args: argparse.Namespace, extra: dict[str, Any]) -> list[dict[str, A
                   extra=extra, threads=args.threads)
     (root / "setup.json").write_text(json.dumps({**common, "arms": args.arms, "seeds": args.seeds}, indent=1))
 
-    def seed_chain(seed: int) -> list[dict[str, Any]]:
+    def seed_chain(seed: int, pool: ThreadPoolExecutor) -> list[Future]:
+        """The seed's SFT, then its arms queued at once (they start as workers free up)."""
         sft = dict(common, arm="sft", seed=seed, out=str(root / f"sft_s{seed}"))
         launch(sft, root / "logs" / f"sft_s{seed}.log")
-        return [dict(common, arm=arm, seed=seed, out=str(root / f"{arm}_s{seed}"),
-                     model_dir=str(root / f"sft_s{seed}" / "final")) for arm in args.arms]
+        specs = [dict(common, arm=arm, seed=seed, out=str(root / f"{arm}_s{seed}"),
+                      model_dir=str(root / f"sft_s{seed}" / "final")) for arm in args.arms]
+        return [pool.submit(launch, s, root / "logs" / f"{s['arm']}_s{seed}.log") for s in specs]
 
-    with ThreadPoolExecutor(args.jobs) as pool:
-        arm_specs = [s for chain in pool.map(seed_chain, args.seeds) for s in chain]
-        futures = [pool.submit(launch, s, root / "logs" / f"{s['arm']}_s{s['seed']}.log") for s in arm_specs]
-        results = [f.result() for f in futures]
+    with ThreadPoolExecutor(args.jobs) as pool, ThreadPoolExecutor(len(args.seeds)) as chains:
+        seed_futures = [chains.submit(seed_chain, seed, pool) for seed in args.seeds]
+        results = [f.result() for sf in seed_futures for f in sf.result()]
     (root / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
@@ -237,7 +238,7 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-n", type=int, default=300)
-    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
+    ap.add_argument("--jobs", type=int, default=2, help="arm runs in parallel (the SFT warm-ups, one per seed, run beside them)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--set", nargs="*", default=[], help="key=value (YAML) for the warm-up and every arm")
     ap.add_argument("--out", default="benchmarks/results/learning_evidence/run")
