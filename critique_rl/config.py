@@ -313,6 +313,37 @@ class LowVarianceFilterConfig:
 
 
 @dataclass
+class PhaseConfig:
+    """One phase of a training schedule (``phases:``), run in order by one `critique-rl train`."""
+
+    kind: Literal["sft", "rl"] = "rl"
+    """`sft`: imitation on the phase's data (prompt -> demonstration); `rl`: GRPO / Critique-GRPO steps."""
+    steps: int | None = None
+    """(required) Optimizer steps of the phase (SFT steps, or RL steps: every RL step counts towards the run's step)."""
+    name: str | None = None
+    learning_rate: float | None = None
+    """None = `sft_learning_rate` (sft) or `learning_rate` (rl). An rl phase's rate scales the run's schedule."""
+    reward_funcs: list[str] | None = None
+    """rl: this phase's objectives (names as in `reward_funcs`). None = the run's `reward_funcs`."""
+    reward_weights: list[float] | None = None
+    """rl: one weight per objective of the phase. None = the run's `reward_weights` (or all 1.0)."""
+    train_file: str | None = None
+    """This phase's data (JSONL/parquet/CSV/saved dataset with `prompt`, `answer`). None = the run's rows."""
+
+    def check(self, where: str) -> None:
+        if self.steps is None:
+            raise ConfigError(f"{where}.steps", None, "every phase needs its number of steps, e.g. steps: 100")
+        _non_negative(f"{where}.steps", self.steps)
+        if self.learning_rate is not None:
+            _positive(f"{where}.learning_rate", self.learning_rate)
+        if self.kind == "sft" and (self.reward_funcs is not None or self.reward_weights is not None):
+            raise ConfigError(f"{where}.reward_funcs", self.reward_funcs, "an sft phase has no rewards; move them "
+                              "to an rl phase")
+        if self.reward_funcs is not None and not self.reward_funcs:
+            raise ConfigError(f"{where}.reward_funcs", self.reward_funcs, "name at least one reward, or leave it out")
+
+
+@dataclass
 class TrainConfig:
     """One training run: model, data, SFT warm-up, GRPO / Critique-GRPO, logging and checkpoints."""
 
@@ -475,10 +506,21 @@ class TrainConfig:
     """Share of SFT rows that also yield a refinement demonstration (wrong answer + ground-truth critique ->
     correct answer), so a small policy learns to read the refinement prompt."""
 
+    # --- schedule ---------------------------------------------------------------------------------------
+    phases: list[PhaseConfig] = field(default_factory=list)
+    """Training phases run in order, e.g. [{kind: sft, steps: 1000}, {kind: rl, steps: 200}, {kind: rl, steps:
+    100, learning_rate: 3e-5, reward_funcs: [correctness, brier]}]; every phase is checkpointed and a run resumes
+    inside any of them. [] (default) = the default two-phase schedule: sft for `sft_steps`, then rl for `max_steps`. With
+    phases, `max_steps` is the sum of the rl phases' steps (leave it out) and `sft_steps` is not used."""
+
     # --- data selection (critique_rl/train/selection.py) -------------------------------------------------
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     pass_rate_filter: PassRateFilterConfig = field(default_factory=PassRateFilterConfig)
     low_variance_filter: LowVarianceFilterConfig = field(default_factory=LowVarianceFilterConfig)
+    sample_budget: int | None = None
+    """Stop RL before the step that would start with this many completions already sampled (refills and pass-rate
+    measurements included: `selection/samples_total`), even before `max_steps`; for comparisons at equal samples
+    generated. The LR schedule still runs over `max_steps`. None = no budget."""
 
     # --- evaluation, logging, checkpoints -----------------------------------------------------------------
     eval_n: int = 200
@@ -512,6 +554,9 @@ class TrainConfig:
             if isinstance(getattr(self, name), dict):  # a mapping given in Python: validated like YAML
                 setattr(self, name, from_dict(cls, getattr(self, name), prefix=f"{name}."))
         _check_finite(self)
+        self._check_phases()
+        if self.sample_budget is not None:
+            _positive("sample_budget", self.sample_budget)
         if self.num_generations < 2:
             raise ConfigError(
                 "num_generations", self.num_generations, "group advantages need at least 2 samples per prompt; use >= 2"
@@ -611,6 +656,36 @@ class TrainConfig:
                 self.advantage_estimator,
                 f"choose one of {sorted(ADVANTAGE_ESTIMATORS)}",
             )
+
+    def _check_phases(self) -> None:
+        """Validate ``phases`` and derive ``max_steps`` (the sum of the rl phases' steps) from them."""
+        if not self.phases:
+            return
+        self.phases = [from_dict(PhaseConfig, ph, prefix=f"phases[{i}].") if isinstance(ph, dict) else ph
+                       for i, ph in enumerate(self.phases)]
+        for i, ph in enumerate(self.phases):
+            ph.check(f"phases[{i}]")
+            funcs = ph.reward_funcs or self.reward_funcs
+            if ph.reward_weights is not None and len(ph.reward_weights) != len(funcs):
+                raise ConfigError(f"phases[{i}].reward_weights", ph.reward_weights,
+                                  f"give one weight per reward function of the phase ({len(funcs)}: {funcs})")
+            if ph.reward_funcs is not None and ph.reward_weights is None and self.reward_weights is not None \
+                    and len(self.reward_weights) != len(ph.reward_funcs):
+                raise ConfigError(f"phases[{i}].reward_weights", None, "the phase's reward_funcs differ in number "
+                                  "from the run's reward_weights; give the phase its own reward_weights")
+        rl_steps = sum(ph.steps for ph in self.phases if ph.kind == "rl")
+        default_max = TrainConfig.__dataclass_fields__["max_steps"].default
+        if self.max_steps not in (default_max, rl_steps):
+            raise ConfigError("max_steps", self.max_steps, f"with phases the run has {rl_steps} RL steps (the sum of "
+                              "its rl phases); leave max_steps out or set the phases' steps")
+        self.max_steps = rl_steps
+
+    def schedule(self) -> list[PhaseConfig]:
+        """The phases to run: ``phases``, or the default sft (``sft_steps``) + rl (``max_steps``) schedule."""
+        if self.phases:
+            return list(self.phases)
+        return [PhaseConfig(kind="sft", steps=self.sft_steps, name="warm-up"),
+                PhaseConfig(kind="rl", steps=self.max_steps, name="rl")]
 
     @property
     def prompts_per_step(self) -> int:

@@ -202,7 +202,7 @@ def test_zero_spread_logged_without_filters_and_dynamic_sampling_refills(fast_co
         assert r["train/zero_spread_groups"] == pytest.approx(sum(flags) / len(flags))
         assert r["selection/samples"] == 16 and "selection/refills" not in r
 
-    dyn = fast_config(max_steps=2, output_dir=str(tmp_path / "dyn"), critique_on="none",
+    dyn = fast_config(max_steps=8, output_dir=str(tmp_path / "dyn"), critique_on="none", sample_budget=64,
                       dynamic_sampling={"enabled": True, "max_refill_batches": 2})
     summary = CritiqueGRPOTrainer(args=dyn).train()
     rows = _rl_rows(tmp_path / "dyn")
@@ -216,6 +216,9 @@ def test_zero_spread_logged_without_filters_and_dynamic_sampling_refills(fast_co
         assert sum(_zero_spread(batches[r["step"]], 4)) == r["selection/zero_spread_padded"]
     assert any(r["selection/refills"] > 0 for r in rows)  # the warmed-up tiny model solves some groups fully
     assert summary["samples_generated"] == total
+    # sample_budget: no step starts once 64 completions were sampled
+    assert total >= 64 and (len(rows) == 1 or rows[-2]["selection/samples_total"] < 64)
+    assert len(rows) < 8 and summary["stopped_at_sample_budget"] == total
 
 
 def test_low_variance_filter_drops_lowest_std_groups(fast_config):

@@ -300,6 +300,7 @@ class CritiqueGRPOTrainer:
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
 
         self.sampler = PromptSampler(self.train_rows, cfg.seed)  # same state on every rank: global batches
+        self._setup_phases()
         self.rng = random.Random(cfg.seed + 1 + 7919 * self.rank)  # refinement choice; checkpointed
         self._selection: dict[str, Any] = {"samples_total": 0, "pass_rate": None}  # data selection; checkpointed
         if cfg.refinement_source == "reference":  # the control arm: reference answers, no critic at all
@@ -320,6 +321,74 @@ class CritiqueGRPOTrainer:
             self.accelerator.init_trackers(cfg.tracker_project, config=flat_config(cfg.to_dict()),
                                            init_kwargs=tracker_init_kwargs(self.trackers, self.out, self.out.name))
         return resume_from
+
+    def _setup_phases(self) -> None:
+        """The schedule (``phases``, or sft + rl), each phase's own data (a sampler per ``train_file``, seeded
+        like the run's) and objectives (reward functions and weights)."""
+        cfg = self.cfg
+        self.phases = cfg.schedule()
+        self._phases_done = 0
+        self._phase_sampler: PromptSampler | None = None
+        self._phase_rows: dict[str, list[dict[str, Any]]] = {}
+        self._phase_samplers: dict[str, PromptSampler] = {}
+        for i, ph in enumerate(self.phases):
+            if ph.train_file and ph.train_file not in self._phase_rows:
+                self._phase_rows[ph.train_file] = load_rows(ph.train_file, field=f"phases[{i}].train_file")
+                self._phase_samplers[ph.train_file] = PromptSampler(self._phase_rows[ph.train_file], cfg.seed)
+        self._run_rewards = (self.reward_funcs, self.reward_names, self.reward_weights)
+
+    def _enter_phase(self, index: int) -> None:
+        """Make phase ``index``'s data and objectives current (rl phases)."""
+        ph = self.phases[index]
+        self._phase_sampler = self._phase_samplers.get(ph.train_file) if ph.train_file else None
+        if ph.reward_funcs is None and ph.reward_weights is None:
+            self.reward_funcs, self.reward_names, self.reward_weights = self._run_rewards
+            return
+        funcs = (self._run_rewards[0] if ph.reward_funcs is None else
+                 build_reward_funcs(list(ph.reward_funcs), self.task, self.cfg.reward_kwargs))
+        weights = ph.reward_weights or (self.cfg.reward_weights if ph.reward_funcs is None else None) \
+            or [1.0] * len(funcs)
+        self.reward_funcs, self.reward_names = funcs, [func_name(f) for f in funcs]
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+
+    def _phase_name(self, index: int) -> str:
+        ph = self.phases[index]
+        return ph.name or f"{ph.kind}{index}"
+
+    def _run_sft(self, index: int, model: torch.nn.Module, progress: Progress | None) -> None:
+        """SFT phase ``index`` on ``model``: the run's rows (with the task's demonstrations, mistakes and
+        refinement demos) or the phase's ``train_file`` (prompt -> answer). Seeded: the first phase by the run
+        seed (the warm-up of earlier releases), later ones by seed + 1000 x index, so a rerun repeats it."""
+        cfg, ph = self.cfg, self.phases[index]
+        steps = ph.steps or 0
+        if steps <= 0:
+            return
+        first = index == 0
+        lr = ph.learning_rate if ph.learning_rate is not None else cfg.sft_learning_rate
+        seed = cfg.seed if first else cfg.seed + 1000 * index
+        label = "SFT warm-up" if first else f"SFT {self._phase_name(index)}"
+        task_id = progress.add_task(label, total=steps) if progress else None
+        t0 = time.perf_counter()
+        if ph.train_file:
+            pairs = [(self.prompt_text(r), str(r["answer"])) for r in self._phase_rows[ph.train_file]]
+        else:
+            pairs = [(self.prompt_text(r), self._demonstration(r)) for r in self.train_rows]
+            if cfg.sft_refine_fraction > 0:
+                pairs += [(self.prompt_text({"prompt": p}), c) for p, c in refinement_demos(
+                    self._sft_task(), self.train_rows, cfg.sft_refine_fraction, cfg.seed, self._sft_completion,
+                    cfg.critic.template_dir)]
+        losses = sft_warmup(
+            model, self.tokenizer, pairs,
+            steps=steps, batch_size=cfg.sft_batch_size, lr=lr, seed=seed,
+            on_step=(lambda s, loss: progress.update(task_id, advance=1, description=f"SFT loss {loss:.3f}"))
+            if progress else None,
+        )
+        self.summary["sft_final_loss"] = losses[-1]
+        self.summary["sft_seconds"] = self.summary.get("sft_seconds", 0.0) * (not first) + time.perf_counter() - t0
+        if cfg.phases:
+            self.summary.setdefault("phases", []).append(
+                {"phase": index, "name": self._phase_name(index), "kind": "sft", "steps": steps,
+                 "at_rl_step": self.step, "final_loss": losses[-1]})
 
     def _build_memory(self, resume_from: Path | None) -> Any:
         cfg = self.cfg
@@ -409,25 +478,11 @@ class CritiqueGRPOTrainer:
     # phases
     # ------------------------------------------------------------------------------------------------------
     def _warmup(self, progress: Progress | None) -> None:
-        """SFT warm-up (every process runs the same seeded warm-up, so all start RL from equal weights), then
-        the held-out evaluation before RL."""
-        cfg = self.cfg
-        if cfg.sft_steps > 0:
-            task_id = progress.add_task("SFT warm-up", total=cfg.sft_steps) if progress else None
-            t0 = time.perf_counter()
-            pairs = [(self.prompt_text(r), self._demonstration(r)) for r in self.train_rows]
-            if cfg.sft_refine_fraction > 0:
-                pairs += [(self.prompt_text({"prompt": p}), c) for p, c in refinement_demos(
-                    self._sft_task(), self.train_rows, cfg.sft_refine_fraction, cfg.seed, self._sft_completion,
-                    cfg.critic.template_dir)]
-            losses = sft_warmup(
-                self.model, self.tokenizer, pairs,
-                steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_learning_rate, seed=cfg.seed,
-                on_step=(lambda s, loss: progress.update(task_id, advance=1, description=f"SFT loss {loss:.3f}"))
-                if progress else None,
-            )
-            self.summary["sft_final_loss"] = losses[-1]
-            self.summary["sft_seconds"] = time.perf_counter() - t0
+        """The SFT phases before the first rl phase (default: the one warm-up; every process runs the same seeded
+        SFT, so all start RL from equal weights), then the held-out evaluation before RL."""
+        while self._phases_done < len(self.phases) and self.phases[self._phases_done].kind == "sft":
+            self._run_sft(self._phases_done, self.model, progress)
+            self._phases_done += 1
         before = self._evaluate()
         self.summary["eval_accuracy_before_rl"] = before["accuracy"]
         if "ece" in before:
@@ -521,7 +576,7 @@ class CritiqueGRPOTrainer:
                 return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
             return 1.0
 
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._phase_lr(schedule))
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, self.optimizer, self.scheduler)
         self.ref_model = None
         if cfg.kl_beta > 0 and not cfg.lora.enabled:  # with LoRA the reference is the base, adapter disabled
@@ -545,6 +600,24 @@ class CritiqueGRPOTrainer:
         if self.world > 1:  # ranks sample different completions (the same seed would correlate them)
             torch.manual_seed(cfg.seed + 1000 * self.rank)
 
+    def _phase_lr(self, schedule: Any) -> Any:
+        """The run's LR schedule, scaled inside each rl phase by its ``learning_rate / learning_rate`` (the
+        schedule itself runs over all RL steps). Unchanged when no phase sets a rate."""
+        ends, factors, end = [], [], 0
+        for ph in self.phases:
+            if ph.kind == "rl":
+                end += ph.steps or 0
+                ends.append(end)
+                factors.append(1.0 if ph.learning_rate is None else ph.learning_rate / self.cfg.learning_rate)
+        if all(f == 1.0 for f in factors):
+            return schedule
+
+        def scaled(s: int) -> float:
+            i = next((j for j, e in enumerate(ends) if s < e), len(ends) - 1)
+            return schedule(s) * factors[i]
+
+        return scaled
+
     def _vllm_engine(self) -> Any:
         """The vLLM engine (``rollout_backend: vllm``), built on first use (after the SFT warm-up) and kept: it
         serves rollouts, refinements and evaluation, and gets the weights after every optimizer step. It reads
@@ -564,7 +637,7 @@ class CritiqueGRPOTrainer:
     # ------------------------------------------------------------------------------------------------------
     def _next_prompts(self) -> tuple[list[dict[str, Any]], list[str] | None]:
         """This process's shard of the global prompt batch, and the memory context of each (or None)."""
-        rows = self.sampler.next_batch(self.cfg.prompts_per_step)
+        rows = (self._phase_sampler or self.sampler).next_batch(self.cfg.prompts_per_step)
         contexts = None
         if self.memory_on:
             contexts = dist.broadcast_object(self.memory_hook.contexts(rows) if self.is_main else None)
@@ -997,7 +1070,8 @@ class CritiqueGRPOTrainer:
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "sampler": self.sampler.state_dict(), "summary": self.summary, "refine_rng": refine_states,
                      "rng_per_rank": rng_states, "world_size": self.world, "critic_stats": critic_states,
-                     "selection": self._selection}
+                     "selection": self._selection, "phases_done": self._phases_done,
+                     "phase_samplers": {k: v.state_dict() for k, v in self._phase_samplers.items()}}
             if self._ema_teacher is not None:
                 state["distill_teacher_ema"] = self._ema_teacher.state_dict()
             extra = {"memory.sqlite": self.memory_hook.snapshot} if self.memory_hook is not None else None
@@ -1015,6 +1089,11 @@ class CritiqueGRPOTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self._selection = state.get("selection", self._selection)
+        leading_sft = next((i for i, ph in enumerate(self.phases) if ph.kind != "sft"), len(self.phases))
+        self._phases_done = state.get("phases_done", leading_sft)  # older checkpoints: the warm-up was done
+        for key, sampler_state in state.get("phase_samplers", {}).items():
+            if key in self._phase_samplers:
+                self._phase_samplers[key].load_state_dict(sampler_state)
         if self._ema_teacher is not None:
             if "distill_teacher_ema" not in state:
                 raise UserError(f"checkpoint {path} holds no EMA teacher (it was written with distill_teacher: "
@@ -1063,23 +1142,46 @@ class CritiqueGRPOTrainer:
                     self.rollout_log.truncate_after_step(self.step)
                     console.print(f"resumed from {resume_from} at step {self.step}")
             task_id = progress.add_task("RL", total=self.cfg.max_steps, completed=self.step) if progress else None
-            while self.step < self.cfg.max_steps:
-                refresh = self.cfg.pass_rate_filter.refresh_every
-                measured = self._measure_pass_rates() if (self.cfg.pass_rate_filter.enabled and refresh
-                                                          and self.step and self.step % refresh == 0) else {}
-                metrics = self._step()
-                metrics.update(measured)
-                self.step += 1
-                self._check_critic(metrics)
-                if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.max_steps:
-                    metrics.update(_eval_metrics(self._evaluate()))
-                self._write_metrics(metrics)
-                if progress:
-                    progress.update(task_id, advance=1, description=(
-                        f"RL acc {metrics['train/accuracy']:.2f} loss {metrics['loss/total']:+.3f}"))
-                if self.step % self.cfg.checkpoint_every == 0:
-                    self._save()
+            rl_end = 0
+            for index, phase in enumerate(self.phases):
+                rl_end += (phase.steps or 0) if phase.kind == "rl" else 0
+                if index < self._phases_done:
+                    continue
+                if phase.kind == "sft":  # a later SFT phase: on the live policy; the engine gets the new weights
+                    self._run_sft(index, self._policy(), progress)
+                    self.generator.sync_weights()
+                else:
+                    self._enter_phase(index)
+                    self._rl_until(rl_end, progress, task_id)
+                self._phases_done = index + 1
+                if index < len(self.phases) - 1 and (phase.kind == "sft" or self.step % self.cfg.checkpoint_every):
+                    self._save()  # a phase boundary is a checkpoint (a crash inside the next phase resumes here)
         return self._finish(t_start)
+
+    def _rl_until(self, end: int, progress: Progress | None, task_id: Any) -> None:
+        """RL steps until the run's step reaches ``end`` (the end of the current rl phase)."""
+        budget = self.cfg.sample_budget
+        while self.step < end:
+            if budget is not None and self._selection["samples_total"] >= budget:
+                self.summary["stopped_at_sample_budget"] = self._selection["samples_total"]
+                return
+            refresh = self.cfg.pass_rate_filter.refresh_every
+            measured = self._measure_pass_rates() if (self.cfg.pass_rate_filter.enabled and refresh
+                                                      and self.step and self.step % refresh == 0) else {}
+            metrics = self._step()
+            metrics.update(measured)
+            if self.cfg.phases:
+                metrics["phase"] = self._phases_done
+            self.step += 1
+            self._check_critic(metrics)
+            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.max_steps:
+                metrics.update(_eval_metrics(self._evaluate()))
+            self._write_metrics(metrics)
+            if progress:
+                progress.update(task_id, advance=1, description=(
+                    f"RL acc {metrics['train/accuracy']:.2f} loss {metrics['loss/total']:+.3f}"))
+            if self.step % self.cfg.checkpoint_every == 0:
+                self._save()
 
     def _check_critic(self, metrics: dict[str, Any]) -> None:
         """Warn about failed critic requests (they fell back to rule critiques) and stop the run once more than
@@ -1141,7 +1243,8 @@ class CritiqueGRPOTrainer:
         if self.world > 1:
             self.summary["num_processes"] = self.world
         cfg = self.cfg
-        if cfg.dynamic_sampling.enabled or cfg.pass_rate_filter.enabled or cfg.low_variance_filter.enabled:
+        if (cfg.dynamic_sampling.enabled or cfg.pass_rate_filter.enabled or cfg.low_variance_filter.enabled
+                or cfg.sample_budget is not None):
             self.summary["samples_generated"] = self._selection["samples_total"]
             if self._selection.get("pass_rate"):
                 self.summary["pass_rate_filter"] = self._selection["pass_rate"]
