@@ -198,6 +198,31 @@ def test_lora_policy_is_synced_merged(engine, tiny_dir):
         engine.sync_weights()
 
 
+def test_self_critique_through_the_engine_equals_transformers(engine, policy):
+    """The ``hf`` critic on the policy with a generator (what the trainer sets up for ``rollout_backend: vllm``)
+    writes, greedily, the same critiques as ``model.generate``, and counts the same prompt tokens."""
+    from critique_rl.critics import HFCritic
+    from critique_rl.critics.base import CritiqueRequest
+
+    model, tok = policy
+    engine.sync_weights()  # earlier tests may have stepped the model
+    reqs = [CritiqueRequest(question=q, response="99", reference="46", verdict=False) for q in PROMPTS]
+    items = [(r, 0) for r in reqs]
+    via_hf = asyncio.run(HFCritic(model, tok, max_new_tokens=12, temperature=0.0)._generate(items))
+    calls = []
+    real = engine.generate
+    engine.generate = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        critic = HFCritic(model, tok, max_new_tokens=12, temperature=0.0, generator=engine)
+        via_engine = asyncio.run(critic._generate(items))
+    finally:
+        del engine.generate
+    assert calls
+    assert [g.text for g in via_engine] == [g.text for g in via_hf]
+    assert [g.prompt_tokens for g in via_engine] == [g.prompt_tokens for g in via_hf]
+    assert [g.completion_tokens for g in via_engine] == [g.completion_tokens for g in via_hf]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # training with rollout_backend: vllm
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,6 +244,22 @@ def test_three_training_steps_with_vllm(fast_config):
         assert r["mismatch/abs_log_ratio"] < 1e-3  # same weights, float32: engine ~= trainer
         assert abs(r["mismatch/tis_weight"] - 1.0) < 1e-3
     assert 0.0 <= summary["eval_accuracy_after_rl"] <= 1.0
+
+
+def test_self_critique_in_training_uses_the_engine(fast_config):
+    """``critic: {backend: hf, model: policy}`` with ``rollout_backend: vllm``: critiques are written by the
+    colocated engine (which holds the synced weights), not by ``generate`` on the training module."""
+    from critique_rl import CritiqueGRPOTrainer
+    from critique_rl.config import CriticConfig
+
+    cfg = fast_config(rollout_backend="vllm", max_steps=2, critique_on="all",
+                      critic=CriticConfig(backend="hf", kind="cot", model="policy", max_tokens=8,
+                                           max_regenerations=0))
+    trainer = CritiqueGRPOTrainer(args=cfg)
+    trainer.train()
+    assert trainer.critic.generator is trainer.generator
+    assert trainer.critic.metrics()["critic/requests"] > 0
+    assert trainer.critic.metrics()["critic/completion_tokens"] > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

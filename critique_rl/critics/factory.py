@@ -46,7 +46,7 @@ def build_critic(
             model: Any = policy
         else:
             model = cfg.model
-        return HFCritic(
+        critic = HFCritic(
             model,
             tokenizer if model is policy else None,
             kind=cfg.kind,
@@ -56,6 +56,8 @@ def build_critic(
             verdict_pattern=cfg.verdict_pattern,
             **common,
         )
+        critic.shares_policy = model is policy  # the trainer routes it through its rollout engine (vLLM)
+        return critic
     if cfg.backend == "openai":
         from critique_rl.critics.openai_api import OpenAICritic
 

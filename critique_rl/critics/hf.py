@@ -43,6 +43,10 @@ class HFCritic(BaseCritic):
         seed: base seed for sampled regenerations (the global RNG state is restored afterwards).
         verdict_pattern: extra verdict regex with one group (``critic.verdict_pattern``), see
             :func:`critique_rl.critics.base.parse_verdict`.
+        generator: a rollout engine (:class:`critique_rl.rollout.base.Generator`) sampling from this same
+            model, used instead of ``model.generate`` (self-critique with ``rollout_backend: vllm``: the trainer
+            sets it, so critiques come from the engine that holds the synced policy weights). Prompts are
+            tokenized and truncated exactly as on the transformers path.
     """
 
     def __init__(
@@ -61,6 +65,7 @@ class HFCritic(BaseCritic):
         verdict_pattern: str | None = None,
         device: str = "auto",
         seed: int = 0,
+        generator: Any | None = None,
     ) -> None:
         super().__init__(
             kind, fallback_kind=fallback_kind, max_regenerations=max_regenerations, template_dir=template_dir,
@@ -84,6 +89,8 @@ class HFCritic(BaseCritic):
         self.seed = int(seed)
         self._calls = 0
         self._lock = threading.Lock()  # one generate at a time on a shared model
+        self.generator = generator
+        self.shares_policy = False  # set by build_critic for `model: policy` (self-critique)
 
     def __repr__(self) -> str:
         return f"HFCritic(model={type(self.model).__name__}, kind={self.kind!r})"
@@ -113,6 +120,8 @@ class HFCritic(BaseCritic):
 
     # -- generation ------------------------------------------------------------------------------------
     async def _generate(self, items: list[tuple[CritiqueRequest, int]]) -> list[Generation | CritiqueFailure]:
+        if self.generator is not None:  # a colocated vLLM engine runs in the thread that built it
+            return self._generate_sync(items)
         return await asyncio.to_thread(self._generate_sync, items)
 
     def _generate_sync(self, items: list[tuple[CritiqueRequest, int]]) -> list[Generation | CritiqueFailure]:
@@ -149,9 +158,11 @@ class HFCritic(BaseCritic):
                     max_length=max_len,
                     add_special_tokens=not getattr(tok, "chat_template", None),
                 )
+                temperature = self.temperature if self.temperature > 0 else self.regen_temperature
+                if self.generator is not None:
+                    return self._generate_engine(prompts, enc["input_ids"], enc["attention_mask"], sample, temperature)
                 device = next(model.parameters()).device
                 enc = {k: v.to(device) for k, v in enc.items()}
-                temperature = self.temperature if self.temperature > 0 else self.regen_temperature
                 kwargs: dict[str, Any] = {
                     "max_new_tokens": self.max_new_tokens,
                     "pad_token_id": tok.pad_token_id,
@@ -190,3 +201,30 @@ class HFCritic(BaseCritic):
                 )
             )
         return gens
+
+    def _generate_engine(self, prompts: list[str], ids: Any, mask: Any, sample: bool,
+                         temperature: float) -> list[Generation]:
+        """The same critiques from :attr:`generator` (called with the lock held). ``ids``: the prompts as the
+        transformers path tokenizes them (left padded, truncated, special tokens per the template rule); a prompt
+        whose engine tokenization (no special tokens) would differ is passed as the decoded ids instead."""
+        import torch
+
+        from critique_rl.rollout.base import SamplingParams
+
+        tok = self.tokenizer
+        texts, lengths = [], []
+        for prompt, row, m in zip(prompts, ids, mask, strict=True):
+            row = row[m.bool()].tolist()  # without the left padding
+            lengths.append(len(row))
+            same = tok(prompt, add_special_tokens=False)["input_ids"] == row
+            texts.append(prompt if same else tok.decode(row, skip_special_tokens=False))
+        params = SamplingParams(n=1, temperature=temperature, top_p=1.0, max_new_tokens=self.max_new_tokens,
+                                greedy=not (sample or self.temperature > 0))
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):  # a colocated engine samples from the global generator
+            self._calls += 1
+            torch.manual_seed(self.seed + self._calls)
+            groups = self.generator.generate(texts, params)
+        elapsed = time.perf_counter() - t0
+        return [Generation(text=g[0].text, prompt_tokens=n, completion_tokens=len(g[0].token_ids), latency_s=elapsed)
+                for g, n in zip(groups, lengths, strict=True)]

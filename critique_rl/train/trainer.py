@@ -597,6 +597,8 @@ class CritiqueGRPOTrainer:
                 enable_fused_head(self._ema_teacher.model)
         self.generator = self._vllm_engine() if cfg.rollout_backend == "vllm" else build_generator(
             "hf", self._policy(), self.tokenizer, batch_size=cfg_bs(cfg), autocast=self.accelerator.autocast)
+        if cfg.rollout_backend == "vllm" and getattr(self.critic, "shares_policy", False):
+            self.critic.generator = self.generator  # self-critique (hf, model: policy) from the synced engine
         if self.world > 1:  # ranks sample different completions (the same seed would correlate them)
             torch.manual_seed(cfg.seed + 1000 * self.rank)
 
