@@ -63,3 +63,19 @@ def test_user_task_registration_and_unknown_task():
     assert get_task("echo_test") is t
     with pytest.raises(UserError, match="unknown task"):
         get_task("no_such_task")
+
+
+def test_trap_plateau_starts_low_and_keeps_the_reverse_skill_in_training():
+    from critique_rl.tasks import get_task
+    from critique_rl.tasks.trap import KNOWN_TAGS, PLATEAU_TAGS
+
+    task = get_task("trap_plateau")
+    ev = task.make_examples("eval", 300, 0)
+    assert {r["tag"] for r in ev} == set(PLATEAU_TAGS) and all(r["rule"] == "rev" for r in ev)
+    # the demonstrator (plain sum on trap tags) is right only where the total is a palindrome
+    demo_acc = sum(task.verify(task.mistake(r) or r["answer"], r["answer"]) for r in ev) / len(ev)
+    assert 0.0 < demo_acc < 0.15
+    train = task.make_examples("train", 2000, 0)
+    tags = {r["tag"] for r in train}
+    assert tags == set(KNOWN_TAGS) | set(PLATEAU_TAGS)  # the warm-up still shows totals written backwards
+    assert {(r["a"], r["b"]) for r in ev}.isdisjoint({(r["a"], r["b"]) for r in train})

@@ -12,9 +12,9 @@ from critique_rl.tasks.arithmetic import ADDITION, CARRY_ADDITION
 from critique_rl.tasks.base import Example, Task, final_answer_span, parse_number
 from critique_rl.tasks.confidence import ADDITION_CONF
 from critique_rl.tasks.strings import REVERSE
-from critique_rl.tasks.trap import TRAP
+from critique_rl.tasks.trap import TRAP, TRAP_PLATEAU
 
-TASKS: dict[str, Task] = {t.name: t for t in (ADDITION, CARRY_ADDITION, REVERSE, ADDITION_CONF, TRAP)}
+TASKS: dict[str, Task] = {t.name: t for t in (ADDITION, CARRY_ADDITION, REVERSE, ADDITION_CONF, TRAP, TRAP_PLATEAU)}
 
 
 def register_task(task: Task) -> Task:

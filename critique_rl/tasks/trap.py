@@ -67,6 +67,29 @@ def make_trap(split: str, n: int, seed: int = 0) -> list[Example]:
     return out
 
 
+PLATEAU_TAGS: tuple[str, ...] = tuple(t for t, r in TRAP_TAGS.items() if r == "rev")
+"""The trap tags whose rule is ``rev``: the demonstrator's plain sum is wrong on them (except palindromes)."""
+
+
+def make_trap_plateau(split: str, n: int, seed: int = 0) -> list[Example]:
+    """The plateau variant: training questions over the known tags (where the warm-up shows both rules, so the
+    model can write a total backwards) and the reversed trap tags; held-out questions on the reversed trap tags
+    only. With ``sft_mistake_rate: 1`` the warm-up answers every trap question with the plain sum, so the start
+    is near 0% (palindromic totals aside) and sampled groups on trap questions are all wrong."""
+    pool = _split_pairs(split)
+    rng = random.Random(seed * 31 + 11)
+    if split == "eval":
+        pairs = rng.sample(pool, min(n, len(pool)))
+        return [_row(PLATEAU_TAGS[i % len(PLATEAU_TAGS)], "rev", a, b) for i, (a, b) in enumerate(pairs)]
+    tags = sorted(KNOWN_TAGS) + list(PLATEAU_TAGS)
+    out = []
+    for _ in range(n):
+        tag = rng.choice(tags)
+        a, b = rng.choice(pool)
+        out.append(_row(tag, RULES[tag], a, b))
+    return out
+
+
 def extract_digits(completion: str) -> str | None:
     """The last run of digits in the final-answer span (leading zeros kept: '001' is a reversed 100)."""
     found = _DIGITS.findall(final_answer_span(completion))
@@ -91,6 +114,19 @@ TRAP = Task(
     verify=verify_trap,
     extract=extract_digits,
     description="tagged two-digit addition; some tags want the sum written backwards",
+    sft_completion=lambda ex: ex["answer"],
+    max_new_tokens=6,
+    mistake=plain_sum,
+)
+
+
+TRAP_PLATEAU = Task(
+    name="trap_plateau",
+    make_examples=make_trap_plateau,
+    verify=verify_trap,
+    extract=extract_digits,
+    description="tagged addition, evaluated on the tags whose total is written backwards and which the "
+                "demonstrator gets wrong: the plateau task (most sampled groups all wrong)",
     sft_completion=lambda ex: ex["answer"],
     max_new_tokens=6,
     mistake=plain_sum,
@@ -162,5 +198,5 @@ def reading_rows(n: int, seed: int = 0, with_lesson: float = 0.5) -> list[Exampl
     return rows
 
 
-__all__ = ["KNOWN_TAGS", "RULES", "TRAP", "TRAP_TAGS", "apply_rule", "lesson_draft", "make_trap", "reading_rows",
+__all__ = ["KNOWN_TAGS", "PLATEAU_TAGS", "RULES", "TRAP", "TRAP_PLATEAU", "TRAP_TAGS", "apply_rule", "lesson_draft", "make_trap", "reading_rows",
            "render_lessons", "trap_lesson", "verify_trap"]
