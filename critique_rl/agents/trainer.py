@@ -52,7 +52,7 @@ from critique_rl.train import checkpoint as ckpt
 from critique_rl.train.batching import pack
 from critique_rl.train.critique_step import choose_refinements, select_for_critique
 from critique_rl.train.evaluate import EVAL_SEED
-from critique_rl.train.metrics import JsonlWriter, plot_curves
+from critique_rl.train.metrics import JsonlWriter, plot_curves, read_jsonl
 from critique_rl.train.rollout_batch import AdvantagePlan, RolloutBatch
 from critique_rl.train.sampler import PromptSampler
 from critique_rl.train.sft import sft_warmup
@@ -365,9 +365,12 @@ class EpisodeTrainer:
         tokens.completion_mask = tokens.completion_mask * action * torch.tensor(keep, dtype=action.dtype)[:, None]
         adv_tok = cfg.eval_weight * torch.tensor(adv).unsqueeze(-1).expand(-1, T).clone()
         ub = UpdateBatch(tokens=tokens, advantages=adv_tok, offpolicy=torch.tensor(off))
+        # the engine's log-probs of every row's actions (refined episodes: under the critique context they were
+        # sampled in, what offpolicy_weighting reads); zeros on observation tokens
+        sampled = [trajs[i] for i in rows] + [crit.refined[j] for _, _, j in plan.kept]  # type: ignore[union-attr]
         ub.sampling_logp = torch.zeros(len(comp_ids), T)
-        for r, i in enumerate(rows):
-            lp = trajs[i].sampling_logprobs()
+        for r, t in enumerate(sampled):
+            lp = t.sampling_logprobs()
             ub.sampling_logp[r, : len(lp)] = torch.tensor(lp)
         metrics: dict[str, float] = {}
         if crit is not None and cfg.distill_weight > 0:
@@ -550,6 +553,13 @@ class EpisodeTrainer:
         if self.step % self.cfg.checkpoint_every != 0 and self.step > 0:
             self._save()
         self.summary["wall_seconds"] = self._wall_prior + time.perf_counter() - self._t_start
+        rows = [r for r in read_jsonl(self.out / "metrics.jsonl") if "loss/total" in r]  # resumed runs count too
+        if any("critique/refinements" in r for r in rows):
+            ref = sum(r.get("critique/refinements", 0) for r in rows)
+            ok = sum((r.get("critique/refine_success_rate") or 0) * r.get("critique/refinements", 0) for r in rows)
+            self.summary.update({"critique_refinements": ref, "critique_refine_success_rate": ok / ref if ref else None,
+                                 "critique_groups_rescued": sum(r.get("critique/groups_rescued", 0) for r in rows),
+                                 "critique_all_wrong_groups": sum(r.get("critique/all_wrong_groups", 0) for r in rows)})
         if self.bank is not None:
             st = self.bank.stats()
             self.summary.update({"memory_bank": st["path"], "memory_demonstrations": st["demonstrations"]["count"],
