@@ -127,3 +127,26 @@ def test_guess_critic_sees_whole_episode():
     assert "Turn 2: 10 is not the middle of 9 to 16, which is 12." in text and "Turn 1" not in text
     [c] = GuessCritic().critique_episodes([t])
     assert c.text == text and c.verdict is False
+
+
+def test_cli_trains_on_agent_config(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = dict(TINY, max_steps=1, output_dir=str(tmp_path / "cli"),
+               agent={"env": "guess_number", "max_turns": 3, "max_turn_tokens": 4})
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = subprocess.run([sys.executable, "-m", "critique_rl.cli", "train", "--config", str(path), "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert {"eval_accuracy_before_rl", "eval_accuracy_after_rl", "eval_n"} <= set(summary) and summary["steps"] == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**cfg, "agent": {"env": "chess"}}))
+    run = subprocess.run([sys.executable, "-m", "critique_rl.cli", "train", "--config", str(bad)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0
+    assert "config field 'agent.env' = 'chess': unknown env" in run.stderr
