@@ -41,11 +41,13 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", type=Path, default=Path("/tmp/agent_memory_on_off"))
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "agent_memory.json")
+    p.add_argument("--max-steps", type=int, default=None, help="RL steps (default: the config's)")
     args = p.parse_args()
+    over = {"max_steps": args.max_steps} if args.max_steps is not None else {}
     rows = []
     for seed in args.seeds:
         for memory in (False, True):
-            rows.append(run_arm(args.config, seed, memory, args.out))
+            rows.append(run_arm(args.config, seed, memory, args.out, **over))
             print(json.dumps(rows[-1]), flush=True)
     summary = {}
     for memory in (False, True):
@@ -55,7 +57,8 @@ def main() -> None:
             "mean_after": sum(r["after"] for r in arm) / len(arm),
             "mean_gain_points": sum(r["gain_points"] for r in arm) / len(arm)}
     result = {"config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT) else str(args.config),
-              "command": "python benchmarks/agent_memory_on_off.py --seeds " + " ".join(map(str, args.seeds)),
+              "command": "python benchmarks/agent_memory_on_off.py --seeds " + " ".join(map(str, args.seeds))
+              + (f" --max-steps {args.max_steps}" if args.max_steps is not None else ""),
               "runs": rows, "summary": summary}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(result, indent=2))

@@ -113,6 +113,9 @@ def test_grpo_without_critic_and_clear_errors(tmp_path):
         get_env_spec("no_such_env")
     with pytest.raises(ConfigError, match="agent.env_kwargs"):
         EpisodeTrainer(config(tmp_path, "bad", agent={"env": "guess_number", "env_kwargs": {"colour": 1}})).train()
+    with pytest.raises(ConfigError, match="agent.max_episode_tokens.*no episode fits"):
+        EpisodeTrainer(config(tmp_path, "short", sft_steps=0, agent={"env": "guess_number",
+                                                                      "max_episode_tokens": 5})).train()
     with pytest.raises(ConfigError, match="agent.max_turns"):
         from_dict(TrainConfig, {"agent": {"env": "guess_number", "max_turns": 0}})
 

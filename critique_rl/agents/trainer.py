@@ -250,6 +250,10 @@ class EpisodeTrainer:
         bs = self.cfg.eval_batch_size
         for s in range(0, len(self.eval_tasks), bs):
             trajs += self._run(self.eval_tasks[s:s + bs], 1, greedy=True)
+        if trajs and all(t.stop_reason == "max_tokens" and not t.turns for t in trajs):
+            raise ConfigError("agent.max_episode_tokens", self.limits.max_episode_tokens,
+                              "no episode fits: the first prompt (memory context included) plus agent.max_turn_tokens "
+                              "is longer; raise it (up to the model's positions) or lower memory.token_budget")
         return {"eval/accuracy": float(np.mean([t.success for t in trajs])),
                 "eval/mean_turns": float(np.mean([t.num_turns for t in trajs])),
                 "eval/mean_return": float(np.mean([t.total_reward for t in trajs]))}
