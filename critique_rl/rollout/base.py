@@ -28,7 +28,10 @@ class SamplingParams:
 
 @runtime_checkable
 class Generator(Protocol):
-    """``generate(prompts, params)`` returns, per prompt, ``params.n`` completions."""
+    """``generate(prompts, params)`` returns, per prompt, ``params.n`` completions.
+
+    Optional: ``generate_ids(prompt_ids, params)``, the same from token ids (multi-turn agents keep contexts as
+    ids; :func:`critique_rl.agents.runner.generate_from_ids` falls back to decoded text without it)."""
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]: ...
 
