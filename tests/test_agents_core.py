@@ -252,3 +252,26 @@ def test_hf_generate_ids_matches_text_path(tok):
     by_ids = gen.generate_ids([tok(p, add_special_tokens=False)["input_ids"] for p in prompts], params)
     assert [[c.token_ids for c in g] for g in by_ids] == [[c.token_ids for c in g] for g in by_text]
     assert len(by_ids) == 2 and all(len(g) == 2 for g in by_ids)
+
+
+class TextOnlyGen:
+    """An engine with only generate(prompts): the runner passes decoded contexts."""
+
+    def __init__(self, tok):
+        self.tok, self.prompts = tok, []
+
+    def sync_weights(self):
+        return None
+
+    def generate(self, prompts, params):
+        self.prompts.append(list(prompts))
+        ids = self.tok("7", add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+        return [[Completion(ids, [-1.0] * len(ids), "7", True)] for _ in prompts]
+
+
+def test_text_only_engine_gets_the_rendered_context(tok):
+    gen = TextOnlyGen(tok)
+    r = TurnRenderer(tok, True)
+    [traj] = run_episodes(gen, r, Higher, [{"prompt": "g"}], limits=EpisodeLimits(max_turns=2))
+    assert gen.prompts[1][0] == r.render_messages(traj.messages()[:3], add_generation_prompt=True)
+    assert traj.turns[1].action_ids == traj.turns[0].action_ids and traj.turns[1].action_text == "7"
