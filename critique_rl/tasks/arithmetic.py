@@ -16,9 +16,10 @@ def _split_pairs(split: str) -> list[tuple[int, int]]:
     return pairs[:_EVAL_POOL] if split == "eval" else pairs[_EVAL_POOL:]
 
 
-def make_addition(split: str, n: int, seed: int = 0) -> list[Example]:
-    """``n`` problems from ``split`` ("train" samples with replacement, "eval" without)."""
-    pool = _split_pairs(split)
+def make_addition(split: str, n: int, seed: int = 0, carry_only: bool = False) -> list[Example]:
+    """``n`` problems from ``split`` ("train" samples with replacement, "eval" without); ``carry_only``: only
+    pairs whose ones digits sum to 10 or more."""
+    pool = [(a, b) for a, b in _split_pairs(split) if not carry_only or a % 10 + b % 10 >= 10]
     rng = random.Random(seed)
     if split == "eval":
         chosen = rng.sample(pool, min(n, len(pool)))
@@ -62,13 +63,7 @@ ADDITION = Task(
 
 def make_carry_addition(split: str, n: int, seed: int = 0) -> list[Example]:
     """Two-digit additions that all need a carry (``47+38=``), from the same disjoint train/eval split."""
-    pool = [(a, b) for a, b in _split_pairs(split) if a % 10 + b % 10 >= 10]
-    rng = random.Random(seed)
-    if split == "eval":
-        chosen = rng.sample(pool, min(n, len(pool)))
-    else:
-        chosen = [rng.choice(pool) for _ in range(n)]
-    return [{"prompt": f"{a}+{b}=", "answer": str(a + b), "a": a, "b": b} for a, b in chosen]
+    return make_addition(split, n, seed, carry_only=True)
 
 
 CARRY_ADDITION = Task(

@@ -51,20 +51,25 @@ def _row(tag: str, rule: str, a: int, b: int) -> Example:
             "trap": tag in TRAP_TAGS, "a": a, "b": b}
 
 
-def make_trap(split: str, n: int, seed: int = 0) -> list[Example]:
-    """``n`` questions over all fixed tags (uniform), operands from the addition task's ``split``."""
+def _tagged_rows(split: str, n: int, rng: random.Random, train_tags: list[str], eval_tags: list[str]) -> list[Example]:
+    """Eval: ``n`` distinct operand pairs, tags in turn; train: tag and pair drawn uniformly (with replacement)."""
     pool = _split_pairs(split)
-    rng = random.Random(seed * 31 + 7)
-    tags = sorted(RULES)
     if split == "eval":
         pairs = rng.sample(pool, min(n, len(pool)))
-        return [_row(tags[i % len(tags)], RULES[tags[i % len(tags)]], a, b) for i, (a, b) in enumerate(pairs)]
+        return [_row(eval_tags[i % len(eval_tags)], RULES[eval_tags[i % len(eval_tags)]], a, b)
+                for i, (a, b) in enumerate(pairs)]
     out = []
     for _ in range(n):
-        tag = rng.choice(tags)
+        tag = rng.choice(train_tags)
         a, b = rng.choice(pool)
         out.append(_row(tag, RULES[tag], a, b))
     return out
+
+
+def make_trap(split: str, n: int, seed: int = 0) -> list[Example]:
+    """``n`` questions over all fixed tags (uniform), operands from the addition task's ``split``."""
+    tags = sorted(RULES)
+    return _tagged_rows(split, n, random.Random(seed * 31 + 7), tags, tags)
 
 
 PLATEAU_TAGS: tuple[str, ...] = tuple(t for t, r in TRAP_TAGS.items() if r == "rev")
@@ -76,18 +81,8 @@ def make_trap_plateau(split: str, n: int, seed: int = 0) -> list[Example]:
     model can write a total backwards) and the reversed trap tags; held-out questions on the reversed trap tags
     only. With ``sft_mistake_rate: 1`` the warm-up answers every trap question with the plain sum, so the start
     is near 0% (palindromic totals aside) and sampled groups on trap questions are all wrong."""
-    pool = _split_pairs(split)
-    rng = random.Random(seed * 31 + 11)
-    if split == "eval":
-        pairs = rng.sample(pool, min(n, len(pool)))
-        return [_row(PLATEAU_TAGS[i % len(PLATEAU_TAGS)], "rev", a, b) for i, (a, b) in enumerate(pairs)]
-    tags = sorted(KNOWN_TAGS) + list(PLATEAU_TAGS)
-    out = []
-    for _ in range(n):
-        tag = rng.choice(tags)
-        a, b = rng.choice(pool)
-        out.append(_row(tag, RULES[tag], a, b))
-    return out
+    return _tagged_rows(split, n, random.Random(seed * 31 + 11), sorted(KNOWN_TAGS) + list(PLATEAU_TAGS),
+                        list(PLATEAU_TAGS))
 
 
 def extract_digits(completion: str) -> str | None:
