@@ -25,6 +25,7 @@ from openai import OpenAI
 
 from critique_rl.agents.env import Env, as_step_result
 from critique_rl.agents.guess import GuessNumberEnv, make_tasks
+from critique_rl.config import MemoryConfig
 from critique_rl.memory import MemoryBank
 
 
@@ -68,10 +69,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--max-turns", type=int, default=4)
     p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--embeddings", default="auto", choices=["auto", "lexical", "sentence_transformers"],
+                   help="bank retrieval backend (auto: sentence-transformers when installed)")
     args = p.parse_args(argv)
     client = OpenAI(base_url=args.base_url, api_key=os.environ.get("OPENAI_API_KEY") or "EMPTY", max_retries=1,
                     timeout=60.0)
-    bank = MemoryBank(args.bank) if args.bank else None
+    bank = MemoryBank(args.bank, config=MemoryConfig(embeddings=args.embeddings)) if args.bank else None
     results = []
     try:
         for task in make_tasks("agent_loop", args.episodes, args.seed):

@@ -42,8 +42,8 @@ def test_loop_reads_memory_before_acting_and_records_after(tmp_path):
     with CriticServer(responder=policy(midpoint=False)) as server:  # a weak policy: fails, lessons recorded
         MemoryBank(bank_path, config=cfg).close()
         bank = MemoryBank(bank_path, config=cfg)
-        out = [mod.run_episode(_client(server), "policy", mod.GuessNumberEnv(4), t, bank)
-               for t in mod.make_tasks("t", 6, 0)]
+        client = _client(server)
+        out = [mod.run_episode(client, "policy", mod.GuessNumberEnv(4), t, bank) for t in mod.make_tasks("t", 6, 0)]
         first_body = server.bodies[0]
         later = server.bodies[-1]
     assert not any(m["role"] == "system" for m in first_body["messages"])  # empty bank: no context
@@ -54,8 +54,8 @@ def test_loop_reads_memory_before_acting_and_records_after(tmp_path):
     st = bank.stats()
     assert st["lessons"]["count"] >= 1 and st["demonstrations"]["count"] == sum(o["success"] for o in out)
     with CriticServer(responder=policy(midpoint=True)) as server:  # a good policy: demonstrations + helped
-        wins = [mod.run_episode(_client(server), "policy", mod.GuessNumberEnv(4), t, bank)
-                for t in mod.make_tasks("u", 6, 1)]
+        client = _client(server)
+        wins = [mod.run_episode(client, "policy", mod.GuessNumberEnv(4), t, bank) for t in mod.make_tasks("u", 6, 1)]
     assert sum(w["success"] for w in wins) >= 5
     helped = sum(r.helped for r in bank.list())
     assert helped >= 1 and bank.stats()["demonstrations"]["count"] >= 1
@@ -67,7 +67,7 @@ def test_main_runs_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
     with CriticServer(responder=policy(midpoint=True)) as server:
         results = mod.main(["--base-url", server.base_url, "--model", "policy", "--episodes", "3",
-                            "--bank", str(tmp_path / "b.sqlite")])
+                            "--bank", str(tmp_path / "b.sqlite"), "--embeddings", "lexical"])
     assert len(results) == 3 and '"success_rate"' in capsys.readouterr().out
 
 

@@ -132,24 +132,28 @@ def test_guess_critic_sees_whole_episode():
     assert c.text == text and c.verdict is False
 
 
-def test_cli_trains_on_agent_config(tmp_path):
-    import subprocess
-    import sys
-
+def test_cli_trains_on_agent_config(tmp_path, monkeypatch, capsys):
     import yaml
+
+    from critique_rl import cli
 
     cfg = dict(TINY, max_steps=1, output_dir=str(tmp_path / "cli"),
                agent={"env": "guess_number", "max_turns": 3, "max_turn_tokens": 4})
     path = tmp_path / "agent.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    run = subprocess.run([sys.executable, "-m", "critique_rl.cli", "train", "--config", str(path), "--no-progress"],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+
+    def run(*args):
+        monkeypatch.setattr("sys.argv", ["critique-rl", *args])
+        with pytest.raises(SystemExit) as exc:
+            cli.main()
+        return exc.value.code
+
+    assert run("train", "--config", str(path), "--no-progress") == 0
     summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
     assert {"eval_accuracy_before_rl", "eval_accuracy_after_rl", "eval_n"} <= set(summary) and summary["steps"] == 1
+    capsys.readouterr()
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**cfg, "agent": {"env": "chess"}}))
-    run = subprocess.run([sys.executable, "-m", "critique_rl.cli", "train", "--config", str(bad)],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0
-    assert "config field 'agent.env' = 'chess': unknown env" in run.stderr
+    assert run("train", "--config", str(bad)) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "config field 'agent.env' = 'chess': unknown env" in err
