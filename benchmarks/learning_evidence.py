@@ -77,7 +77,7 @@ def deep_update(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def work(spec: dict[str, Any]) -> None:
     import torch
 
-    from critique_rl.config import load_config
+    from critique_rl.config import TrainConfig, from_dict
     from critique_rl.train.metrics import read_jsonl
     from critique_rl.train.trainer import CritiqueGRPOTrainer
 
@@ -91,7 +91,7 @@ def work(spec: dict[str, Any]) -> None:
     else:
         kw = deep_update(kw, ARMS[spec["arm"]])
         kw.update(model=spec["model_dir"], sft_steps=0)
-    cfg = load_config(None, **kw)
+    cfg = from_dict(TrainConfig, kw)  # not load_config: its keyword overrides drop None (offpolicy_gamma: null)
     t0 = time.perf_counter()
     summary = CritiqueGRPOTrainer(args=cfg).train()
     rows = read_jsonl(out / "metrics.jsonl")
