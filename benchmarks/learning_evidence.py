@@ -71,27 +71,33 @@ def deep_update(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def run_config(spec: dict[str, Any]) -> Any:
+    """The TrainConfig of one run: the shared base, then (arms) the arm's overrides, from the seed's SFT model."""
+    from critique_rl.config import TrainConfig, from_dict
+
+    kw = base_config(spec["task"], spec["seed"], Path(spec["out"]), spec["max_steps"], spec["eval_every"],
+                     spec["eval_n"], spec["extra"])
+    if spec["arm"] == "sft":
+        kw.update(max_steps=0, eval_every=0)
+    else:
+        kw = deep_update(kw, ARMS[spec["arm"]])
+        kw.update(model=spec["model_dir"], sft_steps=0)
+    return from_dict(TrainConfig, kw)  # not load_config: its keyword overrides drop None (offpolicy_gamma: null)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # worker (one process per SFT warm-up or arm run)
 # ----------------------------------------------------------------------------------------------------------
 def work(spec: dict[str, Any]) -> None:
     import torch
 
-    from critique_rl.config import TrainConfig, from_dict
     from critique_rl.train.metrics import read_jsonl
     from critique_rl.train.trainer import CritiqueGRPOTrainer
 
     torch.set_num_threads(int(spec.get("threads", 1)))
     out = Path(spec["out"])
     shutil.rmtree(out, ignore_errors=True)  # an unfinished run starts over
-    kw = base_config(spec["task"], spec["seed"], out, spec["max_steps"], spec["eval_every"], spec["eval_n"],
-                     spec["extra"])
-    if spec["arm"] == "sft":
-        kw.update(max_steps=0, eval_every=0)
-    else:
-        kw = deep_update(kw, ARMS[spec["arm"]])
-        kw.update(model=spec["model_dir"], sft_steps=0)
-    cfg = from_dict(TrainConfig, kw)  # not load_config: its keyword overrides drop None (offpolicy_gamma: null)
+    cfg = run_config(spec)
     t0 = time.perf_counter()
     summary = CritiqueGRPOTrainer(args=cfg).train()
     rows = read_jsonl(out / "metrics.jsonl")

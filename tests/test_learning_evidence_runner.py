@@ -48,3 +48,24 @@ def test_runner_shares_the_start_pairs_results_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "done " not in again.stdout
     assert {p: p.stat().st_mtime for p in out.glob("*_s0/result.json")} == stamp
+
+
+def test_every_arm_resolves_to_the_config_it_names(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import learning_evidence as le
+
+    (tmp_path / "sft" / "final").mkdir(parents=True)  # the seed's SFT model folder (only its path is used here)
+    spec = dict(task="addition", seed=1, out=str(tmp_path / "x"), max_steps=5, eval_every=1, eval_n=10,
+                extra={"sft_mistake_rate": 0.9}, model_dir=str(tmp_path / "sft" / "final"))
+    base = le.run_config(dict(spec, arm="critique"))
+    assert base.sft_steps == 0 and base.model == spec["model_dir"] and base.sft_mistake_rate == 0.9
+    for arm, over in le.ARMS.items():
+        cfg = le.run_config(dict(spec, arm=arm))
+        for key, value in over.items():  # every override took effect, None (e.g. offpolicy_gamma: null) too
+            got = getattr(cfg, key)
+            if isinstance(value, dict):
+                assert all(getattr(got, k) == v for k, v in value.items()), (arm, key)
+            else:
+                assert got == value, (arm, key, got)
+    sft = le.run_config(dict(spec, arm="sft"))
+    assert sft.max_steps == 0 and sft.sft_steps == base.__class__().sft_steps
