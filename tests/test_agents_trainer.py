@@ -83,6 +83,16 @@ def test_episode_trainer_critique_grpo_memory(tmp_path, monkeypatch):
     eos = tr.tokenizer.eos_token_id
     assert int((ub.tokens.completion_ids[mask.bool()] == eos).sum()) > 0  # each action's EOS is trained
     assert ub.offpolicy.any() == any(r.get("critique/kept", 0) for r in steps[:1])
+    # directive distillation moved per-token advantages on action tokens only: observation/padding positions
+    # keep the row's episode advantage, action positions of distilled rows vary
+    assert any(r.get("distill/rows", 0) > 0 for r in steps)
+    varied = 0
+    for row in range(ub.advantages.shape[0]):
+        off_action = ub.advantages[row][~mask[row].bool()]
+        if len(off_action):
+            assert torch.allclose(off_action, off_action[0].expand_as(off_action))
+        varied += int(ub.advantages[row][mask[row].bool()].unique().numel() > 1)
+    assert varied > 0
     assert (out / "final" / "config.json").is_file()
 
 
