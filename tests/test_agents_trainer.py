@@ -126,6 +126,8 @@ def test_grpo_without_critic_and_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="agent.max_episode_tokens.*no episode fits"):
         EpisodeTrainer(config(tmp_path, "short", sft_steps=0, agent={"env": "guess_number",
                                                                       "max_episode_tokens": 5})).train()
+    with pytest.raises(ConfigError, match="distill_mode"):
+        EpisodeTrainer(config(tmp_path, "topk", distill_weight=0.5, distill_mode="topk_logits")).train()
     with pytest.raises(ConfigError, match="agent.max_turns"):
         from_dict(TrainConfig, {"agent": {"env": "guess_number", "max_turns": 0}})
 

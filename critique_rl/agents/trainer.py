@@ -123,6 +123,12 @@ class EpisodeTrainer:
             cfg.device == "auto" and not torch.cuda.is_available()))
         if self.accelerator.num_processes > 1:
             raise UserError("agent training (agent.env) runs in one process; start it without `accelerate launch`")
+        if cfg.lora.enabled:
+            raise ConfigError("lora.enabled", True, "agent training updates full weights for now; set lora.enabled: "
+                              "false")
+        if cfg.distill_weight > 0 and cfg.distill_mode != "sampled_token":
+            raise ConfigError("distill_mode", cfg.distill_mode, "episode-level distillation uses sampled_token; set "
+                              "distill_mode: sampled_token")
         if cfg.rollout_backend != "hf":
             raise ConfigError("rollout_backend", cfg.rollout_backend, "agent training samples with hf for now "
                               "(vLLM has no token-id seam here yet); use hf")
