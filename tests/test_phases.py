@@ -126,3 +126,11 @@ def test_schedule_default_and_yaml_roundtrip(tmp_path):
 
     back = load_config(tmp_path / "c.yaml")
     assert back.phases == cfg.phases and back.max_steps == 4
+
+
+def test_example_schedule_config_loads():
+    from critique_rl.config import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "examples" / "schedule_selection_cpu.yaml")
+    assert [p.kind for p in cfg.schedule()] == ["sft", "rl", "sft", "rl"] and cfg.max_steps == 250
+    assert cfg.dynamic_sampling.enabled and cfg.pass_rate_filter.refresh_every == 50

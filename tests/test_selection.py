@@ -249,6 +249,9 @@ def test_pass_rate_filter_drops_impossible_prompts(fast_config):
     drawn = {r["prompt"] for r in read_jsonl(out / "rollouts.jsonl")}
     assert not drawn & {r["prompt"] for r in impossible}
     assert summary["pass_rate_filter"]["selection/pass_rate_too_hard"] == row0["selection/pass_rate_too_hard"]
+    listed = read_jsonl(out / "selection" / "pass_rates_step000000.jsonl")
+    assert len(listed) == 80 and {r["index"] for r in listed if r["dropped"] == "too_hard"} == trainer.sampler.excluded
+    assert all(r["pass_rate"] == 0.0 for r in listed if r["index"] >= 60)
 
 
 def test_resume_with_every_filter_equals_straight_run(fast_config, tmp_path):

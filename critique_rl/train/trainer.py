@@ -931,6 +931,14 @@ class CritiqueGRPOTrainer:
                           f"prompts ({len(hard)} too hard, {len(easy)} too easy), fewer than one batch "
                           f"({self.cfg.prompts_per_step}); the pool is left as it was[/]", soft_wrap=True)
         self._selection["samples_total"] += len(measured) * pf.samples
+        if self.is_main:  # what the filter removed, prompt by prompt (rewritten if a resumed run measures again)
+            folder = self.out / "selection"
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / f"pass_rates_step{self.step:06d}.jsonl", "w") as fh:
+                for i in sorted(rates):
+                    reason = "too_hard" if i in hard else "too_easy" if i in easy else None
+                    fh.write(json.dumps({"index": i, "prompt": self.train_rows[i]["prompt"],
+                                         "pass_rate": rates[i], "dropped": reason if applied else None}) + "\n")
         info = {"selection/pass_rate_measured": len(rates), "selection/pass_rate_mean": sum(rates.values()) / max(1, len(rates)),
                 "selection/pass_rate_too_hard": len(hard), "selection/pass_rate_too_easy": len(easy),
                 "selection/pass_rate_applied": int(applied), "selection/pool_size": total - len(self.sampler.excluded),
