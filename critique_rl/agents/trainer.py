@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import random
 import time
 from contextlib import nullcontext
@@ -56,6 +55,7 @@ from critique_rl.train.metrics import JsonlWriter, plot_curves, read_jsonl
 from critique_rl.train.rollout_batch import AdvantagePlan, RolloutBatch
 from critique_rl.train.sampler import PromptSampler
 from critique_rl.train.sft import sft_warmup
+from critique_rl.train.trainer import lr_schedule
 from critique_rl.train.update import NonFiniteGuard, UpdateBatch, policy_update, score_tokens
 
 TINY_MAX_POSITIONS = 512
@@ -270,19 +270,7 @@ class EpisodeTrainer:
         cfg = self.cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        total = max(1, cfg.max_steps)
-
-        def schedule(s: int) -> float:
-            if cfg.warmup_steps and s < cfg.warmup_steps:
-                return (s + 1) / cfg.warmup_steps
-            frac = (s - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-            if cfg.lr_scheduler == "linear":
-                return max(0.0, 1 - frac)
-            if cfg.lr_scheduler == "cosine":
-                return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-            return 1.0
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(cfg))
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, self.optimizer,
                                                                               self.scheduler)
         if cfg.kl_beta > 0:

@@ -24,7 +24,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -156,6 +156,24 @@ def resolve_mixed_precision(requested: str, device: str) -> str:
     if requested == "fp16" and not on_gpu:
         raise ConfigError("mixed_precision", requested, "fp16 autocast needs a CUDA GPU; use auto or no on CPU")
     return requested
+
+
+def lr_schedule(cfg: TrainConfig) -> Callable[[int], float]:
+    """The RL learning-rate multiplier at optimizer step ``s``: linear warm-up over ``warmup_steps``, then
+    constant, linear decay to 0 or cosine decay to 0 at ``max_steps`` (``lr_scheduler``)."""
+    total = max(1, cfg.max_steps)
+
+    def schedule(s: int) -> float:
+        if cfg.warmup_steps and s < cfg.warmup_steps:
+            return (s + 1) / cfg.warmup_steps
+        frac = (s - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        if cfg.lr_scheduler == "linear":
+            return max(0.0, 1 - frac)
+        if cfg.lr_scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        return 1.0
+
+    return schedule
 
 
 def check_device(device: str) -> None:
@@ -564,19 +582,7 @@ class CritiqueGRPOTrainer:
                 self._policy_module().enable_input_require_grads()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        total = max(1, cfg.max_steps)
-
-        def schedule(s: int) -> float:
-            if cfg.warmup_steps and s < cfg.warmup_steps:
-                return (s + 1) / cfg.warmup_steps
-            frac = (s - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-            if cfg.lr_scheduler == "linear":
-                return max(0.0, 1 - frac)
-            if cfg.lr_scheduler == "cosine":
-                return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-            return 1.0
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._phase_lr(schedule))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._phase_lr(lr_schedule(cfg)))
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, self.optimizer, self.scheduler)
         self.ref_model = None
         if cfg.kl_beta > 0 and not cfg.lora.enabled:  # with LoRA the reference is the base, adapter disabled
