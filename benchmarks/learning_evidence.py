@@ -174,9 +174,9 @@ def report(results: list[dict[str, Any]], root: Path, baseline: str, command: st
     seeds = sorted({r["seed"] for r in results})
     by = {(r["arm"], r["seed"]): r for r in results}
     lines = [f"`{command}`", "",
-             f"| arm | before RL | after RL, mean ± std ({len(seeds)} seeds) | gain | after - {baseline} per seed "
-             "| mean paired diff | refine success | refinements' share of the update | log p(refinement token "
-             "| q), first → last quarter |",
+             f"| arm | before RL | after RL, mean ± std over {len(seeds)} seeds | gain | after - {baseline} per seed "
+             "| mean paired diff | refine success | refinements' share of the update | mean log-prob of refinement "
+             "tokens under the plain prompt, first → last quarter |",
              "|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         rs = [by[(arm, s)] for s in seeds if (arm, s) in by]
