@@ -40,6 +40,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "critique": {},
     "critique_unshaped": {"offpolicy_gamma": None},  # plain -A log p on refinement tokens
     "critique_gamma1": {"offpolicy_gamma": 1.0},
+    "critique_unshaped_k4": {"offpolicy_gamma": None, "refinements_per_group": 4},  # 4 refinements per group
+    "critique_unshaped_gap": {"offpolicy_gamma": None, "offpolicy_weighting": "gap"},  # directive tokens weigh more
     "critique_k2": {"refinements_per_group": 2},
     "critique_indicative": {"critic": {"backend": "rule", "kind": "indicative"}},  # verdict only
     "critique_cot_self": {"critic": {"backend": "hf", "model": "policy", "kind": "cot"}},  # the policy critiques
