@@ -250,12 +250,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--set", nargs="*", default=[], help="key=value (YAML) for the warm-up and every arm")
     ap.add_argument("--out", default="benchmarks/results/learning_evidence/run")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: tabulate the finished runs of --arms x --seeds found under --out")
     args = ap.parse_args()
     if args.baseline not in args.arms:
         ap.error(f"--baseline {args.baseline} is not among --arms")
     command = "python benchmarks/learning_evidence.py " + " ".join(sys.argv[1:])
     t0 = time.perf_counter()
-    results = run_all(args, parse_set(args.set))
+    if args.report_only:
+        found = [Path(args.out) / f"{arm}_s{seed}" / "result.json" for arm in args.arms for seed in args.seeds]
+        results = [json.loads(f.read_text()) for f in found if f.is_file()]
+        (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1))
+    else:
+        results = run_all(args, parse_set(args.set))
     print(report(results, Path(args.out), args.baseline, command))
     print(f"total {time.perf_counter() - t0:.0f} s")
 
