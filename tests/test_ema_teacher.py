@@ -34,7 +34,7 @@ def test_ema_decay_is_validated(fast_config):
 
 
 def _ema_cfg(fast_config, out, max_steps):
-    return fast_config(max_steps=max_steps, checkpoint_every=2, output_dir=str(out), critique_on="all",
+    return fast_config(max_steps=max_steps, checkpoint_every=2, output_dir=str(out), critique_on="all", sft_steps=5, eval_n=8,
                        distill_weight=0.5, distill_mode="topk_logits", distill_topk=5, distill_teacher="ema",
                        distill_teacher_ema=0.5, critic=CriticConfig(backend="rule", kind="ground_truth"))
 

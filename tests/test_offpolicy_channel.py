@@ -41,7 +41,7 @@ def _rows(path):
 def test_reference_control_injects_the_reference_answer_without_a_critic(fast_config):
     from critique_rl.train.trainer import CritiqueGRPOTrainer
 
-    cfg = fast_config(max_steps=2, critique_on="all", refinement_source="reference")
+    cfg = fast_config(max_steps=2, critique_on="all", refinement_source="reference", sft_steps=5, eval_n=8)
     trainer = CritiqueGRPOTrainer(args=cfg)
     trainer.train()
     assert trainer.critic is None  # no critic was built or called
@@ -65,7 +65,7 @@ def test_unshaped_channel_weighs_refinements_more_than_shaped(fast_config):
 
     shares = {}
     for name, gamma in (("shaped", 0.1), ("unshaped", None)):
-        cfg = fast_config(max_steps=1, critique_on="all", refinement_source="reference", offpolicy_gamma=gamma,
+        cfg = fast_config(max_steps=1, critique_on="all", refinement_source="reference", offpolicy_gamma=gamma, sft_steps=5, eval_n=8,
                           output_dir=str(fast_config().output_dir) + name)
         trainer = CritiqueGRPOTrainer(args=cfg)
         trainer.train()
@@ -97,7 +97,7 @@ def test_offpolicy_weighting_changes_only_the_refinement_loss(fast_config, tmp_p
     rows = {}
     for mode in ("none", "is", "gap"):
         cfg = fast_config(max_steps=1, critique_on="all", refinement_source="reference", offpolicy_weighting=mode,
-                          offpolicy_weight_cap=5.0, output_dir=str(tmp_path / mode))
+                          offpolicy_weight_cap=5.0, output_dir=str(tmp_path / mode), sft_steps=5, eval_n=8)
         trainer = CritiqueGRPOTrainer(args=cfg)
         trainer.train()
         [rows[mode]] = [r for r in _rows(trainer.out / "metrics.jsonl") if "loss/total" in r]
@@ -125,7 +125,8 @@ def test_refinement_rows_carry_their_critique_conditioned_sampling_logprobs(fast
 
     monkeypatch.setattr(tr, "policy_update", record_update)
     monkeypatch.setattr(tr.CritiqueGRPOTrainer, "_critique_and_refine", record_refine)
-    trainer = tr.CritiqueGRPOTrainer(args=fast_config(max_steps=1, critique_on="all", offpolicy_weighting="gap"))
+    trainer = tr.CritiqueGRPOTrainer(args=fast_config(max_steps=1, critique_on="all", offpolicy_weighting="gap",
+                                                      sft_steps=5, eval_n=8))
     trainer.train()
     ub, crit, n_init = seen["ub"], seen["crit"], len(seen["batch"].completions)
     off_rows = ub.offpolicy.nonzero().flatten().tolist()
