@@ -34,8 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 
 from critique_rl.agents.memory import EpisodeMemory
 from critique_rl.agents.registry import EnvSpec, EpisodeCritic, TranscriptCritic, get_env_spec
@@ -55,7 +53,7 @@ from critique_rl.train.metrics import JsonlWriter, plot_curves, read_jsonl
 from critique_rl.train.rollout_batch import AdvantagePlan, RolloutBatch
 from critique_rl.train.sampler import PromptSampler
 from critique_rl.train.sft import sft_warmup
-from critique_rl.train.trainer import lr_schedule
+from critique_rl.train.trainer import lr_schedule, start_run
 from critique_rl.train.update import NonFiniteGuard, UpdateBatch, policy_update, score_tokens
 
 TINY_MAX_POSITIONS = 512
@@ -105,22 +103,8 @@ class EpisodeTrainer:
     # setup
     # ------------------------------------------------------------------------------------------------------
     def _setup(self, resume: bool) -> Path | None:
-        from critique_rl.train.trainer import (
-            check_device,
-            check_output_dir,
-            resolve_mixed_precision,
-            seed_everything,
-        )
-
         cfg, a = self.cfg, self.cfg.agent
-        check_device(cfg.device)
-        check_output_dir(self.out)
-        seed_everything(cfg.seed)
-        precision = resolve_mixed_precision(cfg.mixed_precision, cfg.device)
-        if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
-            AcceleratorState._reset_state()
-        self.accelerator = Accelerator(mixed_precision=precision, cpu=(cfg.device == "cpu") or (
-            cfg.device == "auto" and not torch.cuda.is_available()))
+        self.accelerator = start_run(cfg, self.out)
         if self.accelerator.num_processes > 1:
             raise UserError("agent training (agent.env) runs in one process; start it without `accelerate launch`")
         if cfg.lora.enabled:

@@ -158,6 +158,22 @@ def resolve_mixed_precision(requested: str, device: str) -> str:
     return requested
 
 
+def start_run(cfg: TrainConfig, out: Path, **accelerator_kwargs: Any) -> Accelerator:
+    """What every trainer does first: check the device and the output folder, seed everything, and build the
+    Accelerator with the resolved mixed precision (CPU when no GPU is asked for or present)."""
+    check_device(cfg.device)
+    check_output_dir(out)
+    seed_everything(cfg.seed)
+    precision = resolve_mixed_precision(cfg.mixed_precision, cfg.device)
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
+        # a second trainer in this process with another precision (a notebook, a benchmark's arms): accelerate
+        # keeps one global state; drop it (the process group, PartialState, is kept)
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=precision,
+                       cpu=(cfg.device == "cpu") or (cfg.device == "auto" and not torch.cuda.is_available()),
+                       **accelerator_kwargs)
+
+
 def lr_schedule(cfg: TrainConfig) -> Callable[[int], float]:
     """The RL learning-rate multiplier at optimizer step ``s``: linear warm-up over ``warmup_steps``, then
     constant, linear decay to 0 or cosine decay to 0 at ``max_steps`` (``lr_scheduler``)."""
@@ -258,19 +274,9 @@ class CritiqueGRPOTrainer:
     # ------------------------------------------------------------------------------------------------------
     def _setup(self, resume: bool) -> Path | None:
         cfg = self.cfg
-        check_device(cfg.device)
-        check_output_dir(self.out)
-        seed_everything(cfg.seed)
-        precision = resolve_mixed_precision(cfg.mixed_precision, cfg.device)
-        if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
-            # a second trainer in this process with another precision (a notebook, a benchmark's arms): accelerate
-            # keeps one global state; drop it (the process group, PartialState, is kept)
-            AcceleratorState._reset_state()
         self.trackers = resolve_trackers(cfg.report_to)
-        self.accelerator = Accelerator(
-            mixed_precision=precision,
-            cpu=(cfg.device == "cpu") or (cfg.device == "auto" and not torch.cuda.is_available()),
-            log_with=self.trackers or None,
+        self.accelerator = start_run(
+            cfg, self.out, log_with=self.trackers or None,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "tensorboard")),
         )
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
