@@ -20,32 +20,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
-import os
 import random
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, ProjectConfiguration
-from rich.console import Console
 from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
     Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
 )
-from rich.table import Table
 
-from critique_rl.algos import aggregate_rewards, apply_gates, sampled_token_advantage
 from critique_rl.config import TrainConfig
 from critique_rl.data import load_rows, validate_rows
 from critique_rl.errors import ConfigError, UserError
@@ -74,166 +60,44 @@ from critique_rl.templates import check_templates
 from critique_rl.train import checkpoint as ckpt
 from critique_rl.train import distributed as dist
 from critique_rl.train import selection
-from critique_rl.train.batching import enable_fused_head, fused_head_supported, pack
+from critique_rl.train.batching import enable_fused_head, fused_head_supported
+from critique_rl.train.critique_path import CritiquePathMixin
 from critique_rl.train.critique_step import (
-    choose_refinements,
-    critique_requests,
-    refine_text,
     refinement_demos,
-    select_for_critique,
 )
 from critique_rl.train.ema import EmaTeacher
 from critique_rl.train.evaluate import EVAL_SEED, greedy_records, summarise_records
-from critique_rl.train.metrics import JsonlWriter, plot_curves, read_jsonl
-from critique_rl.train.rollout_batch import AdvantagePlan, CritiqueResult, RolloutBatch
+from critique_rl.train.metrics import JsonlWriter, plot_curves
+from critique_rl.train.records import RecordsMixin
+from critique_rl.train.rollout_batch import RolloutBatch
+from critique_rl.train.run_setup import (  # noqa: F401  (the names trainer.py always had)
+    CRITIC_MIN_REQUESTS,
+    LORA_BASE_DIR,
+    _critic_counts,
+    _eval_metrics,
+    _progress,
+    _restore_critic_counts,
+    _Timer,
+    cfg_bs,
+    check_device,
+    check_output_dir,
+    console,
+    deterministic_mode,
+    lr_schedule,
+    quiet_library_progress,
+    resolve_mixed_precision,
+    seed_everything,
+    start_run,
+    summary_table,
+)
 from critique_rl.train.sampler import PromptSampler
 from critique_rl.train.sft import sft_warmup
-from critique_rl.train.trackers import flat_config, resolve_trackers, scalars, tracker_init_kwargs
-from critique_rl.train.update import NonFiniteGuard, Normalisation, UpdateBatch, policy_update, score_tokens
+from critique_rl.train.trackers import flat_config, resolve_trackers, tracker_init_kwargs
+from critique_rl.train.update import NonFiniteGuard, Normalisation, UpdateBatch, policy_update
 
 __all__ = ["EVAL_SEED", "CritiqueGRPOTrainer", "resolve_mixed_precision", "summary_table"]
 
-console = Console(stderr=True)
-LORA_BASE_DIR = "lora_base"
-"""Run-directory folder holding the frozen base weights of a LoRA run (what the adapter is trained on)."""
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (every device)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@contextmanager
-def deterministic_mode(enabled: bool) -> Iterator[None]:
-    """``TrainConfig.deterministic``: make torch pick deterministic kernels
-    (``torch.use_deterministic_algorithms(True)``, cuDNN without autotuning) and give cuBLAS the fixed
-    workspace it needs for reproducible GEMMs (``CUBLAS_WORKSPACE_CONFIG=:4096:8``, set before the trainer
-    initialises CUDA, unless already set). An op with no deterministic kernel then raises. The previous
-    torch settings come back on exit (the environment variable stays: cuBLAS reads it once)."""
-    if not enabled:
-        yield
-        return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2], before[3]
-
-
-@contextmanager
-def quiet_library_progress() -> Iterator[None]:
-    """Silence transformers' / huggingface_hub's own tqdm bars ("Loading weights", "Writing model shards",
-    one per checkpoint) while the trainer runs; ours is the only progress display. Restores the previous
-    settings on exit."""
-    from huggingface_hub import utils as hub_utils
-    from transformers.utils import logging as hf_logging
-
-    was_on, hub_was_off = hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
-        if hub_was_off:
-            hub_utils.disable_progress_bars()
-        else:
-            hub_utils.enable_progress_bars()
-
-
-def resolve_mixed_precision(requested: str, device: str) -> str:
-    """``auto`` -> ``bf16`` on a CUDA GPU that supports it, else ``no``; fp16/bf16 need a GPU (one-line error)."""
-    on_gpu = device != "cpu" and torch.cuda.is_available()
-    if requested == "auto":
-        return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
-    if requested == "fp16" and not on_gpu:
-        raise ConfigError("mixed_precision", requested, "fp16 autocast needs a CUDA GPU; use auto or no on CPU")
-    return requested
-
-
-def start_run(cfg: TrainConfig, out: Path, **accelerator_kwargs: Any) -> Accelerator:
-    """What every trainer does first: check the device and the output folder, seed everything, and build the
-    Accelerator with the resolved mixed precision (CPU when no GPU is asked for or present)."""
-    check_device(cfg.device)
-    check_output_dir(out)
-    seed_everything(cfg.seed)
-    precision = resolve_mixed_precision(cfg.mixed_precision, cfg.device)
-    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
-        # a second trainer in this process with another precision (a notebook, a benchmark's arms): accelerate
-        # keeps one global state; drop it (the process group, PartialState, is kept)
-        AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=precision,
-                       cpu=(cfg.device == "cpu") or (cfg.device == "auto" and not torch.cuda.is_available()),
-                       **accelerator_kwargs)
-
-
-def lr_schedule(cfg: TrainConfig) -> Callable[[int], float]:
-    """The RL learning-rate multiplier at optimizer step ``s``: linear warm-up over ``warmup_steps``, then
-    constant, linear decay to 0 or cosine decay to 0 at ``max_steps`` (``lr_scheduler``)."""
-    total = max(1, cfg.max_steps)
-
-    def schedule(s: int) -> float:
-        if cfg.warmup_steps and s < cfg.warmup_steps:
-            return (s + 1) / cfg.warmup_steps
-        frac = (s - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-        if cfg.lr_scheduler == "linear":
-            return max(0.0, 1 - frac)
-        if cfg.lr_scheduler == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-        return 1.0
-
-    return schedule
-
-
-def check_device(device: str) -> None:
-    """``device: cuda`` needs a visible CUDA GPU (one-line error instead of silently training on the CPU)."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", device, "no CUDA GPU is visible to this process; use auto or cpu (or check "
-                          "CUDA_VISIBLE_DEVICES and the torch build)")
-
-
-def check_output_dir(out: Path) -> None:
-    """``output_dir`` must be (or be creatable as) a writable folder: not a file, not below a file."""
-    for path in [out, *out.parents]:
-        if not path.exists():
-            continue
-        if not path.is_dir():
-            where = "is a file" if path == out else f"is below '{path}', which is a file"
-            raise ConfigError("output_dir", str(out), f"{where}; choose a folder path (--output-dir)")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ConfigError("output_dir", str(out), f"'{path}' is not writable; choose another --output-dir")
-        return
-
-
-CRITIC_MIN_REQUESTS = 16
-"""Critic requests made before ``critic.max_failure_share`` is enforced."""
-
-
-class _Timer:
-    """Wall time per stage of a step (``time/<stage>``)."""
-
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-        self.times: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        t = time.perf_counter()
-        yield
-        self.times[f"time/{stage}"] = self.times.get(f"time/{stage}", 0.0) + time.perf_counter() - t
-
-    def total(self) -> dict[str, float]:
-        return {**self.times, "time/step": time.perf_counter() - self.t0}
-
-
-class CritiqueGRPOTrainer:
+class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin):
     """GRPO with optional critiques, refinements, directive distillation and memory.
 
     Args:
@@ -698,188 +562,6 @@ class CritiqueGRPOTrainer:
         return RolloutBatch(rows=rows, prompts=prompts, completions=completions, group_size=self.cfg.num_generations,
                             rewards=R, passed=passed, correct=correct, gate_rates=rates)
 
-    def _critique_and_refine(self, batch: RolloutBatch) -> CritiqueResult | None:
-        """Critique the selected responses, sample one refinement each, score them (Critique-GRPO)."""
-        cfg = self.cfg
-        n = batch.group_size
-        mode = "all" if cfg.distill_on == "all" and cfg.distill_weight > 0 else cfg.critique_on
-        idx = select_for_critique(batch.correct, n, mode)
-        if not idx:
-            return None
-        if cfg.refinement_source == "reference":
-            return self._reference_samples(batch, idx)
-        texts = batch.texts
-        critiques = self.critic.critique(critique_requests(self.task, batch.rows, texts, batch.correct, idx))
-        teacher_prompts = [
-            self.prompt_text({"prompt": refine_text(batch.rows[i]["prompt"], texts[i], c.text, cfg.critic.template_dir)})
-            for i, c in zip(idx, critiques, strict=True)
-        ]
-        refine_idx = idx if mode == cfg.critique_on else select_for_critique(batch.correct, n, cfg.critique_on)
-        pos = {i: j for j, i in enumerate(idx)}
-        ref_src = [i for i in refine_idx if i in pos]
-        params = SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=self.max_new_tokens)
-        outs = self.generator.generate([teacher_prompts[pos[i]] for i in ref_src], params) if ref_src else []
-        ref_completions = [o[0] for o in outs]
-        ref_rows = [batch.rows[i] for i in ref_src]
-        if ref_src:
-            R_ref, passed_ref, _ = self._score(ref_rows, ref_completions)
-        else:
-            R_ref, passed_ref = torch.zeros(0, len(self.reward_funcs)), torch.zeros(0, dtype=torch.bool)
-        ref_correct = self._correct(ref_rows, ref_completions)
-        return CritiqueResult(idx=idx, critiques=critiques, teacher_prompts=teacher_prompts, ref_src=ref_src,
-                              ref_completions=ref_completions, ref_rewards=R_ref, ref_passed=passed_ref,
-                              ref_correct=ref_correct)
-
-    def _reference_samples(self, batch: RolloutBatch, idx: list[int]) -> CritiqueResult:
-        """Control arm (``refinement_source: reference``): each selected row's reference completion (the task's
-        demonstration format, the ``answer`` on user rows) stands in for a refinement; no critique is written."""
-        eos = self.tokenizer.eos_token_id
-        ref_rows = [batch.rows[i] for i in idx]
-        texts = [self._sft_completion(row) for row in ref_rows]
-        ids = [(self._encode(t) + ([eos] if eos is not None else []))[: self.max_new_tokens] for t in texts]
-        ref_completions = [Completion(token_ids=i, logprobs=[], text=t, finished=bool(i) and i[-1] == eos)
-                           for i, t in zip(ids, texts, strict=True)]
-        R_ref, passed_ref, _ = self._score(ref_rows, ref_completions)
-        return CritiqueResult(idx=[], critiques=[], teacher_prompts=[], ref_src=list(idx),
-                              ref_completions=ref_completions, ref_rewards=R_ref, ref_passed=passed_ref,
-                              ref_correct=self._correct(ref_rows, ref_completions))
-
-    def _refinement_slots(self, crit: CritiqueResult | None) -> int:
-        """k: refinement slots per group. With several processes it is constant whenever a critic is on (the
-        groups of every process stack into one tensor); with one, a step with no critique has none."""
-        if not self._refines or (crit is None and self.world == 1):
-            return 0
-        return self.cfg.refinements_per_group
-
-    def _mixed_group(self, batch: RolloutBatch, crit: CritiqueResult | None):
-        """Rewards ``[G, n+k, K]`` and pass mask ``[G, n+k]`` of initial samples plus kept refinements (empty
-        slots: NaN and masked), and the refinements kept as ``(group, slot, j)``."""
-        n, K, G = batch.group_size, batch.rewards.shape[-1], batch.num_groups
-        k = self._refinement_slots(crit)
-        R_mix = torch.full((G, n + k, K), float("nan"))
-        R_mix[:, :n] = batch.rewards.view(G, n, K)
-        passed_mix = torch.zeros(G, n + k, dtype=torch.bool)
-        passed_mix[:, :n] = batch.passed.view(G, n)
-        kept: list[tuple[int, int, int]] = []
-        if k and crit is not None:
-            group_of = [i // n for i in crit.ref_src]
-            chosen = choose_refinements(group_of, crit.ref_correct, k, G, self.rng)
-            for g, js in enumerate(chosen):
-                for slot, j in enumerate(js):
-                    R_mix[g, n + slot] = crit.ref_rewards[j]
-                    passed_mix[g, n + slot] = bool(crit.ref_passed[j])
-                    kept.append((g, n + slot, j))
-        return R_mix, passed_mix, kept
-
-    def _advantages(self, batch: RolloutBatch, crit: CritiqueResult | None) -> AdvantagePlan:
-        """Advantages over the mixed groups. Groups are whole inside a process; the aggregator runs on the
-        groups of all processes (so batch statistics such as GDPO's whitening are global) and each process
-        keeps its own rows. Gated-out samples, empty slots and dropped groups get mask False."""
-        cfg = self.cfg
-        R_mix, passed_mix, kept = self._mixed_group(batch, crit)
-        G = R_mix.shape[0]
-        R_all, passed_all = dist.gather_tensor(R_mix), dist.gather_tensor(passed_mix)
-        mask, groups_kept = apply_gates(torch.ones_like(passed_all), passed_all)
-        lv = cfg.low_variance_filter
-        lv_drop = None
-        if lv.enabled:  # DRO: on the gathered initial samples, so every rank drops the same groups
-            n = batch.group_size
-            std = selection.group_reward_std(R_all[:, :n].reshape(-1, R_all.shape[-1]), self.reward_weights, n)
-            lv_drop = selection.low_variance_drop(std, lv.min_std, lv.drop_fraction)
-            mask = mask & ~lv_drop.unsqueeze(-1)
-        adv, diag = aggregate_rewards(
-            cfg.reward_aggregator, R_all, self.reward_weights, mask,
-            estimator=cfg.advantage_estimator, w_lambda=cfg.w_lambda, reward_threshold=cfg.reward_threshold,
-        )
-        diag["groups_kept"] = groups_kept.float().mean().item()
-        if lv_drop is not None:
-            diag["low_variance_dropped"] = int(lv_drop.sum())
-        mine = slice(self.rank * G, (self.rank + 1) * G)
-        return AdvantagePlan(advantages=adv[mine], mask=mask[mine], kept=kept, diagnostics=diag)
-
-    def _update_batch(self, batch: RolloutBatch, crit: CritiqueResult | None, plan: AdvantagePlan) -> tuple[UpdateBatch, dict]:
-        """Loss rows: the initial samples, then kept refinements, all under the plain (sampling) prompt; per-token
-        advantages ``w_eval * A_group (+ w_dir * A_distill)``; reference log-probs when the KL term is on."""
-        cfg = self.cfg
-        n = batch.group_size
-        encoded = {p: self._encode(p) for p in set(batch.prompts)}  # n samples share one prompt
-        prompt_ids = [encoded[p] for p in batch.prompts]
-        comp_ids = [c.token_ids for c in batch.completions]
-        row_adv = plan.advantages[:, :n].reshape(-1).tolist()
-        row_mask = plan.mask[:, :n].reshape(-1).tolist()
-        offpolicy = [False] * len(comp_ids)
-        for g, slot, j in plan.kept:
-            prompt_ids.append(prompt_ids[g * n])
-            comp_ids.append(crit.ref_completions[j].token_ids)
-            row_adv.append(plan.advantages[g, slot].item())
-            row_mask.append(bool(plan.mask[g, slot]))
-            offpolicy.append(True)
-        tokens = pack(prompt_ids, comp_ids, self.tokenizer.pad_token_id)
-        tokens.completion_mask *= torch.tensor(row_mask, dtype=tokens.completion_mask.dtype).unsqueeze(-1)
-        adv_tok = cfg.eval_weight * torch.tensor(row_adv).unsqueeze(-1).expand(-1, tokens.completion_len).clone()
-        ub = UpdateBatch(tokens=tokens, advantages=adv_tok, offpolicy=torch.tensor(offpolicy))
-        if all(len(c.logprobs) == len(c.token_ids) for c in batch.completions):  # engine log-probs: TIS, mismatch
-            ub.sampling_logp = torch.zeros(len(comp_ids), tokens.completion_len)
-            for i, c in enumerate(batch.completions):
-                ub.sampling_logp[i, : len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
-            # refinement rows: log-probs under the critique they were sampled with (offpolicy_weighting); an
-            # injected reference answer has none and keeps 0 (a deterministic source)
-            for row, (_g, _slot, j) in enumerate(plan.kept, start=len(batch.completions)):
-                lp = crit.ref_completions[j].logprobs
-                if lp:
-                    ub.sampling_logp[row, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
-        distill_metrics = self._directive_distillation(ub, crit, batch) if crit and cfg.distill_weight > 0 else {}
-        if cfg.kl_beta > 0:
-            ub.ref_logp = self._reference_logprobs(ub)
-        return ub, distill_metrics
-
-    def _reference_logprobs(self, ub: UpdateBatch) -> torch.Tensor:
-        """log pi_ref of the loss tokens: the frozen copy, or (LoRA) the same model with the adapter disabled."""
-        cfg = self.cfg
-        tokens = ub.tokens.to(self.accelerator.device)
-        if self.ref_model is not None:
-            return score_tokens(self.ref_model, tokens, cfg.temperature, cfg.mini_batch_size, self.accelerator.autocast)[0]
-        from critique_rl.lora import adapter_disabled
-
-        policy = self._policy()
-        with adapter_disabled(policy):
-            return score_tokens(policy, tokens, cfg.temperature, cfg.mini_batch_size, self.accelerator.autocast)[0]
-
-    def _directive_distillation(self, ub: UpdateBatch, crit: CritiqueResult, batch: RolloutBatch) -> dict:
-        """Teacher = the policy on the critique-conditioned prompt; student = the policy on q; both scored on
-        the student's own tokens. Adds w_dir * A_distill to the per-token advantages (sampled_token) or the
-        teacher's top-K for the reverse-KL term (topk_logits)."""
-        cfg = self.cfg
-        idx = crit.idx
-        T = ub.tokens.completion_len
-        comp = [batch.completions[i].token_ids for i in idx]
-        teacher = pack([self._encode(p) for p in crit.teacher_prompts], comp, self.tokenizer.pad_token_id)
-        student = ub.tokens.select(torch.tensor(idx))
-        model, dev, ac = self._policy(), self.accelerator.device, self.accelerator.autocast
-        topk = cfg.distill_topk if cfg.distill_mode == "topk_logits" else None
-        teacher_model = self._ema_teacher.model if self._ema_teacher is not None else model
-        t_lp, t_tk_lp, t_tk_idx = score_tokens(teacher_model, teacher.to(dev), cfg.temperature, cfg.mini_batch_size,
-                                               ac, topk=topk)
-        s_lp, _, _ = score_tokens(model, student.to(dev), cfg.temperature, cfg.mini_batch_size, ac)
-        Tt = t_lp.shape[1]
-        t_lp_full = torch.zeros(len(idx), T)
-        t_lp_full[:, : min(T, Tt)] = t_lp[:, :T].cpu()
-        m = student.completion_mask.float()
-        a_dir = sampled_token_advantage(t_lp_full, s_lp.cpu()) * m
-        out = {"distill/kl": ((s_lp.cpu() - t_lp_full) * m).sum().item() / max(1.0, m.sum().item()),
-               "distill/rows": len(idx)}
-        if cfg.distill_mode == "sampled_token":
-            ub.advantages[idx] += cfg.distill_weight * a_dir
-        else:
-            N, K = ub.advantages.shape[0], t_tk_lp.shape[-1]
-            ub.teacher_topk_logp = torch.zeros(N, T, K)
-            ub.teacher_topk_idx = torch.zeros(N, T, K, dtype=torch.long)
-            ub.teacher_topk_logp[idx, : min(T, Tt)] = t_tk_lp[:, :T].cpu()
-            ub.teacher_topk_idx[idx, : min(T, Tt)] = t_tk_idx[:, :T].cpu()
-            ub.distill_rows = torch.zeros(N, dtype=torch.bool)
-            ub.distill_rows[idx] = True
-        return out
-
     def _normalisation(self, ub: UpdateBatch) -> Normalisation:
         """Global loss-aggregation counts over the processes (see :class:`Normalisation`)."""
         n = ub.tokens.input_ids.shape[0]
@@ -990,149 +672,6 @@ class CritiqueGRPOTrainer:
     # ------------------------------------------------------------------------------------------------------
     # metrics and logs
     # ------------------------------------------------------------------------------------------------------
-    def _metrics(self, batch: RolloutBatch, crit: CritiqueResult | None, plan: AdvantagePlan) -> dict[str, Any]:
-        """This process's per-step metrics (merged over processes by :func:`dist.merge_metrics`)."""
-        metrics: dict[str, Any] = {"step": self.step + 1}
-        for gname, rate in batch.gate_rates.items():
-            metrics[f"gate/{gname}/pass_rate"] = rate
-        metrics["completions/mean_length"] = float(np.mean([len(c.token_ids) for c in batch.completions]))
-        metrics["completions/finished"] = float(np.mean([c.finished for c in batch.completions]))
-        if crit is not None:
-            all_wrong = batch.grouped_correct().sum(-1) == 0
-            rescued = {g for g, _, j in plan.kept if crit.ref_correct[j] and bool(all_wrong[g])}
-            metrics["critique/critiqued"] = len(crit.idx)
-            metrics["critique/refinements"] = len(crit.ref_src)
-            metrics["critique/refine_success_rate"] = float(np.mean(crit.ref_correct)) if crit.ref_src else None
-            metrics["critique/kept"] = len(plan.kept)
-            metrics["critique/groups_rescued"] = len(rescued)
-            metrics["critique/all_wrong_groups"] = int(all_wrong.sum())
-            metrics["critique/fallbacks"] = sum(c.fallback for c in crit.critiques)
-        if self.critic is not None:
-            metrics.update({k: v for k, v in self.critic.metrics().items() if isinstance(v, (int, float))})
-        return metrics
-
-    def _global_metrics(self, batch: RolloutBatch, plan: AdvantagePlan) -> dict[str, Any]:
-        """Reward and accuracy statistics over the samples of every process (gathered, not averaged)."""
-        R = dist.gather_tensor(batch.rewards)
-        grouped = dist.gather_tensor(batch.grouped_correct())
-        diag = plan.diagnostics
-        n = batch.group_size
-        out: dict[str, Any] = {}
-        for k, name in enumerate(self.reward_names):
-            valid = R[:, k][~torch.isnan(R[:, k])]
-            out[f"reward/{name}/mean"] = valid.mean().item() if len(valid) else None
-            out[f"reward/{name}/std"] = valid.std(unbiased=False).item() if len(valid) else None
-            out[f"reward/{name}/weight"] = float(diag["effective_weight"][k])
-        out["gate/groups_kept"] = diag["groups_kept"]
-        if "low_variance_dropped" in diag:
-            out["selection/low_variance_dropped"] = diag["low_variance_dropped"]
-        out["reward/mean"] = (torch.nan_to_num(R, nan=0.0) * self.reward_weights).sum(-1).mean().item()
-        out["train/accuracy"] = grouped.mean().item()
-        out["train/all_wrong_groups"] = (grouped.sum(-1) == 0).float().mean().item()
-        out["train/all_right_groups"] = (grouped.sum(-1) == n).float().mean().item()
-        return out
-
-    def _memory_update(self, batch: RolloutBatch, crit: CritiqueResult | None) -> dict[str, Any]:
-        """Record and credit on the main process, from the episodes of every process (in rank order)."""
-        if not self.memory_on:
-            return {}
-        crit_text = crit.critique_text_per_row(len(batch.rows)) if crit is not None else [None] * len(batch.rows)
-        parts = dist.gather_objects((batch.rows, batch.texts, batch.correct, crit_text))
-        metrics = {}
-        if self.is_main:
-            rows, texts, correct, crits = ([x for p in parts for x in p[i]] for i in range(4))
-            metrics = self.memory_hook.update(rows, texts, correct, crits, self.step + 1, batch.group_size)
-        return dist.broadcast_object(metrics)
-
-    def _log_rollouts(self, batch: RolloutBatch, plan: AdvantagePlan, crit: CritiqueResult | None) -> None:
-        n = batch.group_size
-        adv = plan.advantages[:, :n].reshape(-1)
-        crit_at: dict[int, int] = {i: j for j, i in enumerate(crit.idx)} if crit else {}
-        ref_at: dict[int, int] = {i: j for j, i in enumerate(crit.ref_src)} if crit else {}
-        # log the first rows, plus critiqued ones so refinements are visible
-        chosen = list(range(min(self.cfg.log_rollouts, len(batch.completions))))
-        chosen += [i for i in list(crit_at)[: self.cfg.log_rollouts] if i not in chosen]
-        names = self.reward_names
-        out = []
-        for i in chosen:
-            row = {
-                "step": self.step + 1,
-                "prompt": batch.rows[i]["prompt"],
-                "answer": batch.rows[i]["answer"],
-                "completion": batch.completions[i].text,
-                "rewards": dict(zip(names, [None if math.isnan(v) else v for v in batch.rewards[i].tolist()],
-                                    strict=True)),
-                "advantage": adv[i].item(),
-            }
-            if self.world > 1:
-                row["rank"] = self.rank
-            if i in crit_at:
-                row["critique"] = crit.critiques[crit_at[i]].text
-            if i in ref_at:
-                j = ref_at[i]
-                row["refinement"] = crit.ref_completions[j].text
-                row["refinement_rewards"] = dict(zip(
-                    names, [None if math.isnan(v) else v for v in crit.ref_rewards[j].tolist()], strict=True))
-            out.append(row)
-        for part in dist.gather_objects(out):
-            if self.is_main:
-                for row in part:
-                    self.rollout_log.write(row)
-
-    # ------------------------------------------------------------------------------------------------------
-    # checkpoints
-    # ------------------------------------------------------------------------------------------------------
-    def _save(self) -> None:
-        """Checkpoint written by the main process alone (every process's RNG state gathered into it)."""
-        self.summary["wall_seconds_before_resume"] = self._wall_prior + time.perf_counter() - self._t_start
-        rng_states = dist.gather_objects(ckpt.rng_state())
-        refine_states = dist.gather_objects(self.rng.getstate())
-        critic_states = dist.gather_objects(_critic_counts(self.critic))
-        if self.is_main:
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "sampler": self.sampler.state_dict(), "summary": self.summary, "refine_rng": refine_states,
-                     "rng_per_rank": rng_states, "world_size": self.world, "critic_stats": critic_states,
-                     "selection": self._selection, "phases_done": self._phases_done,
-                     "phase_samplers": {k: v.state_dict() for k, v in self._phase_samplers.items()}}
-            if self._ema_teacher is not None:
-                state["distill_teacher_ema"] = self._ema_teacher.state_dict()
-            extra = {"memory.sqlite": self.memory_hook.snapshot} if self.memory_hook is not None else None
-            ckpt.save_checkpoint(self.out / "checkpoints", self.step, self._policy(), self.tokenizer, state,
-                                 keep=self.cfg.keep_checkpoints, extra_files=extra)
-        self.accelerator.wait_for_everyone()
-
-    def _restore(self, path: Path) -> None:
-        state = ckpt.load_trainer_state(path)
-        saved_world = state.get("world_size", 1)
-        if saved_world != self.world:
-            raise UserError(f"checkpoint {path} was written by {saved_world} process(es); resume it with the same "
-                            f"number of processes (now {self.world})")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
-        self._selection = state.get("selection", self._selection)
-        leading_sft = next((i for i, ph in enumerate(self.phases) if ph.kind != "sft"), len(self.phases))
-        self._phases_done = state.get("phases_done", leading_sft)  # older checkpoints: the warm-up was done
-        for key, sampler_state in state.get("phase_samplers", {}).items():
-            if key in self._phase_samplers:
-                self._phase_samplers[key].load_state_dict(sampler_state)
-        if self._ema_teacher is not None:
-            if "distill_teacher_ema" not in state:
-                raise UserError(f"checkpoint {path} holds no EMA teacher (it was written with distill_teacher: "
-                                "current); resume with the same distill_teacher")
-            self._ema_teacher.load_state_dict(state["distill_teacher_ema"])
-        self.summary = state["summary"]
-        self.step = state["step"]
-        refine = state["refine_rng"]
-        self.rng.setstate(refine[self.rank] if isinstance(refine, list) else refine)
-        self._wall_prior = self.summary.get("wall_seconds_before_resume", 0.0)
-        _restore_critic_counts(self.critic, (state.get("critic_stats") or [None] * self.world)[self.rank])
-        self._critic_errors_seen = float(_critic_counts(self.critic).get("errors", 0))
-        ckpt.set_rng_state(state["rng_per_rank"][self.rank] if "rng_per_rank" in state else state["rng"])
-
-    # ------------------------------------------------------------------------------------------------------
-    # the loop
-    # ------------------------------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict[str, Any]:
         """Run SFT warm-up (unless resuming), RL for ``max_steps``, and write the run directory."""
         with quiet_library_progress(), deterministic_mode(self.cfg.deterministic):
@@ -1205,52 +744,6 @@ class CritiqueGRPOTrainer:
             if self.step % self.cfg.checkpoint_every == 0:
                 self._save()
 
-    def _check_critic(self, metrics: dict[str, Any]) -> None:
-        """Warn about failed critic requests (they fell back to rule critiques) and stop the run once more than
-        ``critic.max_failure_share`` of them failed. ``critic/*`` counters are summed over processes, so every
-        rank takes the same decision."""
-        requests, errors = metrics.get("critic/requests") or 0.0, metrics.get("critic/errors") or 0.0
-        where = getattr(self.critic, "url", None) or self.cfg.critic.model or self.cfg.critic.backend
-        last = getattr(self.critic, "last_error", None)
-        detail = f"; last error: {last}" if last else ""
-        # warn at the first failures, then (while more fail) every 10 steps and at the last step
-        if errors > self._critic_errors_seen and (self._critic_errors_seen == 0 or self.step % 10 == 0
-                                                   or self.step >= self.cfg.max_steps):
-            if self.is_main:
-                console.print(f"[bold red]warning: critic at {where}: {errors:.0f} of {requests:.0f} requests failed "
-                              f"so far (step {self.step}{detail}); they fell back to rule critiques[/]", soft_wrap=True)
-            self._critic_errors_seen = errors
-        share = self.cfg.critic.max_failure_share
-        if share < 1.0 and requests >= CRITIC_MIN_REQUESTS and errors > share * requests:
-            raise UserError(f"critic at {where} failed {errors:.0f} of {requests:.0f} requests by step {self.step} "
-                            f"(more than critic.max_failure_share = {share:g}){detail}; check critic.base_url, "
-                            "critic.model and the key in $" + self.cfg.critic.api_key_env + ", or raise "
-                            "critic.max_failure_share")
-
-    def _write_metrics(self, row: dict[str, Any]) -> None:
-        if self.is_main:
-            self.metrics_log.write(row)
-        if self.trackers:  # the same scalars under the same names and step
-            self.accelerator.log(scalars(row), step=int(row["step"]))
-
-    def _run_totals(self) -> dict[str, Any]:
-        """Critique and memory totals over the whole run (from metrics.jsonl, so resumed runs count too)."""
-        rows = [r for r in read_jsonl(self.out / "metrics.jsonl") if "loss/total" in r]
-        out: dict[str, Any] = {}
-        if any("critique/refinements" in r for r in rows):
-            ref = sum(r.get("critique/refinements", 0) for r in rows)
-            ok = sum((r.get("critique/refine_success_rate") or 0) * r.get("critique/refinements", 0) for r in rows)
-            out["critique_refinements"] = ref
-            out["critique_refine_success_rate"] = ok / ref if ref else None
-            out["critique_groups_rescued"] = sum(r.get("critique/groups_rescued", 0) for r in rows)
-            out["critique_all_wrong_groups"] = sum(r.get("critique/all_wrong_groups", 0) for r in rows)
-        if self.memory is not None:
-            st = self.memory.stats()
-            out["memory_bank"] = st["path"]
-            out["memory_demonstrations"] = st["demonstrations"]["count"]
-            out["memory_lessons"] = st["lessons"]["count"]
-        return out
-
     def _finish(self, t_start: float) -> dict[str, Any]:
         final = self._evaluate()
         self.summary.update({
@@ -1299,57 +792,3 @@ class CritiqueGRPOTrainer:
         self.tokenizer.save_pretrained(final_dir)
 
 
-def _critic_counts(critic: Any) -> dict[str, int]:
-    """The critic's cumulative counters (empty for a critic without :class:`CriticStats`)."""
-    stats = getattr(critic, "stats", None)
-    counts = getattr(stats, "counts", None)
-    return dict(counts) if isinstance(counts, dict) else {}
-
-
-def _restore_critic_counts(critic: Any, counts: dict[str, int] | None) -> None:
-    """Put a checkpoint's critic counters back, so ``critic/*`` metrics continue instead of restarting at 0."""
-    stats = getattr(critic, "stats", None)
-    if not counts or not isinstance(getattr(stats, "counts", None), dict):
-        return
-    for name, value in counts.items():
-        if name in stats.counts:
-            stats.add(name, int(value) - int(stats.counts[name]))
-
-
-def _eval_metrics(result: dict[str, Any]) -> dict[str, Any]:
-    """``eval/*`` metrics row entries from :func:`evaluate`'s result (accuracy, and calibration when scored)."""
-    keys = ("accuracy", "ece", "brier_score", "auroc", "mean_confidence", "unparsable_rate")
-    return {f"eval/{k}": result[k] for k in keys if k in result}
-
-
-def cfg_bs(cfg: TrainConfig) -> int:
-    return max(cfg.generation_batch_size, cfg.eval_batch_size)
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console, transient=False)
-
-
-def summary_table(summary: dict[str, Any]) -> Table:
-    t = Table(title=f"critique-rl: {summary.get('task', '')} ({summary.get('eval_n', 0)} held-out problems)")
-    t.add_column("stage")
-    t.add_column("eval accuracy", justify="right")
-    before, after = summary.get("eval_accuracy_before_rl"), summary.get("eval_accuracy_after_rl")
-    t.add_row("after SFT warm-up (before RL)", f"{before:.1%}" if before is not None else "-")
-    t.add_row(f"after RL ({summary.get('steps', 0)} steps)", f"{after:.1%}" if after is not None else "-")
-    if before is not None and after is not None:
-        t.add_row("RL gain", f"{(after - before) * 100:+.1f} points")
-    ece_before, ece_after = summary.get("eval_ece_before_rl"), summary.get("eval_ece_after_rl")
-    if ece_before is not None and ece_after is not None:
-        t.add_row("calibration ECE (10 bins): before -> after", f"{ece_before:.3f} -> {ece_after:.3f}")
-    if summary.get("critique_refinements"):
-        rate = summary.get("critique_refine_success_rate") or 0.0
-        t.add_row("refinements written / correct", f"{summary['critique_refinements']} / {rate:.0%}")
-        t.add_row("all-wrong groups rescued by a refinement",
-                  f"{summary['critique_groups_rescued']} of {summary['critique_all_wrong_groups']}")
-    if "memory_lessons" in summary:
-        t.add_row("memory: demonstrations / lessons",
-                  f"{summary['memory_demonstrations']} / {summary['memory_lessons']}")
-    t.add_row("wall time", f"{summary.get('wall_seconds', 0):.0f} s")
-    return t
