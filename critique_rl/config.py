@@ -495,6 +495,8 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
     """Load a YAML run config (the embedded demo preset when ``path`` is None) and apply overrides.
 
     An empty file gives the :class:`TrainConfig` class defaults (not the demo preset), with a warning that says so.
+    Overrides that are None are ignored (they stand for CLI flags not given); to set a field to null, put it in the
+    file or build the config with :func:`from_dict`.
     """
     data: dict[str, Any] = dict(DEMO_PRESET) if path is None else {}
     if path is not None:

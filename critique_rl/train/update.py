@@ -210,14 +210,13 @@ def policy_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, accele
                 if dist is not None:
                     stats["loss/distill"] += cfg.distill_weight * aggregate_loss(dist * rows, mask, **agg).item()
                 if it == 0:  # how much the refinement tokens drive this update (first iteration: ratio 1)
-                    off_mask = mask - on_mask
+                    off_mask = mask - on_mask  # all zero in micro-batches without refinements
                     abs_adv = adv[sl].abs().expand_as(logp)
-                    offdiag["coef_on"] += float((abs_adv * on_mask).sum())
-                    if bool(is_off.any()):
-                        offdiag["tokens"] += float(off_mask.sum())
-                        offdiag["logp"] += float((logp.detach() * off_mask).sum())
-                        coef = offpolicy_coefficient(logp, cfg.offpolicy_gamma)
-                        offdiag["coef_off"] += float((abs_adv * coef * off_mask).sum())
+                    coef = offpolicy_coefficient(logp, cfg.offpolicy_gamma)
+                    for key, value in (("tokens", off_mask.sum()), ("logp", (logp.detach() * off_mask).sum()),
+                                       ("coef_off", (abs_adv * coef * off_mask).sum()),
+                                       ("coef_on", (abs_adv * on_mask).sum())):
+                        offdiag[key] = offdiag[key] + value  # device tensors: read once, after the loop
                 if samp_logp is not None and it == 0:  # pi_old is the same in every iteration
                     count = float(on_mask.sum())
                     for k, v in mismatch_stats(old, samp_logp[sl], on_mask, cfg.tis_cap).items():
@@ -240,6 +239,7 @@ def policy_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, accele
         stats[k] /= cfg.num_iterations
     stats["lr"] = scheduler.get_last_lr()[0]
     stats["nonfinite_skipped"] = float(skipped)
+    offdiag = {k: float(v) for k, v in offdiag.items()}
     if offdiag["tokens"]:  # mean log-prob of refinement tokens under the plain prompt; their share of the update
         stats["offpolicy/logp_mean"] = offdiag["logp"] / offdiag["tokens"]
         total = offdiag["coef_off"] + offdiag["coef_on"]
