@@ -58,7 +58,8 @@ def train(
 @app.command("eval")
 def eval_cmd(
     checkpoint: Path = typer.Argument(..., help="A model directory (run_dir/final or a checkpoint-*/model)."),
-    task: str = typer.Option("addition", "--task", help="Built-in or registered task."),
+    task: str = typer.Option("addition", "--task", help="Built-in or registered task; 'a+b' evaluates the "
+                             "mixture of tasks a and b (n split evenly, accuracy also per task)."),
     k: int = typer.Option(1, "--k", help="pass@k from k samples per problem (k=1: greedy accuracy only)."),
     n: int = typer.Option(200, "--n", help="Held-out problems."),
     temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature for pass@k."),
@@ -97,7 +98,10 @@ def eval_cmd(
         from critique_rl.rewards.builtin import parse_confidence
 
         conf_fn = parse_confidence
-    result = evaluate(build_generator("hf", model, tok), rows, lambda r: format_prompt(tok, r["prompt"], use_chat), t.verify,
+    from critique_rl.rewards import Verifier
+
+    verify = Verifier(t.verify) if t.parts else t.verify  # a mixture judges each row by its `task` column
+    result = evaluate(build_generator("hf", model, tok), rows, lambda r: format_prompt(tok, r["prompt"], use_chat), verify,
                       t.max_new_tokens, k=k, temperature=temperature, confidence_fn=conf_fn, records_out=records)
     if use_rule:
         from critique_rl.cli_calibrate import apply_rule

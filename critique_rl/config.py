@@ -11,6 +11,7 @@ naming the field, the value and the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,18 @@ class TrainConfig:
     """`tiny`: build a small Llama + byte-level BPE tokenizer in-process. Else a local HF model directory."""
     task: str = "addition"
     """Built-in task (`addition`, `reverse`) or one registered with `critique_rl.tasks.register_task`."""
+    tasks: dict[str, float] = field(default_factory=dict)
+    """Several tasks in one run: {task name: RL sampling weight}, e.g. {addition: 0.7, reverse: 0.3} (weights are
+    normalised). Rows carry a `task` column (each judged by its own task) and metrics are also logged per task
+    (`task/<name>/accuracy`, `task/<name>/reward`, `task/<name>/share`, `eval/<name>/accuracy`). SFT draws every
+    task equally and the held-out set splits `eval_n` evenly. {} = the single `task` (leave `task` out)."""
+    task_order: Literal["joint", "entropy", "listed"] = "joint"
+    """With `tasks`: `joint` draws every batch from all tasks by weight; `entropy` measures each task's output
+    entropy under the policy when RL starts and trains the tasks one after another, lowest entropy (most
+    structured) first, each for its weight's share of the RL steps (Omni-Thinker, arXiv:2507.14783: structured
+    before open-ended); `listed`: one after another in the order given (a control)."""
+    task_order_prompts: int = 32
+    """Prompts per task for the `entropy` measurement, each sampled `num_generations` times."""
     train_file: str | None = None
     """Optional JSONL/parquet file or saved HF dataset dir with columns `prompt`, `answer` (overrides task data)."""
     eval_file: str | None = None
@@ -254,6 +267,7 @@ class TrainConfig:
                 setattr(self, name, from_dict(cls, getattr(self, name), prefix=f"{name}."))
         _check_finite(self)
         self._check_phases()
+        self._check_tasks()
         if self.sample_budget is not None:
             _positive("sample_budget", self.sample_budget)
         if self.num_generations < 2:
@@ -378,6 +392,32 @@ class TrainConfig:
             raise ConfigError("max_steps", self.max_steps, f"with phases the run has {rl_steps} RL steps (the sum of "
                               "its rl phases); leave max_steps out or set the phases' steps")
         self.max_steps = rl_steps
+
+    def _check_tasks(self) -> None:
+        if not self.tasks:
+            if self.task_order != "joint":
+                raise ConfigError("task_order", self.task_order, "orders the tasks of a mixture; set `tasks`, e.g. "
+                                  "tasks: {addition: 1, reverse: 1}")
+            return
+        if not isinstance(self.tasks, dict) or len(self.tasks) < 2:
+            raise ConfigError("tasks", self.tasks, "give two or more tasks with their sampling weights, e.g. "
+                              "{addition: 1, reverse: 1} (one task: use `task`)")
+        for name, w in self.tasks.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+                raise ConfigError(f"tasks.{name}", w, "a sampling weight must be a finite number > 0")
+        if self.task != TrainConfig.__dataclass_fields__["task"].default and self.task != self.task_name:
+            raise ConfigError("task", self.task, f"with `tasks` the run's task is their mixture {self.task_name!r}; "
+                              "leave `task` out")
+        if self.train_file:
+            raise ConfigError("train_file", self.train_file, "`tasks` generates each task's rows; for your own data "
+                              "use one train_file whose rows carry a `task` column (per-task metrics come from it)")
+        _positive("task_order_prompts", self.task_order_prompts)
+        self.task = self.task_name
+
+    @property
+    def task_name(self) -> str:
+        """The run's task: `task`, or with `tasks` their mixture's name (`"a+b"`, which `get_task` builds)."""
+        return "+".join(self.tasks) if self.tasks else self.task
 
     def schedule(self) -> list[PhaseConfig]:
         """The phases to run: ``phases``, or the default sft (``sft_steps``) + rl (``max_steps``) schedule."""

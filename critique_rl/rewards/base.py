@@ -144,11 +144,12 @@ def correctness_factory(task: Task) -> RewardFunc:
     None (not applicable) where the reference is None."""
 
     def correctness(
-        prompts: list[Any], completions: list[Any], answer: list[str | None], **_: Any
+        prompts: list[Any], completions: list[Any], answer: list[str | None], **columns: Any
     ) -> list[float | None]:
+        judges = task.for_rows(len(completions), columns.get("task"))  # a mixture: each row's own task
         return [
-            None if a is None else (1.0 if task.verify(completion_text(c), a) else 0.0)
-            for c, a in zip(completions, answer, strict=True)
+            None if a is None else (1.0 if t.verify(completion_text(c), a) else 0.0)
+            for t, c, a in zip(judges, completions, answer, strict=True)
         ]
 
     return correctness

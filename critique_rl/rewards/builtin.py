@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 from critique_rl.errors import UserError
@@ -46,6 +47,18 @@ def format_ok(task: Task, regex: re.Pattern[str] | None, completion: str) -> boo
     return regex.fullmatch(completion) is not None
 
 
+def format_flags(task: Task, pattern: str | None) -> Callable[[list[Any], dict[str, Any]], list[bool]]:
+    """``(completions, columns) -> [format ok]``, each completion judged by its row's task (a mixture's part
+    named by the ``task`` column), with the regex :func:`resolve_format_pattern` gives that task."""
+    regexes = {t.name: resolve_format_pattern(t, pattern) for t in (task.parts.values() if task.parts else [task])}
+
+    def flags(completions: list[Any], columns: dict[str, Any]) -> list[bool]:
+        judges = task.for_rows(len(completions), columns.get("task"))
+        return [format_ok(t, regexes[t.name], completion_text(c)) for t, c in zip(judges, completions, strict=True)]
+
+    return flags
+
+
 @register_reward("format")
 def format_factory(task: Task, pattern: str | None = None) -> RewardFunc:
     """``format``: 1.0 if the completion has the task's expected format, else 0.0.
@@ -55,10 +68,10 @@ def format_factory(task: Task, pattern: str | None = None) -> RewardFunc:
     attribute, then :data:`DEFAULT_FORMAT_PATTERNS` (e.g. ``addition``: an integer, ``addition_conf``: an
     integer then ``<confidence>q</confidence>``), then "``task.extract`` parses an answer" is used.
     """
-    regex = resolve_format_pattern(task, pattern)
+    flags = format_flags(task, pattern)
 
-    def format(prompts: list[Any], completions: list[Any], **_: Any) -> list[float | None]:
-        return [1.0 if format_ok(task, regex, completion_text(c)) else 0.0 for c in completions]
+    def format(prompts: list[Any], completions: list[Any], **columns: Any) -> list[float | None]:
+        return [1.0 if ok else 0.0 for ok in flags(completions, columns)]
 
     return format
 
@@ -155,14 +168,15 @@ def brier_factory(task: Task, format_penalty: float = -1.0) -> RewardFunc:
     -1.0, equal to the worst well-formed score: confidently wrong). None where ``answer`` is None.
     """
 
-    def brier(prompts: list[Any], completions: list[Any], answer: list[str | None], **_: Any) -> list[float | None]:
+    def brier(prompts: list[Any], completions: list[Any], answer: list[str | None], **columns: Any) -> list[float | None]:
         out: list[float | None] = []
-        for c, a in zip(completions, answer, strict=True):
+        judges = task.for_rows(len(completions), columns.get("task"))
+        for t, c, a in zip(judges, completions, answer, strict=True):
             if a is None:
                 out.append(None)
                 continue
             text = completion_text(c)
-            out.append(brier_reward(task.verify(text, a), parse_confidence(text), format_penalty))
+            out.append(brier_reward(t.verify(text, a), parse_confidence(text), format_penalty))
         return out
 
     return brier

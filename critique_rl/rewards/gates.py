@@ -31,7 +31,7 @@ from critique_rl.rewards.base import (
     resolve_named,
     run_sync,
 )
-from critique_rl.rewards.builtin import format_ok, resolve_format_pattern, token_lengths
+from critique_rl.rewards.builtin import format_flags, token_lengths
 from critique_rl.tasks import Task
 
 
@@ -59,8 +59,9 @@ def register_gate(name: str) -> Callable[[GateFactory], GateFactory]:
 def has_answer_factory(task: Task) -> Gate:
     """Pass iff the task can extract a final answer (``task.extract(completion) is not None``)."""
 
-    def has_answer(prompts: list[Any], completions: list[Any], **_: Any) -> list[bool]:
-        return [task.extract(completion_text(c)) is not None for c in completions]
+    def has_answer(prompts: list[Any], completions: list[Any], **columns: Any) -> list[bool]:
+        judges = task.for_rows(len(completions), columns.get("task"))
+        return [t.extract(completion_text(c)) is not None for t, c in zip(judges, completions, strict=True)]
 
     return has_answer
 
@@ -95,10 +96,10 @@ def max_length_factory(task: Task, max_length: int | None = None) -> Gate:
 @register_gate("format")
 def format_gate_factory(task: Task, pattern: str | None = None) -> Gate:
     """Pass iff the completion has the task's format (same rules as the ``format`` reward)."""
-    regex = resolve_format_pattern(task, pattern)
+    flags = format_flags(task, pattern)
 
-    def format(prompts: list[Any], completions: list[Any], **_: Any) -> list[bool]:
-        return [format_ok(task, regex, completion_text(c)) for c in completions]
+    def format(prompts: list[Any], completions: list[Any], **columns: Any) -> list[bool]:
+        return flags(completions, columns)
 
     return format
 

@@ -11,6 +11,7 @@ from critique_rl.errors import UserError
 from critique_rl.tasks.arithmetic import ADDITION, CARRY_ADDITION
 from critique_rl.tasks.base import Example, Task, final_answer_span, parse_number
 from critique_rl.tasks.confidence import ADDITION_CONF
+from critique_rl.tasks.mixture import SEPARATOR, mix_tasks
 from critique_rl.tasks.strings import REVERSE
 from critique_rl.tasks.trap import TRAP, TRAP_PLATEAU
 
@@ -24,6 +25,10 @@ def register_task(task: Task) -> Task:
 
 
 def get_task(name: str) -> Task:
+    """A built-in or registered task by name; ``"a+b"`` is the mixture of tasks ``a`` and ``b``
+    (:func:`~critique_rl.tasks.mixture.mix_tasks`)."""
+    if name not in TASKS and SEPARATOR in name:
+        return mix_tasks([get_task(part.strip()) for part in name.split(SEPARATOR)])
     if name not in TASKS:
         raise UserError(f"config field 'task' = {name!r}: unknown task; choose one of {sorted(TASKS)} "
                         "or register yours with critique_rl.tasks.register_task")
@@ -54,5 +59,5 @@ def load_callable(spec: str, what: str = "verifier") -> Callable:
     return fn
 
 
-__all__ = ["TASKS", "Example", "Task", "final_answer_span", "get_task", "load_callable", "parse_number",
-           "register_task"]
+__all__ = ["TASKS", "Example", "Task", "final_answer_span", "get_task", "load_callable", "mix_tasks",
+           "parse_number", "register_task"]

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from critique_rl.errors import UserError
+
 Example = dict[str, Any]
 """A dataset row: at least ``prompt`` (str) and ``answer`` (str, the reference); tasks may add columns."""
 
@@ -57,6 +59,26 @@ class Task:
     warm-up imitates a demonstrator that makes it at rate ``sft_mistake_rate``, the systematic error RL,
     critiques and memory lessons are there to fix."""
 
+    parts: dict[str, Task] = field(default_factory=dict)
+    """A mixture's tasks by name (:func:`critique_rl.tasks.mixture.mix_tasks`); its rows carry a ``task``
+    column naming the part that generated them. Empty for a single task."""
+
     def texts_for_tokenizer(self, n: int = 2000, seed: int = 0) -> list[str]:
         rows = self.make_examples("train", n, seed)
         return [r["prompt"] + self.sft_completion(r) for r in rows]
+
+    def for_row(self, row: dict[str, Any]) -> Task:
+        """The task that judges ``row``: this task, or (a mixture) the part named by the row's ``task`` column."""
+        return self.part(row.get("task")) if self.parts else self
+
+    def for_rows(self, n: int, names: list[Any] | None) -> list[Task]:
+        """:meth:`for_row` for ``n`` rows given their ``task`` column (None when the rows have none)."""
+        if not self.parts:
+            return [self] * n
+        return [self.part(name) for name in (names if names is not None else [None] * n)]
+
+    def part(self, name: Any) -> Task:
+        if name not in self.parts:
+            raise UserError(f"a row of the task mixture {self.name!r} has task column {name!r}; every row needs "
+                            f"'task' set to one of {sorted(self.parts)}")
+        return self.parts[name]

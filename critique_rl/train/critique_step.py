@@ -39,7 +39,8 @@ def critique_requests(task: Task, rows: list[dict[str, Any]], texts: list[str], 
                       idx: list[int]) -> list[CritiqueRequest]:
     return [
         CritiqueRequest(question=rows[i]["prompt"], response=texts[i], reference=rows[i]["answer"],
-                        verdict=correct[i], metadata={"answer": task.extract(texts[i]) or texts[i].strip()})
+                        verdict=correct[i],
+                        metadata={"answer": task.for_row(rows[i]).extract(texts[i]) or texts[i].strip()})
         for i in idx
     ]
 
@@ -76,14 +77,15 @@ def refinement_demos(task: Task, rows: list[dict[str, Any]], fraction: float, se
     for row in rows:
         if rng.random() >= fraction:
             continue
-        wrong = task.mistake(row) if task.mistake else None
+        part = task.for_row(row)  # a mixture: the row's own task
+        wrong = part.mistake(row) if part.mistake else None
         if wrong is None:
             other = rows[rng.randrange(len(rows))]
             wrong = other["answer"]
-            if task.verify(wrong, row["answer"]):
+            if part.verify(wrong, row["answer"]):
                 continue
         request = CritiqueRequest(question=row["prompt"], response=wrong, reference=row["answer"], verdict=False,
-                                  metadata={"answer": task.extract(wrong) or wrong})
+                                  metadata={"answer": part.extract(wrong) or wrong})
         critique = _render_rule("ground_truth", request, template_dir)
         demos.append((refine_text(row["prompt"], wrong, critique, template_dir), completion_fn(row)))
     return demos

@@ -9,6 +9,7 @@ from typing import Any
 
 from critique_rl.rollout.base import Generator, SamplingParams
 from critique_rl.train.calibration import calibration_report
+from critique_rl.train.task_mix import accuracy_by_task
 
 EVAL_SEED = 12345
 """The held-out set does not depend on the run seed, so seeds compare on the same problems."""
@@ -40,13 +41,20 @@ def greedy_records(
     for s in range(0, len(rows), batch_size):
         outs = generator.generate(prompts[s : s + batch_size], SamplingParams(n=1, max_new_tokens=max_new_tokens, greedy=True))
         chunk, done = rows[s : s + batch_size], [c for (c,) in outs]
-        check_rows = getattr(verify, "check_rows", None)  # a rewards.Verifier: one keyword call per chunk
-        flags = (check_rows(chunk, [c.text for c in done], completion_ids=[c.token_ids for c in done])
-                 if check_rows is not None else [verify(c.text, row["answer"]) for row, c in zip(chunk, done, strict=True)])
+        flags = _flags(verify, chunk, done)
         for c, ok in zip(done, flags, strict=True):
             conf = confidence_fn(c.text) if confidence_fn is not None else None
             records.append((bool(ok), len(c.token_ids), conf))
     return records
+
+
+def _flags(verify: Callable[..., Any], rows: list[dict[str, Any]], completions: list[Any]) -> list[bool]:
+    """Correctness of one completion per row: a :class:`~critique_rl.rewards.Verifier` gets one keyword call
+    with every column (a task mixture reads ``task``), a plain ``verify(text, answer)`` one call per row."""
+    check_rows = getattr(verify, "check_rows", None)
+    if check_rows is not None:
+        return check_rows(rows, [c.text for c in completions], completion_ids=[c.token_ids for c in completions])
+    return [bool(verify(c.text, row["answer"])) for row, c in zip(rows, completions, strict=True)]
 
 
 def summarise_records(records: list[EvalRecord], with_confidence: bool = False, bins: int = 10) -> dict[str, Any]:
@@ -84,6 +92,9 @@ def evaluate(
     if records_out is not None:  # the per-row records, for a caller that applies a decision rule
         records_out.extend(records)
     result = summarise_records(records, confidence_fn is not None, bins)
+    by_task = accuracy_by_task(rows, [r[0] for r in records])
+    if by_task:  # rows of several tasks (a mixture's `task` column)
+        result["by_task"] = by_task
     if k > 1:
         total = 0.0
         for s in range(0, len(rows), max(1, batch_size // k)):
@@ -91,7 +102,7 @@ def evaluate(
             outs = generator.generate([prompt_fn(r) for r in chunk],
                                       SamplingParams(n=k, temperature=temperature, max_new_tokens=max_new_tokens))
             for row, group in zip(chunk, outs, strict=True):
-                c = sum(bool(verify(x.text, row["answer"])) for x in group)
+                c = sum(_flags(verify, [row] * len(group), group))
                 total += pass_at_k(k, c, k)
         result[f"pass@{k}"] = total / len(rows)
     return result

@@ -16,6 +16,7 @@ import torch
 from critique_rl.errors import UserError
 from critique_rl.train import checkpoint as ckpt
 from critique_rl.train import distributed as dist
+from critique_rl.train import task_mix
 from critique_rl.train.metrics import read_jsonl
 from critique_rl.train.rollout_batch import AdvantagePlan, CritiqueResult, RolloutBatch
 from critique_rl.train.run_setup import CRITIC_MIN_REQUESTS, _critic_counts, _restore_critic_counts, console
@@ -65,6 +66,10 @@ class RecordsMixin:
         out["train/accuracy"] = grouped.mean().item()
         out["train/all_wrong_groups"] = (grouped.sum(-1) == 0).float().mean().item()
         out["train/all_right_groups"] = (grouped.sum(-1) == n).float().mean().item()
+        if any("task" in r for r in batch.rows):  # several tasks: accuracy, reward and share of each
+            names = [t for part in dist.gather_objects([r.get("task") for r in batch.rows]) for t in part]
+            weighted = (torch.nan_to_num(R, nan=0.0) * self.reward_weights).sum(-1)
+            out.update(task_mix.per_task_metrics(names, grouped.reshape(-1).tolist(), weighted.tolist()))
         return out
 
     def _memory_update(self, batch: RolloutBatch, crit: CritiqueResult | None) -> dict[str, Any]:

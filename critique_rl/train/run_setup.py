@@ -192,7 +192,9 @@ def _restore_critic_counts(critic: Any, counts: dict[str, int] | None) -> None:
 def _eval_metrics(result: dict[str, Any]) -> dict[str, Any]:
     """``eval/*`` metrics row entries from :func:`evaluate`'s result (accuracy, and calibration when scored)."""
     keys = ("accuracy", "ece", "brier_score", "auroc", "mean_confidence", "unparsable_rate")
-    return {f"eval/{k}": result[k] for k in keys if k in result}
+    out = {f"eval/{k}": result[k] for k in keys if k in result}
+    out.update({f"eval/{name}/accuracy": acc for name, acc in result.get("by_task", {}).items()})
+    return out
 
 
 def cfg_bs(cfg: TrainConfig) -> int:

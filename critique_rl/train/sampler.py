@@ -1,4 +1,5 @@
-"""Deterministic, resumable prompt order: a seeded permutation per epoch and a cursor."""
+"""Deterministic, resumable prompt order: a seeded permutation per epoch and a cursor; for several tasks, a
+seeded weighted choice of the task of every slot (:class:`MixtureSampler`)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ class PromptSampler:
                 out.append(self.rows[i])
         return out
 
+    def can_exclude(self, indices: set[int], batch: int) -> bool:
+        """Whether excluding ``indices`` leaves at least ``batch`` rows."""
+        return len(self.rows) - len(set(indices)) >= batch
+
     def exclude(self, indices: set[int]) -> None:
         """Leave these row indices out of later draws (replacing the previous exclusion set)."""
         if len(set(indices)) >= len(self.rows):
@@ -59,3 +64,66 @@ class PromptSampler:
         self.cursor = state["cursor"]
         self._order = self._permutation(self.epoch)
         self.excluded = set(state.get("excluded", []))
+
+
+class MixtureSampler:
+    """Batches from the rows of several tasks (rows carry a ``task`` column): the task of every slot is a
+    seeded weighted draw (one RNG per batch, so resume is exact); rows within a task come in their own
+    :class:`PromptSampler` order. ``next_batch(size, only=name)`` draws one task (sequential task orders).
+    Row indices (``excluded``, :meth:`exclude`) are indices into ``rows``, as for :class:`PromptSampler`."""
+
+    def __init__(self, rows: list[dict[str, Any]], weights: dict[str, float], seed: int) -> None:
+        self.rows = rows
+        self.seed = seed
+        self.names = list(weights)
+        total = float(sum(weights.values()))
+        self.weights = [weights[n] / total for n in self.names]
+        self.index: dict[str, list[int]] = {n: [] for n in self.names}
+        for i, r in enumerate(rows):
+            name = r.get("task")
+            if name not in self.index:
+                raise ValueError(f"row {i + 1} has task {name!r}, which is not one of the mixture's tasks "
+                                 f"{self.names}")
+            self.index[name].append(i)
+        empty = [n for n, idx in self.index.items() if not idx]
+        if empty:
+            raise ValueError(f"the training rows hold no row of task(s) {empty}")
+        self.subs = {n: PromptSampler(idx, seed + 7919 * k) for k, (n, idx) in enumerate(self.index.items())}
+        self.batches = 0
+
+    @property
+    def excluded(self) -> set[int]:
+        return {self.index[n][j] for n, sub in self.subs.items() for j in sub.excluded}
+
+    def next_batch(self, size: int, only: str | None = None) -> list[dict[str, Any]]:
+        if only is not None:
+            picks = [only] * size
+        else:
+            picks = random.Random(self.seed * 1_000_003 + 7 * self.batches + 1).choices(self.names, self.weights, k=size)
+        self.batches += 1
+        drawn = {n: iter(self.subs[n].next_batch(picks.count(n))) for n in set(picks)}
+        return [self.rows[next(drawn[n])] for n in picks]
+
+    def can_exclude(self, indices: set[int], batch: int) -> bool:
+        """Whether excluding ``indices`` leaves every task a row and at least ``batch`` rows in all."""
+        left = {n: len(idx) - len(set(idx) & indices) for n, idx in self.index.items()}
+        return min(left.values()) > 0 and sum(left.values()) >= batch
+
+    def exclude(self, indices: set[int]) -> None:
+        for n, idx in self.index.items():
+            local = {j for j, i in enumerate(idx) if i in indices}
+            if len(local) >= len(idx):
+                raise ValueError(f"MixtureSampler: cannot exclude every row of task {n!r}")
+            self.subs[n].exclude(local)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"num_rows": len(self.rows), "batches": self.batches,
+                "tasks": {n: sub.state_dict() for n, sub in self.subs.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["num_rows"] != len(self.rows) or set(state.get("tasks", {})) != set(self.subs):
+            raise ValueError(f"checkpoint was taken on {state['num_rows']} rows of tasks {sorted(state.get('tasks', {}))}, "
+                             f"this run has {len(self.rows)} rows of {sorted(self.subs)}")
+        self.batches = state["batches"]
+        for n, sub in self.subs.items():
+            sub.load_state_dict(state["tasks"][n])

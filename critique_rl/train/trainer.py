@@ -59,7 +59,7 @@ from critique_rl.tasks import Task, get_task, load_callable
 from critique_rl.templates import check_templates
 from critique_rl.train import checkpoint as ckpt
 from critique_rl.train import distributed as dist
-from critique_rl.train import selection
+from critique_rl.train import selection, task_mix
 from critique_rl.train.batching import enable_fused_head, fused_head_supported
 from critique_rl.train.critique_path import CritiquePathMixin
 from critique_rl.train.critique_step import (
@@ -90,7 +90,7 @@ from critique_rl.train.run_setup import (  # noqa: F401  (the names trainer.py a
     start_run,
     summary_table,
 )
-from critique_rl.train.sampler import PromptSampler
+from critique_rl.train.sampler import MixtureSampler, PromptSampler
 from critique_rl.train.sft import sft_warmup
 from critique_rl.train.trackers import flat_config, resolve_trackers, tracker_init_kwargs
 from critique_rl.train.update import NonFiniteGuard, Normalisation, UpdateBatch, policy_update
@@ -151,6 +151,7 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin):
         if cfg.verifier:  # built-in rewards, gates and critiques judge by the user's verifier too
             self.task = copy.copy(self.task)
             self.task.verify = self.verify
+            self.task.parts = {k: dataclasses.replace(t, verify=self.verify) for k, t in self.task.parts.items()}
         self.train_rows = self._rows(self._train_arg, cfg.train_file, "train", cfg.sft_examples)
         self.eval_rows = self._rows(self._eval_arg, cfg.eval_file, "eval", cfg.eval_n)[: cfg.eval_n]
         # task-specific SFT helpers (the task's mistake, its completion format) only on the task's own rows
@@ -187,7 +188,10 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin):
         weights = cfg.reward_weights or [1.0] * len(self.reward_funcs)
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
 
-        self.sampler = PromptSampler(self.train_rows, cfg.seed)  # same state on every rank: global batches
+        # same state on every rank: global batches
+        self.sampler = MixtureSampler(self.train_rows, cfg.tasks, cfg.seed) if cfg.tasks else \
+            PromptSampler(self.train_rows, cfg.seed)
+        self._task_blocks: list[tuple[str, int, int]] = []
         self._setup_phases()
         self.rng = random.Random(cfg.seed + 1 + 7919 * self.rank)  # refinement choice; checkpointed
         self._selection: dict[str, Any] = {"samples_total": 0, "pass_rate": None}  # data selection; checkpointed
@@ -373,6 +377,8 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin):
             self._phases_done += 1
         before = self._evaluate()
         self.summary["eval_accuracy_before_rl"] = before["accuracy"]
+        if before.get("by_task"):
+            self.summary["eval_accuracy_before_rl_by_task"] = before["by_task"]
         if "ece" in before:
             self.summary["eval_ece_before_rl"] = before["ece"]
         self._eval_row0 = _eval_metrics(before)
@@ -428,8 +434,12 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin):
         mine = self.eval_rows[self.rank * n // self.world : (self.rank + 1) * n // self.world]
         records = greedy_records(gen, mine, self.prompt_text, self.verify, self.max_new_tokens,
                                  batch_size=self.cfg.eval_batch_size, confidence_fn=conf)
-        records = [r for part in dist.gather_objects(records) for r in part]
-        return summarise_records(records, conf is not None)
+        records = [r for part in dist.gather_objects(records) for r in part]  # rank order = eval_rows order
+        result = summarise_records(records, conf is not None)
+        by_task = task_mix.accuracy_by_task(self.eval_rows, [r[0] for r in records])
+        if by_task:
+            result["by_task"] = by_task
+        return result
 
     def _build_optim(self) -> None:
         cfg = self.cfg
@@ -515,7 +525,11 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin):
     # ------------------------------------------------------------------------------------------------------
     def _next_prompts(self) -> tuple[list[dict[str, Any]], list[str] | None]:
         """This process's shard of the global prompt batch, and the memory context of each (or None)."""
-        rows = (self._phase_sampler or self.sampler).next_batch(self.cfg.prompts_per_step)
+        sampler = self._phase_sampler or self.sampler
+        if self._task_blocks and sampler is self.sampler:  # task_order entropy / listed: one task at a time
+            rows = self.sampler.next_batch(self.cfg.prompts_per_step, only=task_mix.task_at(self.step, self._task_blocks))
+        else:
+            rows = sampler.next_batch(self.cfg.prompts_per_step)
         contexts = None
         if self.memory_on:
             contexts = dist.broadcast_object(self.memory_hook.contexts(rows) if self.is_main else None)
@@ -617,7 +631,7 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin):
         rates = {i: r for part in dist.gather_objects(rates) for i, r in part.items()}
         hard, easy = selection.pass_rate_exclusions(rates, pf.too_hard_at_most, pf.too_easy_at_least)
         total = len(self.train_rows)
-        applied = total - len(hard | easy) >= self.cfg.prompts_per_step
+        applied = self.sampler.can_exclude(hard | easy, self.cfg.prompts_per_step)
         if applied:
             self.sampler.exclude(hard | easy)
         elif self.is_main:
@@ -639,6 +653,46 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin):
                 "selection/pass_rate_samples": len(measured) * pf.samples,
                 "time/pass_rate": time.perf_counter() - t0}
         self._selection["pass_rate"] = info
+        return info
+
+    def _order_tasks(self) -> dict[str, Any]:
+        """``task_order`` entropy / listed: the order of the tasks and the RL steps of each (kept in the
+        checkpoint). ``entropy`` samples ``task_order_prompts`` prompts per task ``num_generations`` times on the
+        policy as RL starts; processes measure disjoint shares and sum their token counts, so all agree."""
+        cfg = self.cfg
+        info: dict[str, Any] = {}
+        order = list(cfg.tasks)
+        if cfg.task_order == "entropy":
+            t0 = time.perf_counter()
+            params = SamplingParams(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
+                                    max_new_tokens=self.max_new_tokens)
+            sums: dict[str, list[float]] = {}
+            for name in order:
+                idx = self.sampler.index[name]
+                chosen = [idx[i] for i in selection.measured_indices(len(idx), cfg.task_order_prompts, cfg.seed)]
+                mine = [self.train_rows[i] for i in chosen[self.rank :: self.world]]
+                nll, toks = 0.0, 0
+                for s in range(0, len(mine), max(1, cfg_bs(cfg) // cfg.num_generations)):
+                    chunk = mine[s : s + max(1, cfg_bs(cfg) // cfg.num_generations)]
+                    for group in self.generator.generate([self.prompt_text(r) for r in chunk], params):
+                        for c in group:
+                            nll -= sum(c.logprobs)
+                            toks += len(c.logprobs)
+                sums[name] = [nll, float(toks)]
+            parts = dist.gather_objects(sums)
+            entropy = {n: task_mix.token_entropy(sum(p[n][0] for p in parts), int(sum(p[n][1] for p in parts)))
+                       for n in order}
+            order = task_mix.entropy_order(entropy)
+            self._selection["task_entropy"] = entropy
+            info.update({f"order/entropy/{n}": h for n, h in entropy.items()})
+            info["time/task_order"] = time.perf_counter() - t0
+        self._selection["task_order"] = order
+        self._task_blocks = task_mix.task_blocks(order, cfg.tasks, cfg.max_steps)
+        self.summary["task_order"] = [{"task": n, "first_step": a + 1, "last_step": b} for n, a, b in self._task_blocks]
+        if "task_entropy" in self._selection:
+            self.summary["task_entropy"] = self._selection["task_entropy"]
+        if self.is_main:
+            console.print("task order: " + ", ".join(f"{n} (steps {a + 1}-{b})" for n, a, b in self._task_blocks))
         return info
 
     def _step(self) -> dict[str, Any]:
@@ -695,9 +749,14 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin):
             if resume_from is None:
                 if self.cfg.pass_rate_filter.enabled:  # difficulty measured on the warmed-up policy, before RL
                     self._eval_row0.update(self._measure_pass_rates())
+                if self.cfg.tasks and self.cfg.task_order != "joint":  # the task order, fixed when RL starts
+                    self._eval_row0.update(self._order_tasks())
                 self._write_metrics({"step": 0, **self._eval_row0})
             if resume_from is not None:
                 self._restore(resume_from)
+                if self._selection.get("task_order"):
+                    self._task_blocks = task_mix.task_blocks(self._selection["task_order"], self.cfg.tasks,
+                                                             self.cfg.max_steps)
                 if self.is_main:
                     self.metrics_log.truncate_after_step(self.step)
                     self.rollout_log.truncate_after_step(self.step)
@@ -748,6 +807,7 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin):
         final = self._evaluate()
         self.summary.update({
             "eval_accuracy_after_rl": final["accuracy"],
+            **({"eval_accuracy_after_rl_by_task": final["by_task"]} if final.get("by_task") else {}),
             "eval_mean_length_after_rl": final["mean_length"],
             **({"eval_ece_after_rl": final["ece"]} if "ece" in final else {}),
             "eval_n": len(self.eval_rows),
