@@ -47,8 +47,16 @@ ARMS: dict[str, dict[str, Any]] = {
     "critique_cot_self": {"critic": {"backend": "hf", "model": "policy", "kind": "cot"}},  # the policy critiques
     "critique+distill": {"distill_weight": 0.2},
     "critique+distill_topk": {"distill_weight": 0.2, "distill_mode": "topk_logits"},
+    # task order on a two-task mix (issue #14; run with --task addition+reverse --set
+    # 'tasks={addition: 1, reverse: 1}'): GRPO, all tasks in every batch vs one task after another
+    "order_joint": {"critique_on": "none", "task_order": "joint"},
+    "order_entropy": {"critique_on": "none", "task_order": "entropy"},  # lowest output entropy first
+    "order_addition_first": {"critique_on": "none", "task_order": "listed", "tasks": {"addition": 1, "reverse": 1}},
+    "order_reverse_first": {"critique_on": "none", "task_order": "listed", "tasks": {"reverse": 1, "addition": 1}},
 }
-METRICS = ("critique/refine_success_rate", "critique/groups_rescued", "critique/all_wrong_groups",
+REPLACED = ("tasks",)
+"""Arm keys that replace the base value instead of merging into it (the order of `tasks` is the order trained)."""
+METRICS = ("task/addition/accuracy", "task/reverse/accuracy", "critique/refine_success_rate", "critique/groups_rescued", "critique/all_wrong_groups",
            "offpolicy/grad_weight_share", "offpolicy/logp_mean", "train/accuracy", "time/step", "entropy")
 
 
@@ -83,6 +91,7 @@ def run_config(spec: dict[str, Any]) -> Any:
         kw.update(max_steps=0, eval_every=0)
     else:
         kw = deep_update(kw, ARMS[spec["arm"]])
+        kw.update({k: ARMS[spec["arm"]][k] for k in REPLACED if k in ARMS[spec["arm"]]})
         kw.update(model=spec["model_dir"], sft_steps=0)
     return from_dict(TrainConfig, kw)  # not load_config: its keyword overrides drop None (offpolicy_gamma: null)
 
@@ -113,6 +122,9 @@ def work(spec: dict[str, Any]) -> None:
     result = {"task": spec["task"], "seed": spec["seed"], "arm": spec["arm"],
               "before": summary["eval_accuracy_before_rl"], "after": summary["eval_accuracy_after_rl"],
               "eval_n": summary["eval_n"], "steps": summary["steps"], "curve": curve,
+              "before_by_task": summary.get("eval_accuracy_before_rl_by_task"),
+              "after_by_task": summary.get("eval_accuracy_after_rl_by_task"),
+              "task_order": summary.get("task_order"), "task_entropy": summary.get("task_entropy"),
               "wall_s": time.perf_counter() - t0,
               "means": {k: mean(k) for k in METRICS},
               "means_first_quarter": {k: mean(k, slice(0, max(1, len(steps) // 4))) for k in METRICS},
@@ -166,6 +178,30 @@ def fmt(x: float | None, pct: bool = True) -> str:
     return f"{100 * x:.1f}" if pct else f"{x:.3f}"
 
 
+def task_table(results: list[dict[str, Any]], arms: list[str], seeds: list[int],
+               by: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
+    """Runs on several tasks: held-out accuracy per task before / after RL (mean over seeds) and the order
+    each arm trained the tasks in (seed by seed)."""
+    names = list(dict.fromkeys(n for r in results for n in (r.get("after_by_task") or {})))
+    if not names:
+        return []
+    lines = ["", "| arm | " + " | ".join(f"{n} before → after (per seed)" for n in names)
+             + " | task order (per seed) | output entropy at RL start (mean) |",
+             "|---|" + "---|" * len(names) + "---|---|"]
+    for arm in arms:
+        rs = [by[(arm, s)] for s in seeds if (arm, s) in by]
+        cells = []
+        for n in names:
+            b = np.mean([r["before_by_task"][n] for r in rs])
+            a = [r["after_by_task"][n] for r in rs]
+            cells.append(f"{100 * b:.1f}% → {100 * np.mean(a):.1f}% ({' / '.join(f'{100 * x:.1f}' for x in a)})")
+        orders = [" → ".join(blk["task"] for blk in r["task_order"]) if r.get("task_order") else "joint" for r in rs]
+        ent = [r["task_entropy"] for r in rs if r.get("task_entropy")]
+        ent_cell = ", ".join(f"{n} {np.mean([e[n] for e in ent]):.2f}" for n in names) if ent else "-"
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {'; '.join(orders)} | {ent_cell} |")
+    return lines
+
+
 def report(results: list[dict[str, Any]], root: Path, baseline: str, command: str) -> str:
     import matplotlib
 
@@ -202,6 +238,7 @@ def report(results: list[dict[str, Any]], root: Path, baseline: str, command: st
             + f" | {(f'{100 * np.mean(succ):.0f}%' if succ else '-')}"
             + f" | {(f'{np.mean(share):.2f}' if share else '-')}"
             + f" | {(f'{np.mean(lp0):.2f} → {np.mean(lp1):.2f}' if lp0 and lp1 else '-')} |")
+    lines += task_table(results, arms, seeds, by)
     table = "\n".join(lines)
     (root / "results.md").write_text(table + "\n")
 

@@ -405,7 +405,8 @@ class TrainConfig:
         for name, w in self.tasks.items():
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
                 raise ConfigError(f"tasks.{name}", w, "a sampling weight must be a finite number > 0")
-        if self.task != TrainConfig.__dataclass_fields__["task"].default and self.task != self.task_name:
+        if self.task != TrainConfig.__dataclass_fields__["task"].default and \
+                sorted(self.task.split("+")) != sorted(self.tasks):  # "a+b" for tasks {b: .., a: ..} is fine
             raise ConfigError("task", self.task, f"with `tasks` the run's task is their mixture {self.task_name!r}; "
                               "leave `task` out")
         if self.train_file:

@@ -59,11 +59,14 @@ def test_every_arm_resolves_to_the_config_it_names(tmp_path):
                 extra={"sft_mistake_rate": 0.9}, model_dir=str(tmp_path / "sft" / "final"))
     base = le.run_config(dict(spec, arm="critique"))
     assert base.sft_steps == 0 and base.model == spec["model_dir"] and base.sft_mistake_rate == 0.9
+    mixed = dict(spec, task="addition+reverse", extra={"tasks": {"addition": 1, "reverse": 1}})
     for arm, over in le.ARMS.items():
-        cfg = le.run_config(dict(spec, arm=arm))
+        cfg = le.run_config(dict(mixed if arm.startswith("order_") else spec, arm=arm))
         for key, value in over.items():  # every override took effect, None (e.g. offpolicy_gamma: null) too
             got = getattr(cfg, key)
-            if isinstance(value, dict):
+            if isinstance(got, dict):  # `tasks`: replaced, in the arm's order (the order trained)
+                assert list(got.items()) == list(value.items()), (arm, key, got)
+            elif isinstance(value, dict):
                 assert all(getattr(got, k) == v for k, v in value.items()), (arm, key)
             else:
                 assert got == value, (arm, key, got)
