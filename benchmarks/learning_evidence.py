@@ -53,6 +53,12 @@ ARMS: dict[str, dict[str, Any]] = {
     "order_entropy": {"critique_on": "none", "task_order": "entropy"},  # lowest output entropy first
     "order_addition_first": {"critique_on": "none", "task_order": "listed", "tasks": {"addition": 1, "reverse": 1}},
     "order_reverse_first": {"critique_on": "none", "task_order": "listed", "tasks": {"reverse": 1, "addition": 1}},
+    # deciding apart from learning (issue #14; --task addition_conf): a proper scoring rule, the threshold fitted
+    # afterwards (benchmarks/decide_vs_learn.py) vs the user's asymmetric utility (+1 / -2 / 0) as the reward
+    "decide_brier": {"critique_on": "none", "reward_funcs": ["correctness", "brier"]},
+    "decide_utility": {"critique_on": "none", "reward_funcs": ["selective_utility"],
+                       "reward_kwargs": {"selective_utility": {"reward_right": 1.0, "penalty_wrong": 2.0,
+                                                              "abstain_value": 0.0}}},
 }
 REPLACED = ("tasks",)
 """Arm keys that replace the base value instead of merging into it (the order of `tasks` is the order trained)."""

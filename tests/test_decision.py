@@ -153,3 +153,32 @@ def test_calibrate_without_a_model_is_one_line(tmp_path, capsys):
 def test_calibrate_is_a_shell_command(tmp_path):
     res = run_cli("calibrate", tmp_path / "nothing")  # the installed entry point, once
     assert res.returncode == 2 and "RUN_OR_MODEL" in res.stderr
+
+
+def test_selective_utility_reward_by_hand():
+    from critique_rl.rewards.builtin import selective_utility_reward
+
+    # utility: +1 right, -2 wrong, 0 abstain; Bayes threshold (0 + 2) / (1 + 2) = 2/3
+    args = dict(reward_right=1.0, penalty_wrong=2.0, abstain_value=0.0, threshold=2 / 3, format_penalty=-2.0)
+    assert selective_utility_reward(True, 0.9, **args) == 1.0
+    assert selective_utility_reward(False, 0.9, **args) == -2.0
+    assert selective_utility_reward(False, 0.5, **args) == 0.0  # abstains: q below the threshold
+    assert selective_utility_reward(True, 0.5, **args) == 0.0
+    assert selective_utility_reward(True, None, **args) == -2.0  # no confidence: a format failure
+
+
+def test_selective_utility_registered_reward_uses_the_bayes_threshold():
+    from critique_rl.errors import UserError
+    from critique_rl.rewards.base import REWARD_FUNCS
+    from critique_rl.tasks import get_task
+
+    fn = REWARD_FUNCS["selective_utility"](get_task("addition_conf"), penalty_wrong=2.0)
+    comps = ["42 <confidence>0.7</confidence>", "41 <confidence>0.7</confidence>",
+             "41 <confidence>0.6</confidence>", "42", None]
+    out = fn(prompts=[""] * 4, completions=comps[:4], answer=["42"] * 4)
+    assert out == [1.0, -2.0, 0.0, -2.0]  # 0.7 >= 2/3 answers, 0.6 abstains, no tag = -penalty
+    assert fn(prompts=[""], completions=["42 <confidence>1</confidence>"], answer=[None]) == [None]
+    with pytest.raises(UserError, match="threshold"):
+        REWARD_FUNCS["selective_utility"](get_task("addition_conf"), threshold=1.5)
+    with pytest.raises(UserError, match="reward_right"):
+        REWARD_FUNCS["selective_utility"](get_task("addition_conf"), reward_right=-1.0, penalty_wrong=0.5)

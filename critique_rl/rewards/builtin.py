@@ -180,3 +180,54 @@ def brier_factory(task: Task, format_penalty: float = -1.0) -> RewardFunc:
         return out
 
     return brier
+
+
+def selective_utility_reward(correct: bool, q: float | None, reward_right: float, penalty_wrong: float,
+                             abstain_value: float, threshold: float, format_penalty: float) -> float:
+    """The user's utility of one answer under the rule "answer iff ``q >= threshold``":
+
+    ``R = reward_right`` (answered, right), ``-penalty_wrong`` (answered, wrong), ``abstain_value``
+    (``q < threshold``), ``format_penalty`` (no parsable confidence). The asymmetric, decision-in-the-reward
+    alternative to training on a proper scoring rule and deciding afterwards (:mod:`critique_rl.train.decision`).
+    """
+    if q is None:
+        return format_penalty
+    if q < threshold:
+        return abstain_value
+    return reward_right if correct else -penalty_wrong
+
+
+@register_reward("selective_utility")
+def selective_utility_factory(task: Task, reward_right: float = 1.0, penalty_wrong: float = 1.0,
+                              abstain_value: float = 0.0, threshold: float | None = None,
+                              format_penalty: float | None = None) -> RewardFunc:
+    """``selective_utility``: the utility of answering or abstaining, learned in the reward (asymmetric when
+    ``penalty_wrong != reward_right``). The policy abstains by stating a confidence ``q`` (``<confidence>q
+    </confidence>``, as for ``brier``) below ``threshold``, which defaults to the Bayes threshold
+    ``(abstain_value + penalty_wrong) / (reward_right + penalty_wrong)``. A missing confidence scores
+    ``format_penalty`` (default ``-penalty_wrong``: as bad as a wrong answer). Correctness is the task verifier
+    on the ``answer`` column; None where ``answer`` is None. Compare with training on ``brier`` and fitting the
+    threshold afterwards (``critique-rl calibrate``): benchmarks/decide_vs_learn.py.
+    """
+    from critique_rl.train.decision import Utility, bayes_threshold
+
+    try:
+        u = Utility(float(reward_right), float(penalty_wrong), float(abstain_value))
+    except ValueError as exc:
+        raise UserError(f"config field 'reward_kwargs' for selective_utility: {exc}") from None
+    t = bayes_threshold(u) if threshold is None else float(threshold)
+    if not 0.0 <= t <= 1.0:
+        raise UserError(f"config field 'reward_kwargs' for selective_utility: threshold {t} must be in [0, 1]")
+    fmt = -u.penalty_wrong if format_penalty is None else float(format_penalty)
+
+    def selective_utility(prompts: list[Any], completions: list[Any], answer: list[str | None],
+                          **columns: Any) -> list[float | None]:
+        judges = task.for_rows(len(completions), columns.get("task"))
+        out: list[float | None] = []
+        for j, c, a in zip(judges, completions, answer, strict=True):
+            text = completion_text(c)
+            out.append(None if a is None else selective_utility_reward(
+                j.verify(text, a), parse_confidence(text), u.reward_right, u.penalty_wrong, u.abstain_value, t, fmt))
+        return out
+
+    return selective_utility
