@@ -217,6 +217,10 @@ class TrainConfig:
     sft_refine_fraction: float = 0.0
     """Share of SFT rows that also yield a refinement demonstration (wrong answer + ground-truth critique ->
     correct answer), so a small policy learns to read the refinement prompt."""
+    sft_refine_steps: Literal["shared", "added"] = "shared"
+    """`shared`: refinement demos take their share of `sft_steps` (plain demonstrations get fewer steps, which
+    can lower plain accuracy); `added`: the warm-up runs longer, `sft_steps x (plain + refine demos) / plain`
+    steps, so plain demonstrations get the `sft_steps` batches they get without refinement demos."""
 
     # --- schedule ---------------------------------------------------------------------------------------
     phases: list[PhaseConfig] = field(default_factory=list)

@@ -24,6 +24,18 @@ def length_buckets(lengths: list[int], num_buckets: int = 4) -> list[list[int]]:
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
+def refine_added_steps(steps: int, plain: int, refine: int) -> int:
+    """SFT steps that give ``plain`` demonstrations the ``steps`` batches they would get alone when ``refine``
+    refinement demos are mixed in (rows are drawn uniformly): ``ceil(steps * (plain + refine) / plain)``.
+
+    >>> refine_added_steps(1000, 2000, 600)
+    1300
+    """
+    if plain <= 0:
+        raise ValueError("no plain demonstrations")
+    return -(-steps * (plain + refine) // plain)
+
+
 def sft_warmup(
     model: torch.nn.Module,
     tokenizer: Any,

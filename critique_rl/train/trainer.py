@@ -91,7 +91,7 @@ from critique_rl.train.run_setup import (  # noqa: F401  (the names trainer.py a
     summary_table,
 )
 from critique_rl.train.sampler import MixtureSampler, PromptSampler
-from critique_rl.train.sft import sft_warmup
+from critique_rl.train.sft import refine_added_steps, sft_warmup
 from critique_rl.train.trackers import flat_config, resolve_trackers, tracker_init_kwargs
 from critique_rl.train.update import NonFiniteGuard, Normalisation, UpdateBatch, policy_update
 
@@ -266,9 +266,15 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin):
         else:
             pairs = [(self.prompt_text(r), self._demonstration(r)) for r in self.train_rows]
             if cfg.sft_refine_fraction > 0:
+                plain = len(pairs)
                 pairs += [(self.prompt_text({"prompt": p}), c) for p, c in refinement_demos(
                     self._sft_task(), self.train_rows, cfg.sft_refine_fraction, cfg.seed, self._sft_completion,
                     cfg.critic.template_dir)]
+                if cfg.sft_refine_steps == "added" and first:  # batches are drawn in proportion to the pairs
+                    steps = refine_added_steps(steps, plain, len(pairs) - plain)
+                    if progress:
+                        progress.update(task_id, total=steps)
+                    self.summary["sft_steps_run"] = steps
         losses = sft_warmup(
             model, self.tokenizer, pairs,
             steps=steps, batch_size=cfg.sft_batch_size, lr=lr, seed=seed,
