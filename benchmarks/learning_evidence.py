@@ -47,6 +47,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "critique_cot_self": {"critic": {"backend": "hf", "model": "policy", "kind": "cot"}},  # the policy critiques
     "critique+distill": {"distill_weight": 0.2},
     "critique+distill_topk": {"distill_weight": 0.2, "distill_mode": "topk_logits"},
+    # the same top-K + tail reverse KL to a stabilised teacher: an EMA of the policy (SDPO)
+    "critique+distill_topk_ema": {"distill_weight": 0.2, "distill_mode": "topk_logits", "distill_teacher": "ema"},
     # task order on a two-task mix (issue #14; run with --task addition+reverse --set
     # 'tasks={addition: 1, reverse: 1}'): GRPO, all tasks in every batch vs one task after another
     "order_joint": {"critique_on": "none", "task_order": "joint"},
