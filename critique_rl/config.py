@@ -270,8 +270,8 @@ class TrainConfig:
             if isinstance(getattr(self, name), dict):  # a mapping given in Python: validated like YAML
                 setattr(self, name, from_dict(cls, getattr(self, name), prefix=f"{name}."))
         _check_finite(self)
-        self._check_phases()
         self._check_tasks()
+        self._check_phases()
         if self.sample_budget is not None:
             _positive("sample_budget", self.sample_budget)
         if self.num_generations < 2:
@@ -390,12 +390,36 @@ class TrainConfig:
                     and len(self.reward_weights) != len(ph.reward_funcs):
                 raise ConfigError(f"phases[{i}].reward_weights", None, "the phase's reward_funcs differ in number "
                                   "from the run's reward_weights; give the phase its own reward_weights")
+            self._check_phase_tasks(i, ph)
         rl_steps = sum(ph.steps for ph in self.phases if ph.kind == "rl")
         default_max = TrainConfig.__dataclass_fields__["max_steps"].default
         if self.max_steps not in (default_max, rl_steps):
             raise ConfigError("max_steps", self.max_steps, f"with phases the run has {rl_steps} RL steps (the sum of "
                               "its rl phases); leave max_steps out or set the phases' steps")
         self.max_steps = rl_steps
+
+    def _check_phase_tasks(self, i: int, ph: PhaseConfig) -> None:
+        if ph.tasks is None:
+            return
+        where = f"phases[{i}].tasks"
+        if not self.tasks:
+            raise ConfigError(where, ph.tasks, "a phase reweights the run's tasks; set `tasks` for the run too")
+        if ph.kind != "rl":
+            raise ConfigError(where, ph.tasks, "an sft phase imitates every task's rows; give it a train_file "
+                              "for other data, or move the weights to an rl phase")
+        if ph.train_file:
+            raise ConfigError(where, ph.tasks, "a phase with a train_file draws from that file; drop one of the two")
+        if self.task_order != "joint":
+            raise ConfigError(where, ph.tasks, f"task_order {self.task_order!r} already orders the tasks; use "
+                              "task_order: joint to order them by hand with phases")
+        unknown = sorted(set(ph.tasks) - set(self.tasks))
+        if unknown:
+            raise ConfigError(where, ph.tasks, f"{unknown} not among the run's tasks {sorted(self.tasks)}")
+        for name, w in ph.tasks.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ConfigError(f"{where}.{name}", w, "a sampling weight must be a finite number >= 0")
+        if not any(w > 0 for w in ph.tasks.values()):
+            raise ConfigError(where, ph.tasks, "give at least one task a weight > 0")
 
     def _check_tasks(self) -> None:
         if not self.tasks:

@@ -320,6 +320,9 @@ class PhaseConfig:
     """rl: one weight per objective of the phase. None = the run's `reward_weights` (or all 1.0)."""
     train_file: str | None = None
     """This phase's data (JSONL/parquet/CSV/saved dataset with `prompt`, `answer`). None = the run's rows."""
+    tasks: dict[str, float] | None = None
+    """rl, with the run's `tasks`: this phase's sampling weights over them, e.g. {addition: 1} (a task left out or
+    weighted 0 is not drawn). None = the run's weights."""
 
     def check(self, where: str) -> None:
         if self.steps is None:

@@ -145,6 +145,17 @@ def test_mixture_sampler_weights_resume_only_and_exclusion():
     ({"tasks": {"addition": 1.0, "reverse": 1.0}, "task": "trap"}, "task"),
     ({"tasks": {"addition": 1.0, "reverse": 1.0}, "train_file": "x.jsonl"}, "train_file"),
     ({"tasks": {"addition": 1.0, "reverse": 1.0}, "task_order_prompts": 0}, "task_order_prompts"),
+    ({"phases": [{"kind": "rl", "steps": 2, "tasks": {"addition": 1}}]}, "phases[0].tasks"),
+    ({"tasks": {"addition": 1, "reverse": 1}, "phases": [{"kind": "sft", "steps": 2, "tasks": {"addition": 1}}]},
+     "phases[0].tasks"),
+    ({"tasks": {"addition": 1, "reverse": 1}, "phases": [{"kind": "rl", "steps": 2, "tasks": {"trap": 1}}]},
+     "phases[0].tasks"),
+    ({"tasks": {"addition": 1, "reverse": 1}, "phases": [{"kind": "rl", "steps": 2, "tasks": {"addition": 0}}]},
+     "phases[0].tasks"),
+    ({"tasks": {"addition": 1, "reverse": 1}, "phases": [{"kind": "rl", "steps": 2, "tasks": {"addition": -1}}]},
+     "phases[0].tasks.addition"),
+    ({"tasks": {"addition": 1, "reverse": 1}, "task_order": "entropy",
+      "phases": [{"kind": "rl", "steps": 2, "tasks": {"addition": 1}}]}, "phases[0].tasks"),
 ])
 def test_config_errors_name_the_field(data, field):
     with pytest.raises(ConfigError) as err:
@@ -236,3 +247,15 @@ def test_listed_order_follows_the_config(fast_config, tmp_path):
                                      {"task": "addition", "first_step": 2, "last_step": 4}]
     rl = [r for r in _metrics(tmp_path / "listed") if "loss/total" in r]
     assert [r.get("task/addition/share") for r in rl] == [None, 1.0, 1.0, 1.0]
+
+
+def test_phases_reweight_the_tasks(fast_config, tmp_path):
+    phases = [{"kind": "sft", "steps": 40}, {"kind": "rl", "steps": 2, "tasks": {"addition": 1}},
+              {"kind": "rl", "steps": 2, "tasks": {"addition": 0, "reverse": 1}}, {"kind": "rl", "steps": 1}]
+    kw = dict(MIXED, max_steps=100, phases=phases)
+    kw.pop("sft_steps")
+    CritiqueGRPOTrainer(args=fast_config(output_dir=str(tmp_path / "ph"), **kw)).train()
+    rl = [r for r in _metrics(tmp_path / "ph") if "loss/total" in r]
+    assert [r.get("task/addition/share") for r in rl[:4]] == [1.0, 1.0, None, None]
+    assert [r.get("task/reverse/share") for r in rl[:4]] == [None, None, 1.0, 1.0]
+    assert len(rl) == 5 and rl[4]["phase"] == 3

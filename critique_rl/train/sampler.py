@@ -95,11 +95,15 @@ class MixtureSampler:
     def excluded(self) -> set[int]:
         return {self.index[n][j] for n, sub in self.subs.items() for j in sub.excluded}
 
-    def next_batch(self, size: int, only: str | None = None) -> list[dict[str, Any]]:
+    def next_batch(self, size: int, only: str | None = None,
+                   weights: dict[str, float] | None = None) -> list[dict[str, Any]]:
+        """``size`` rows: tasks drawn by the sampler's weights, or by ``weights`` (a phase's; tasks left out are
+        not drawn), or all of task ``only``."""
         if only is not None:
             picks = [only] * size
         else:
-            picks = random.Random(self.seed * 1_000_003 + 7 * self.batches + 1).choices(self.names, self.weights, k=size)
+            w = self.weights if weights is None else [float(weights.get(n, 0.0)) for n in self.names]
+            picks = random.Random(self.seed * 1_000_003 + 7 * self.batches + 1).choices(self.names, w, k=size)
         self.batches += 1
         drawn = {n: iter(self.subs[n].next_batch(picks.count(n))) for n in set(picks)}
         return [self.rows[next(drawn[n])] for n in picks]

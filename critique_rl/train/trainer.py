@@ -221,6 +221,7 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin):
         self.phases = cfg.schedule()
         self._phases_done = 0
         self._phase_sampler: PromptSampler | None = None
+        self._phase_task_weights: dict[str, float] | None = None
         self._phase_rows: dict[str, list[dict[str, Any]]] = {}
         self._phase_samplers: dict[str, PromptSampler] = {}
         for i, ph in enumerate(self.phases):
@@ -233,6 +234,7 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin):
         """Make phase ``index``'s data and objectives current (rl phases)."""
         ph = self.phases[index]
         self._phase_sampler = self._phase_samplers.get(ph.train_file) if ph.train_file else None
+        self._phase_task_weights = ph.tasks  # a phase's own mix of the run's tasks (None = the run's weights)
         if ph.reward_funcs is None and ph.reward_weights is None:
             self.reward_funcs, self.reward_names, self.reward_weights = self._run_rewards
             return
@@ -534,6 +536,8 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin):
         sampler = self._phase_sampler or self.sampler
         if self._task_blocks and sampler is self.sampler:  # task_order entropy / listed: one task at a time
             rows = self.sampler.next_batch(self.cfg.prompts_per_step, only=task_mix.task_at(self.step, self._task_blocks))
+        elif self._phase_task_weights and sampler is self.sampler:
+            rows = self.sampler.next_batch(self.cfg.prompts_per_step, weights=self._phase_task_weights)
         else:
             rows = sampler.next_batch(self.cfg.prompts_per_step)
         contexts = None
