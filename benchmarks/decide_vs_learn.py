@@ -81,14 +81,19 @@ def main() -> None:
     ap.add_argument("--eval-n", type=int, default=500)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--set", nargs="*", default=[], help="key=value (YAML) for the warm-up and both arms")
+    ap.add_argument("--penalty-wrong", type=float, default=2.0,
+                    help="the utility's penalty for a wrong answer (right +1, abstain 0): in the decide_utility "
+                         "arm's reward and in every score")
     ap.add_argument("--out", default="benchmarks/results/decide_vs_learn")
     args = ap.parse_args()
+    UTILITY["penalty_wrong"] = args.penalty_wrong
     from critique_rl.tasks import get_task
     from critique_rl.train.evaluate import EVAL_SEED
 
     train_args = argparse.Namespace(task="addition_conf", seeds=args.seeds, arms=ARMS, max_steps=args.max_steps,
                                     eval_every=args.eval_every, eval_n=args.eval_n, jobs=args.jobs, threads=1,
-                                    out=args.out)
+                                    out=args.out,
+                                    arm_extra={"decide_utility": {"reward_kwargs": {"selective_utility": UTILITY}}})
     le.run_all(train_args, le.parse_set(args.set))
     task = get_task("addition_conf")
     test = task.make_examples("eval", args.eval_n, EVAL_SEED)[: args.eval_n]
@@ -109,18 +114,21 @@ def main() -> None:
              f"{UTILITY['abstain_value']:g} abstain; {len(val)} validation, {len(test)} test problems; "
              "mean ± std over seeds (per seed in brackets).", "",
              "| arm | accuracy | deployed rule | utility (deployed) | coverage | accuracy when answering | utility, "
-             "answer all | utility, q >= 2/3 | utility, threshold fitted on validation | distinct q |",
+             "answer all | utility, q >= Bayes threshold | utility, threshold fitted on validation | distinct q |",
              "|---|---|---|---|---|---|---|---|---|---|"]
 
     def ms(vals: list[float], digits: int = 3) -> str:
         return f"{np.mean(vals):+.{digits}f} ± {np.std(vals):.{digits}f} ({' / '.join(f'{v:+.{digits}f}' for v in vals)})"
 
+    from critique_rl.train.decision import Utility, bayes_threshold
+
+    bayes = bayes_threshold(Utility(**UTILITY))
     for arm in ARMS:
         rs = [r for r in results if r["arm"] == arm]
         sel = [r["deployed"]["selective_accuracy"] for r in rs if r["deployed"]["selective_accuracy"] is not None]
         lines.append(
             f"| {arm} | {np.mean([r['accuracy'] for r in rs]):.3f} | "
-            f"{'threshold fitted on validation' if arm == 'decide_brier' else 'trained: q >= 2/3'} | "
+            f"{'threshold fitted on validation' if arm == 'decide_brier' else f'trained: q >= {bayes:.2f}'} | "
             f"{ms([r['deployed']['utility'] for r in rs])} | {np.mean([r['deployed']['coverage'] for r in rs]):.2f} | "
             f"{(f'{np.mean(sel):.3f}' if sel else '-')} | {ms([r['answer_all']['utility'] for r in rs])} | "
             f"{ms([r['bayes_rule']['utility'] for r in rs])} | {ms([r['fitted_rule']['utility'] for r in rs])} | "

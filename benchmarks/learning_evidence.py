@@ -99,6 +99,7 @@ def run_config(spec: dict[str, Any]) -> Any:
         kw.update(max_steps=0, eval_every=0)
     else:
         kw = deep_update(kw, ARMS[spec["arm"]])
+        kw = deep_update(kw, spec.get("arm_extra", {}).get(spec["arm"], {}))  # a caller's per-arm settings
         kw.update({k: ARMS[spec["arm"]][k] for k in REPLACED if k in ARMS[spec["arm"]]})
         kw.update(model=spec["model_dir"], sft_steps=0)
     return from_dict(TrainConfig, kw)  # not load_config: its keyword overrides drop None (offpolicy_gamma: null)
@@ -162,7 +163,7 @@ def run_all(args: argparse.Namespace, extra: dict[str, Any]) -> list[dict[str, A
     root = Path(args.out)
     (root / "logs").mkdir(parents=True, exist_ok=True)
     common = dict(task=args.task, max_steps=args.max_steps, eval_every=args.eval_every, eval_n=args.eval_n,
-                  extra=extra, threads=args.threads)
+                  extra=extra, threads=args.threads, arm_extra=getattr(args, "arm_extra", {}))
     (root / "setup.json").write_text(json.dumps({**common, "arms": args.arms, "seeds": args.seeds}, indent=1))
 
     def seed_chain(seed: int, pool: ThreadPoolExecutor) -> list[Future]:

@@ -70,5 +70,10 @@ def test_every_arm_resolves_to_the_config_it_names(tmp_path):
                 assert all(getattr(got, k) == v for k, v in value.items()), (arm, key)
             else:
                 assert got == value, (arm, key, got)
+    # a caller's per-arm settings merge into the arm's (decide_vs_learn.py sets the utility this way)
+    tuned = le.run_config(dict(spec, arm="decide_utility",
+                               arm_extra={"decide_utility": {"reward_kwargs": {"selective_utility": {"penalty_wrong": 9.0}}}}))
+    assert tuned.reward_kwargs["selective_utility"] == {"reward_right": 1.0, "penalty_wrong": 9.0, "abstain_value": 0.0}
+    assert le.run_config(dict(spec, arm="decide_brier", arm_extra={"decide_utility": {"max_steps": 1}})).reward_kwargs == {}
     sft = le.run_config(dict(spec, arm="sft"))
     assert sft.max_steps == 0 and sft.sft_steps == base.__class__().sft_steps
