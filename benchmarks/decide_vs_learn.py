@@ -94,7 +94,8 @@ def main() -> None:
                                     eval_every=args.eval_every, eval_n=args.eval_n, jobs=args.jobs, threads=1,
                                     out=args.out,
                                     arm_extra={"decide_utility": {"reward_kwargs": {"selective_utility": UTILITY}}})
-    le.run_all(train_args, le.parse_set(args.set))
+    command = "python benchmarks/decide_vs_learn.py " + " ".join(sys.argv[1:])
+    le.report(le.run_all(train_args, le.parse_set(args.set)), Path(args.out), "decide_brier", command)
     task = get_task("addition_conf")
     test = task.make_examples("eval", args.eval_n, EVAL_SEED)[: args.eval_n]
     seen = {r["prompt"] for r in test}
@@ -109,7 +110,7 @@ def main() -> None:
                   f"(coverage {r['deployed']['coverage']:.2f})", flush=True)
     Path(args.out, "decisions.json").write_text(json.dumps({"utility": UTILITY, "n_val": len(val),
                                                             "n_test": len(test), "results": results}, indent=1))
-    lines = [f"`python benchmarks/decide_vs_learn.py {' '.join(sys.argv[1:])}`", "",
+    lines = [f"`{command}`", "",
              f"Utility +{UTILITY['reward_right']:g} right / -{UTILITY['penalty_wrong']:g} wrong / "
              f"{UTILITY['abstain_value']:g} abstain; {len(val)} validation, {len(test)} test problems; "
              "mean ± std over seeds (per seed in brackets).", "",
