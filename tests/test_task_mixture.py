@@ -194,6 +194,14 @@ def test_joint_order_logs_every_task_and_eval_per_task(fast_config, tmp_path):
     # the overall accuracy is the per-task accuracies weighted by their 10 + 10 held-out rows
     assert summary["eval_accuracy_after_rl"] == pytest.approx((by_task["addition"] + by_task["reverse"]) / 2)
     assert "task_order" not in summary
+    from rich.console import Console
+
+    from critique_rl.train.run_setup import summary_table
+
+    console = Console(record=True, width=120)
+    console.print(summary_table(summary))
+    shown = console.export_text()
+    assert "addition: before -> after RL" in shown and f"{by_task['reverse']:.1%}" in shown
     # the saved policy evaluates on the mixture from the CLI, per task too (greedy and pass@k)
     import subprocess
     import sys

@@ -215,6 +215,10 @@ def summary_table(summary: dict[str, Any]) -> Table:
     t.add_row(f"after RL ({summary.get('steps', 0)} steps)", f"{after:.1%}" if after is not None else "-")
     if before is not None and after is not None:
         t.add_row("RL gain", f"{(after - before) * 100:+.1f} points")
+    by_before = summary.get("eval_accuracy_before_rl_by_task") or {}
+    for name, acc in (summary.get("eval_accuracy_after_rl_by_task") or {}).items():  # several tasks
+        start = by_before.get(name)
+        t.add_row(f"  {name}: before -> after RL", (f"{start:.1%} -> " if start is not None else "") + f"{acc:.1%}")
     ece_before, ece_after = summary.get("eval_ece_before_rl"), summary.get("eval_ece_after_rl")
     if ece_before is not None and ece_after is not None:
         t.add_row("calibration ECE (10 bins): before -> after", f"{ece_before:.3f} -> {ece_after:.3f}")
