@@ -267,3 +267,14 @@ def test_phases_reweight_the_tasks(fast_config, tmp_path):
     assert [r.get("task/addition/share") for r in rl[:4]] == [1.0, 1.0, None, None]
     assert [r.get("task/reverse/share") for r in rl[:4]] == [None, None, 1.0, 1.0]
     assert len(rl) == 5 and rl[4]["phase"] == 3
+
+
+def test_user_rows_must_name_the_mixtures_tasks(fast_config, tmp_path):
+    rows = [{"prompt": "1+2=", "answer": "3", "task": "addition"}, {"prompt": "rev:ab=", "answer": "ba"}]
+    with pytest.raises(ConfigError, match="training row 2 has task None") as err:
+        CritiqueGRPOTrainer(args=fast_config(output_dir=str(tmp_path / "u"), **MIXED), train_dataset=rows).train()
+    assert err.value.field == "tasks"
+    only_addition = [r for r in rows if "task" in r] * 20
+    with pytest.raises(ConfigError, match="no row of task") as err:
+        CritiqueGRPOTrainer(args=fast_config(output_dir=str(tmp_path / "v"), **MIXED),
+                            train_dataset=only_addition).train()

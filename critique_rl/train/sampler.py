@@ -10,7 +10,7 @@ from typing import Any
 class PromptSampler:
     """Draws batches of rows in a seeded order. ``state_dict``/``load_state_dict`` make resume exact."""
 
-    def __init__(self, rows: list[dict[str, Any]], seed: int) -> None:
+    def __init__(self, rows: list[Any], seed: int) -> None:
         if not rows:
             raise ValueError("PromptSampler needs at least one row")
         self.rows = rows

@@ -154,6 +154,11 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin):
             self.task.parts = {k: dataclasses.replace(t, verify=self.verify) for k, t in self.task.parts.items()}
         self.train_rows = self._rows(self._train_arg, cfg.train_file, "train", cfg.sft_examples)
         self.eval_rows = self._rows(self._eval_arg, cfg.eval_file, "eval", cfg.eval_n)[: cfg.eval_n]
+        for split, rows in (("training", self.train_rows), ("held-out", self.eval_rows)) if cfg.tasks else ():
+            i = next((i for i, r in enumerate(rows) if r.get("task") not in cfg.tasks), None)
+            if i is not None:
+                raise ConfigError("tasks", cfg.tasks, f"{split} row {i + 1} has task {rows[i].get('task')!r}; with "
+                                  "`tasks` every row needs a `task` column naming one of them")
         # task-specific SFT helpers (the task's mistake, its completion format) only on the task's own rows
         self._task_rows = self._train_arg is None and not cfg.train_file
         check_templates(cfg.critic.template_dir)
@@ -189,8 +194,11 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin):
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
 
         # same state on every rank: global batches
-        self.sampler = MixtureSampler(self.train_rows, cfg.tasks, cfg.seed) if cfg.tasks else \
-            PromptSampler(self.train_rows, cfg.seed)
+        try:
+            self.sampler = MixtureSampler(self.train_rows, cfg.tasks, cfg.seed) if cfg.tasks else \
+                PromptSampler(self.train_rows, cfg.seed)
+        except ValueError as exc:  # a task without training rows
+            raise ConfigError("tasks", cfg.tasks, f"{exc}; give every task some rows, or leave it out") from None
         self._task_blocks: list[tuple[str, int, int]] = []
         self._setup_phases()
         self.rng = random.Random(cfg.seed + 1 + 7919 * self.rank)  # refinement choice; checkpointed
@@ -403,7 +411,10 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin):
     def _sft_task(self) -> Task:
         """The task for SFT helpers: itself on its own generated rows; without its typical mistake on user rows
         (a train_file or train_dataset need not hold the columns the mistake reads, e.g. addition's `a`, `b`)."""
-        return self.task if self._task_rows else dataclasses.replace(self.task, mistake=None)
+        if self._task_rows:
+            return self.task
+        parts = {k: dataclasses.replace(t, mistake=None) for k, t in self.task.parts.items()}  # a mixture's too
+        return dataclasses.replace(self.task, mistake=None, parts=parts)
 
     def _sft_completion(self, row: dict[str, Any]) -> str:
         """SFT target of a row: the task's completion format on its own rows, the reference answer on user rows."""
