@@ -94,7 +94,8 @@ def main() -> None:
     extra = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run, arm, seed, args.out, args.eval_n, extra) for seed in args.seeds for arm in args.arms]
+        # arm-major: the first arm's checkpoints (e.g. `shared`, the demo's warm-up) are ready first for other uses
+        futures = [pool.submit(run, arm, seed, args.out, args.eval_n, extra) for arm in args.arms for seed in args.seeds]
         results = [f.result() for f in futures]
     Path(args.out, "results.json").write_text(json.dumps(results, indent=1))
     by = {(r["arm"], r["seed"]): r for r in results}
