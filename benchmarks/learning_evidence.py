@@ -42,6 +42,12 @@ ARMS: dict[str, dict[str, Any]] = {
     "critique_gamma1": {"offpolicy_gamma": 1.0},
     "critique_unshaped_k4": {"offpolicy_gamma": None, "refinements_per_group": 4},  # 4 refinements per group
     "critique_unshaped_gap": {"offpolicy_gamma": None, "offpolicy_weighting": "gap"},  # directive tokens weigh more
+    "critique_k4": {"refinements_per_group": 4},
+    "grpo+reference_k4": {"refinement_source": "reference", "refinements_per_group": 4},
+    "grpo+reference_unshaped_k4": {"refinement_source": "reference", "offpolicy_gamma": None, "refinements_per_group": 4},
+    "critique_unshaped_k4+distill_fkl_ema": {"offpolicy_gamma": None, "refinements_per_group": 4, "distill_weight": 0.2,
+                                             "distill_mode": "topk_logits", "distill_teacher": "ema",
+                                             "distill_divergence": "forward_kl"},
     "critique_k2": {"refinements_per_group": 2},
     "critique_indicative": {"critic": {"backend": "rule", "kind": "indicative"}},  # verdict only
     "critique_cot_self": {"critic": {"backend": "hf", "model": "policy", "kind": "cot"}},  # the policy critiques
@@ -49,6 +55,26 @@ ARMS: dict[str, dict[str, Any]] = {
     "critique+distill_topk": {"distill_weight": 0.2, "distill_mode": "topk_logits"},
     # the same top-K + tail reverse KL to a stabilised teacher: an EMA of the policy (SDPO)
     "critique+distill_topk_ema": {"distill_weight": 0.2, "distill_mode": "topk_logits", "distill_teacher": "ema"},
+    "critique+distill_topk_ema_w1": {"distill_weight": 1.0, "distill_mode": "topk_logits", "distill_teacher": "ema"},
+    # the same with forward KL(teacher || student): its pull towards the teacher's token does not vanish when the
+    # student gives that token ~0 probability (GKD arXiv:2306.13649)
+    "critique+distill_fkl_ema": {"distill_weight": 0.2, "distill_mode": "topk_logits", "distill_teacher": "ema",
+                                 "distill_divergence": "forward_kl"},
+    "critique+distill_fkl_ema_w1": {"distill_weight": 1.0, "distill_mode": "topk_logits", "distill_teacher": "ema",
+                                    "distill_divergence": "forward_kl"},
+    "critique+distill_jsd_ema_w1": {"distill_weight": 1.0, "distill_mode": "topk_logits", "distill_teacher": "ema",
+                                    "distill_divergence": "jsd"},
+    "critique_unshaped+distill_fkl_ema": {"offpolicy_gamma": None, "distill_weight": 0.2, "distill_mode": "topk_logits",
+                                          "distill_teacher": "ema", "distill_divergence": "forward_kl"},
+    # the critique-content controls with the forward-KL recipe: a verdict only / the policy critiquing itself
+    "critique_indicative+distill_fkl_ema": {"critic": {"backend": "rule", "kind": "indicative"}, "distill_weight": 0.2,
+                                            "distill_mode": "topk_logits", "distill_teacher": "ema",
+                                            "distill_divergence": "forward_kl"},
+    "critique_cot_self+distill_fkl_ema": {"critic": {"backend": "hf", "model": "policy", "kind": "cot"},
+                                          "distill_weight": 0.2, "distill_mode": "topk_logits", "distill_teacher": "ema",
+                                          "distill_divergence": "forward_kl"},
+    "critique_unshaped+distill_topk_ema": {"offpolicy_gamma": None, "distill_weight": 0.2, "distill_mode": "topk_logits",
+                                           "distill_teacher": "ema"},
     # task order on a two-task mix (issue #14; run with --task addition+reverse --set
     # 'tasks={addition: 1, reverse: 1}'): GRPO, all tasks in every batch vs one task after another
     "order_joint": {"critique_on": "none", "task_order": "joint"},
@@ -96,7 +122,7 @@ def run_config(spec: dict[str, Any]) -> Any:
     kw = base_config(spec["task"], spec["seed"], Path(spec["out"]), spec["max_steps"], spec["eval_every"],
                      spec["eval_n"], spec["extra"])
     if spec["arm"] == "sft":
-        kw.update(max_steps=0, eval_every=0)
+        kw.update(max_steps=0, eval_every=0, task=spec.get("sft_task") or spec["task"])
     else:
         kw = deep_update(kw, ARMS[spec["arm"]])
         kw = deep_update(kw, spec.get("arm_extra", {}).get(spec["arm"], {}))  # a caller's per-arm settings
@@ -162,7 +188,7 @@ def launch(spec: dict[str, Any], log: Path) -> dict[str, Any]:
 def run_all(args: argparse.Namespace, extra: dict[str, Any]) -> list[dict[str, Any]]:
     root = Path(args.out)
     (root / "logs").mkdir(parents=True, exist_ok=True)
-    common = dict(task=args.task, max_steps=args.max_steps, eval_every=args.eval_every, eval_n=args.eval_n,
+    common = dict(task=args.task, sft_task=args.sft_task, max_steps=args.max_steps, eval_every=args.eval_every, eval_n=args.eval_n,
                   extra=extra, threads=args.threads, arm_extra=getattr(args, "arm_extra", {}))
     (root / "setup.json").write_text(json.dumps({**common, "arms": args.arms, "seeds": args.seeds}, indent=1))
 
@@ -285,6 +311,9 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="addition_carry")
+    ap.add_argument("--sft-task", default=None,
+                    help="task of the SFT warm-up when it differs from --task (e.g. warm up on trap_plateau, where the "
+                         "demonstrator shows both rules, then run RL on trap_plateau_only)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=["grpo", "grpo+reference", "critique", "critique_unshaped"],
                     choices=sorted(ARMS))

@@ -206,6 +206,12 @@ class TrainConfig:
     """`sampled_token`: per-token advantage log pi(a|s_enh) - log pi(a|q) in the clipped loss;
     `topk_logits`: reverse KL over the teacher's top-K tokens plus a tail bin, added to the loss."""
     distill_topk: int = 20
+    distill_divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl"
+    """Divergence of the `topk_logits` term (`critique_rl.algos.topk_divergence`). `reverse_kl` KL(student ||
+    teacher), mode-seeking (SDPO arXiv:2601.20802); `forward_kl` KL(teacher || student), whose pull towards the
+    teacher's token does not vanish when the student gives it ~0 probability (the plateau); `jsd` the generalised
+    Jensen-Shannon divergence with `distill_jsd_beta` (GKD arXiv:2306.13649)."""
+    distill_jsd_beta: float = 0.5
     distill_teacher: Literal["current", "ema"] = "current"
     """Weights of the critique-conditioned teacher. `current`: the policy being trained (the teacher moves with
     every update). `ema`: an exponential moving average of the policy weights, a stabilised teacher as SDPO
@@ -323,6 +329,8 @@ class TrainConfig:
         _positive("offpolicy_weight_cap", self.offpolicy_weight_cap)
         _non_negative("distill_weight", self.distill_weight)
         _positive("distill_topk", self.distill_topk)
+        if not 0.0 < self.distill_jsd_beta < 1.0:
+            raise ConfigError("distill_jsd_beta", self.distill_jsd_beta, "use a value in (0, 1), e.g. 0.5")
         if not 0.0 < self.distill_teacher_ema < 1.0:
             raise ConfigError("distill_teacher_ema", self.distill_teacher_ema, "use a decay in (0, 1), e.g. 0.99")
         if self.refinement_source == "reference" and self.critique_on == "none":

@@ -50,18 +50,20 @@ def test_refinement_demos_teach_the_format():
     assert "Feedback:" in prompt and rows[0]["answer"] in prompt and target == rows[0]["answer"]
 
 
-@pytest.mark.parametrize("mode", ["sampled_token", "topk_logits"])
-def test_trainer_critique_path_logs_everything(fast_config, mode):
+@pytest.mark.parametrize("mode,divergence", [("sampled_token", "reverse_kl"), ("topk_logits", "reverse_kl"),
+                                             ("topk_logits", "forward_kl"), ("topk_logits", "jsd")])
+def test_trainer_critique_path_logs_everything(fast_config, mode, divergence):
     cfg = fast_config(max_steps=2, critique_on="all", distill_weight=0.5, distill_mode=mode, distill_topk=5,
-                      sft_refine_fraction=0.3, critic=CriticConfig(backend="rule", kind="ground_truth"))
+                      distill_divergence=divergence, sft_refine_fraction=0.3,
+                      critic=CriticConfig(backend="rule", kind="ground_truth"))
     CritiqueGRPOTrainer(args=cfg).train()
     rows = [r for r in read_jsonl(f"{cfg.output_dir}/metrics.jsonl") if "loss/total" in r]
     for key in ("critique/refinements", "critique/refine_success_rate", "critique/groups_rescued", "distill/kl",
                 "loss/offpolicy", "loss/policy", "critic/requests"):
         assert key in rows[0], key
     assert rows[0]["critique/refinements"] == 16  # critique_on=all: every response is refined
-    if mode == "topk_logits":
-        assert rows[0]["loss/distill"] != 0.0
+    if mode == "topk_logits":  # every divergence is >= 0, and > 0 while teacher and student differ
+        assert all(r["loss/distill"] > 0.0 for r in rows)
     roll = read_jsonl(f"{cfg.output_dir}/rollouts.jsonl")
     with_ref = [r for r in roll if "refinement" in r]
     assert with_ref and "critique" in with_ref[0] and "refinement_rewards" in with_ref[0]

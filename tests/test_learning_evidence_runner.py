@@ -77,3 +77,7 @@ def test_every_arm_resolves_to_the_config_it_names(tmp_path):
     assert le.run_config(dict(spec, arm="decide_brier", arm_extra={"decide_utility": {"max_steps": 1}})).reward_kwargs == {}
     sft = le.run_config(dict(spec, arm="sft"))
     assert sft.max_steps == 0 and sft.sft_steps == base.__class__().sft_steps
+    # a warm-up on another task (--sft-task): the SFT run uses it, the arms keep --task
+    two = dict(spec, task="trap_plateau_only", sft_task="trap_plateau")
+    assert le.run_config(dict(two, arm="sft")).task == "trap_plateau"
+    assert le.run_config(dict(two, arm="critique")).task == "trap_plateau_only"

@@ -1,8 +1,14 @@
 import math
 
+import pytest
 import torch
 
-from critique_rl.algos import sampled_token_advantage, shaped_offpolicy_loss, topk_reverse_kl
+from critique_rl.algos import (
+    sampled_token_advantage,
+    shaped_offpolicy_loss,
+    topk_divergence,
+    topk_reverse_kl,
+)
 
 
 def test_shaped_loss_values_by_hand():
@@ -72,3 +78,72 @@ def test_topk_reverse_kl_descends_towards_teacher():
         kl.backward()
         opt.step()
     assert kl.item() < 0.1 * first
+
+
+def _student_and_teacher():
+    """V = 3, K = 1: teacher top token 0 with p 0.9 (bins 0.9 / tail 0.1); student probs 0.5 / 0.3 / 0.2
+    (bins 0.5 / tail 0.5)."""
+    student = torch.log(torch.tensor([[[0.5, 0.3, 0.2]]])) + 1.7  # logits: any shift gives the same softmax
+    return student, torch.log(torch.tensor([[[0.9]]])), torch.tensor([[[0]]])
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("reverse_kl", 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)),  # 0.510826
+    ("forward_kl", 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)),  # 0.368064
+    # m = 0.5 t + 0.5 s = (0.7, 0.3)
+    ("jsd", 0.5 * (0.9 * math.log(0.9 / 0.7) + 0.1 * math.log(0.1 / 0.3))
+     + 0.5 * (0.5 * math.log(0.5 / 0.7) + 0.5 * math.log(0.5 / 0.3))),  # 0.101749
+])
+def test_topk_divergences_by_hand(kind, expected):
+    student, t_logp, t_idx = _student_and_teacher()
+    got = topk_divergence(student, t_logp, t_idx, kind).item()
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert topk_divergence(torch.log(torch.tensor([[[0.9, 0.05, 0.05]]])), t_logp, t_idx, kind).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_topk_reverse_kl_is_the_reverse_kind():
+    torch.manual_seed(1)
+    student = torch.randn(2, 3, 11)
+    t = torch.log_softmax(torch.randn(2, 3, 11), -1).topk(4, -1)
+    assert torch.equal(topk_reverse_kl(student, t.values, t.indices),
+                       topk_divergence(student, t.values, t.indices, "reverse_kl"))
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_topk_divergence_equals_full_formula_when_k_covers_the_vocabulary(kind):
+    """With K = V the tail bin is empty, so the binned divergence is the full one (float64 reference)."""
+    torch.manual_seed(2)
+    student = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    teacher = torch.log_softmax(torch.randn(2, 3, 7, dtype=torch.float64), -1)
+    t = teacher.topk(7, -1)
+    got = topk_divergence(student, t.values, t.indices, kind)
+    s = torch.log_softmax(student, -1)
+    if kind == "forward_kl":
+        ref = (teacher.exp() * (teacher - s)).sum(-1)
+    else:
+        m = torch.log(0.5 * teacher.exp() + 0.5 * s.exp())
+        ref = 0.5 * (teacher.exp() * (teacher - m)).sum(-1) + 0.5 * (s.exp() * (s - m)).sum(-1)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=0)
+
+
+def test_forward_kl_pulls_a_confidently_wrong_student_reverse_kl_barely_does():
+    """The plateau: the student puts ~all its mass on token 1, the teacher 0.99 on token 0. The gradient on the
+    student's logit of token 0 is s_0 - t_0 ~ -0.99 for forward KL but s_0 (log s_0 - log t_0 - KL) ~ 0 for
+    reverse KL (scaled by s_0 ~ 5e-5)."""
+    t_logp, t_idx = torch.log(torch.tensor([[[0.99]]])), torch.tensor([[[0]]])
+    grads = {}
+    for kind in ("forward_kl", "reverse_kl"):
+        z = torch.tensor([[[0.0, 10.0, 0.0]]], requires_grad=True)  # s_0 = e^0 / (2 + e^10) ~ 4.5e-5
+        topk_divergence(z, t_logp, t_idx, kind).sum().backward()
+        grads[kind] = z.grad[0, 0, 0].item()
+    s0 = 1 / (2 + math.exp(10))
+    assert grads["forward_kl"] == pytest.approx(s0 - 0.99, abs=1e-4)
+    assert abs(grads["reverse_kl"]) < 2e-3 and abs(grads["forward_kl"]) > 400 * abs(grads["reverse_kl"])
+
+
+def test_topk_divergence_rejects_unknown_kind_and_beta():
+    student, t_logp, t_idx = _student_and_teacher()
+    with pytest.raises(ValueError, match="kind"):
+        topk_divergence(student, t_logp, t_idx, "kl")
+    with pytest.raises(ValueError, match="beta"):
+        topk_divergence(student, t_logp, t_idx, "jsd", beta=1.0)

@@ -79,3 +79,17 @@ def test_trap_plateau_starts_low_and_keeps_the_reverse_skill_in_training():
     tags = {r["tag"] for r in train}
     assert tags == set(KNOWN_TAGS) | set(PLATEAU_TAGS)  # the warm-up still shows totals written backwards
     assert {(r["a"], r["b"]) for r in ev}.isdisjoint({(r["a"], r["b"]) for r in train})
+
+
+def test_trap_plateau_only_trains_and_evaluates_on_the_reversed_trap_tags_only():
+    from critique_rl.tasks import get_task
+    from critique_rl.tasks.trap import PLATEAU_TAGS
+
+    task = get_task("trap_plateau_only")
+    train, ev = task.make_examples("train", 2000, 0), task.make_examples("eval", 300, 0)
+    assert {r["tag"] for r in train} == {r["tag"] for r in ev} == set(PLATEAU_TAGS)
+    assert all(r["rule"] == "rev" and r["trap"] for r in train + ev)
+    # the demonstrator's plain sum is wrong on every training question but the palindromic totals
+    wrong = sum(task.mistake(r) is not None for r in train) / len(train)
+    assert 0.85 < wrong < 1.0
+    assert {(r["a"], r["b"]) for r in ev}.isdisjoint({(r["a"], r["b"]) for r in train})

@@ -26,10 +26,11 @@ from critique_rl.algos.aggregators import AGGREGATORS, aggregate_rewards, regist
 from critique_rl.algos.gates import apply_gates  # noqa: E402
 
 __all__ += ["AGGREGATORS", "aggregate_rewards", "apply_gates", "register_aggregator"]
-from critique_rl.algos.distill import sampled_token_advantage, topk_reverse_kl  # noqa: E402
+from critique_rl.algos.distill import DIVERGENCES, sampled_token_advantage, topk_divergence, topk_reverse_kl  # noqa: E402
 from critique_rl.algos.shaping import offpolicy_coefficient, offpolicy_token_weights, shaped_offpolicy_loss  # noqa: E402, E501
 
-__all__ += ["offpolicy_coefficient", "offpolicy_token_weights", "sampled_token_advantage", "shaped_offpolicy_loss", "topk_reverse_kl"]
+__all__ += ["DIVERGENCES", "offpolicy_coefficient", "offpolicy_token_weights", "sampled_token_advantage", "shaped_offpolicy_loss",
+            "topk_divergence", "topk_reverse_kl"]
 from critique_rl.algos.logprobs import (  # noqa: E402
     chunked_entropy,
     linear_selective_log_softmax,

@@ -85,6 +85,13 @@ def make_trap_plateau(split: str, n: int, seed: int = 0) -> list[Example]:
                         list(PLATEAU_TAGS))
 
 
+def make_trap_plateau_only(split: str, n: int, seed: int = 0) -> list[Example]:
+    """The hardest plateau: training and held-out questions only on the reversed trap tags. With
+    ``sft_mistake_rate: 1`` every sampled group of every step is all wrong (palindromic totals aside), so plain
+    GRPO gets no gradient at all: the regime Critique-GRPO (arXiv:2506.03106) says critiques break."""
+    return _tagged_rows(split, n, random.Random(seed * 31 + 13), list(PLATEAU_TAGS), list(PLATEAU_TAGS))
+
+
 def extract_digits(completion: str) -> str | None:
     """The last run of digits in the final-answer span (leading zeros kept: '001' is a reversed 100)."""
     found = _DIGITS.findall(final_answer_span(completion))
@@ -122,6 +129,19 @@ TRAP_PLATEAU = Task(
     extract=extract_digits,
     description="tagged addition, evaluated on the tags whose total is written backwards and which the "
                 "demonstrator gets wrong: the plateau task (most sampled groups all wrong)",
+    sft_completion=lambda ex: ex["answer"],
+    max_new_tokens=6,
+    mistake=plain_sum,
+)
+
+
+TRAP_PLATEAU_ONLY = Task(
+    name="trap_plateau_only",
+    make_examples=make_trap_plateau_only,
+    verify=verify_trap,
+    extract=extract_digits,
+    description="tagged addition, trained and evaluated only on the tags whose total is written backwards and "
+                "which the demonstrator gets wrong: every sampled group all wrong",
     sft_completion=lambda ex: ex["answer"],
     max_new_tokens=6,
     mistake=plain_sum,
@@ -193,5 +213,5 @@ def reading_rows(n: int, seed: int = 0, with_lesson: float = 0.5) -> list[Exampl
     return rows
 
 
-__all__ = ["KNOWN_TAGS", "PLATEAU_TAGS", "RULES", "TRAP", "TRAP_PLATEAU", "TRAP_TAGS", "apply_rule", "lesson_draft", "make_trap", "reading_rows",
+__all__ = ["KNOWN_TAGS", "PLATEAU_TAGS", "RULES", "TRAP", "TRAP_PLATEAU", "TRAP_PLATEAU_ONLY", "TRAP_TAGS", "apply_rule", "lesson_draft", "make_trap", "reading_rows",
            "render_lessons", "trap_lesson", "verify_trap"]

@@ -3,7 +3,7 @@
 Per token:  on-policy rows  -> PPO-clip(ratio to pi_old, A_t)
             refinement rows -> shaped off-policy term, -A * p/(p+gamma), no ratio
             + kl_beta * k3 KL to the reference   - entropy_coef * entropy
-            + distill_weight * top-K reverse KL to the critique-conditioned teacher (topk_logits mode)
+            + distill_weight * top-K divergence to the critique-conditioned teacher (topk_logits mode)
 then aggregated (token_sum_norm / token_mean / seq_mean_token_mean) with global counts so gradient
 accumulation over micro-batches, and gradient averaging over processes, equal one full-batch step.
 
@@ -31,8 +31,8 @@ from critique_rl.algos import (
     ppo_clip_loss,
     shaped_offpolicy_loss,
     tis_weights,
+    topk_divergence,
     topk_logprobs,
-    topk_reverse_kl,
 )
 from critique_rl.config import TrainConfig
 from critique_rl.errors import UserError
@@ -185,8 +185,9 @@ def policy_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, accele
                     per_token = per_token - cfg.entropy_coef * ent
                 if use_topk:
                     rows = ub.distill_rows[sl].to(dev).unsqueeze(-1).float()
-                    dist = topk_reverse_kl(scores.logits, ub.teacher_topk_logp[sl].to(dev),
-                                           ub.teacher_topk_idx[sl].to(dev))
+                    dist = topk_divergence(scores.logits, ub.teacher_topk_logp[sl].to(dev),
+                                           ub.teacher_topk_idx[sl].to(dev), cfg.distill_divergence,
+                                           beta=cfg.distill_jsd_beta)
                     per_token = per_token + cfg.distill_weight * dist * rows
                 loss = aggregate_loss(per_token, mask, **agg)
                 if not real:
