@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+COT_SELF = {"backend": "hf", "model": "policy", "kind": "cot", "max_tokens": 48, "max_regenerations": 1,
+            "fallback_kind": "indicative"}
 # Arms: config overrides on top of the shared base. Controls first, then Critique-GRPO variants.
 ARMS: dict[str, dict[str, Any]] = {
     # plain GRPO: no critiques, nothing added to the groups
@@ -50,7 +52,9 @@ ARMS: dict[str, dict[str, Any]] = {
                                              "distill_divergence": "forward_kl"},
     "critique_k2": {"refinements_per_group": 2},
     "critique_indicative": {"critic": {"backend": "rule", "kind": "indicative"}},  # verdict only
-    "critique_cot_self": {"critic": {"backend": "hf", "model": "policy", "kind": "cot"}},  # the policy critiques
+    # the policy critiques itself; a critique it cannot write (no verdict, or one the verifier contradicts after a
+    # retry) falls back to a verdict only, never to the reference answer (that would be `critique` again)
+    "critique_cot_self": {"critic": COT_SELF},
     "critique+distill": {"distill_weight": 0.2},
     "critique+distill_topk": {"distill_weight": 0.2, "distill_mode": "topk_logits"},
     # the same top-K + tail reverse KL to a stabilised teacher: an EMA of the policy (SDPO)
@@ -70,7 +74,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "critique_indicative+distill_fkl_ema": {"critic": {"backend": "rule", "kind": "indicative"}, "distill_weight": 0.2,
                                             "distill_mode": "topk_logits", "distill_teacher": "ema",
                                             "distill_divergence": "forward_kl"},
-    "critique_cot_self+distill_fkl_ema": {"critic": {"backend": "hf", "model": "policy", "kind": "cot"},
+    "critique_cot_self+distill_fkl_ema": {"critic": COT_SELF,
                                           "distill_weight": 0.2, "distill_mode": "topk_logits", "distill_teacher": "ema",
                                           "distill_divergence": "forward_kl"},
     "critique_unshaped+distill_topk_ema": {"offpolicy_gamma": None, "distill_weight": 0.2, "distill_mode": "topk_logits",
@@ -90,7 +94,7 @@ ARMS: dict[str, dict[str, Any]] = {
 }
 REPLACED = ("tasks",)
 """Arm keys that replace the base value instead of merging into it (the order of `tasks` is the order trained)."""
-METRICS = ("task/addition/accuracy", "task/reverse/accuracy", "critique/refine_success_rate", "critique/groups_rescued", "critique/all_wrong_groups",
+METRICS = ("task/addition/accuracy", "task/reverse/accuracy", "critique/refine_success_rate", "critique/fallbacks", "critique/groups_rescued", "critique/all_wrong_groups",
            "offpolicy/grad_weight_share", "offpolicy/logp_mean", "train/accuracy", "time/step", "entropy")
 
 
