@@ -110,42 +110,22 @@ def plain_sum(ex: Example) -> str | None:
     return wrong if wrong != ex["answer"] else None
 
 
-TRAP = Task(
-    name="trap",
-    make_examples=make_trap,
-    verify=verify_trap,
-    extract=extract_digits,
-    description="tagged two-digit addition; some tags want the sum written backwards",
-    sft_completion=lambda ex: ex["answer"],
-    max_new_tokens=6,
-    mistake=plain_sum,
-)
+def _trap_task(name: str, make_examples, description: str) -> Task:
+    """A tagged-addition task: digits verified, the reference answer as the demonstration, plain sum as the
+    demonstrator's mistake on trap tags."""
+    return Task(name=name, make_examples=make_examples, verify=verify_trap, extract=extract_digits,
+                description=description, sft_completion=lambda ex: ex["answer"], max_new_tokens=6, mistake=plain_sum)
 
 
-TRAP_PLATEAU = Task(
-    name="trap_plateau",
-    make_examples=make_trap_plateau,
-    verify=verify_trap,
-    extract=extract_digits,
-    description="tagged addition, evaluated on the tags whose total is written backwards and which the "
-                "demonstrator gets wrong: the plateau task (most sampled groups all wrong)",
-    sft_completion=lambda ex: ex["answer"],
-    max_new_tokens=6,
-    mistake=plain_sum,
-)
-
-
-TRAP_PLATEAU_ONLY = Task(
-    name="trap_plateau_only",
-    make_examples=make_trap_plateau_only,
-    verify=verify_trap,
-    extract=extract_digits,
-    description="tagged addition, trained and evaluated only on the tags whose total is written backwards and "
-                "which the demonstrator gets wrong: every sampled group all wrong",
-    sft_completion=lambda ex: ex["answer"],
-    max_new_tokens=6,
-    mistake=plain_sum,
-)
+TRAP = _trap_task("trap", make_trap, "tagged two-digit addition; some tags want the sum written backwards")
+TRAP_PLATEAU = _trap_task(
+    "trap_plateau", make_trap_plateau,
+    "tagged addition, evaluated on the tags whose total is written backwards and which the demonstrator gets "
+    "wrong: the plateau task (most sampled groups all wrong)")
+TRAP_PLATEAU_ONLY = _trap_task(
+    "trap_plateau_only", make_trap_plateau_only,
+    "tagged addition, trained and evaluated only on the tags whose total is written backwards and which the "
+    "demonstrator gets wrong: every sampled group all wrong")
 
 
 # ---- lessons ---------------------------------------------------------------------------------------------
