@@ -30,55 +30,42 @@ import yaml
 
 COT_SELF = {"backend": "hf", "model": "policy", "kind": "cot", "max_tokens": 48, "max_regenerations": 1,
             "fallback_kind": "indicative"}
+"""The policy as its own critic; a critique it cannot write (no verdict, or one the verifier contradicts after a
+retry) falls back to a verdict only, never to the reference answer (that would be `critique` again)."""
+TOPK_EMA = {"distill_weight": 0.2, "distill_mode": "topk_logits", "distill_teacher": "ema"}
+"""Directive distillation as a top-K + tail divergence (reverse KL by default) to an EMA teacher (SDPO)."""
+FKL_EMA = {**TOPK_EMA, "distill_divergence": "forward_kl"}
+"""The same with forward KL(teacher || student): its pull towards the teacher's token does not vanish when the
+student gives that token ~0 probability (GKD arXiv:2306.13649)."""
+UNSHAPED = {"offpolicy_gamma": None}
+INDICATIVE = {"backend": "rule", "kind": "indicative"}
 # Arms: config overrides on top of the shared base. Controls first, then Critique-GRPO variants.
 ARMS: dict[str, dict[str, Any]] = {
     # plain GRPO: no critiques, nothing added to the groups
     "grpo": {"critique_on": "none"},
     # control: the reference answer injected as the off-policy sample of all-wrong groups, no critique
     "grpo+reference": {"refinement_source": "reference"},
-    "grpo+reference_unshaped": {"refinement_source": "reference", "offpolicy_gamma": None},
+    "grpo+reference_unshaped": {"refinement_source": "reference", **UNSHAPED},
     # Critique-GRPO (arXiv:2506.03106): rule ground-truth critiques, one refinement per all-wrong group,
     # refinement tokens shaped p/(p+0.1) (LUFFY)
     "critique": {},
-    "critique_unshaped": {"offpolicy_gamma": None},  # plain -A log p on refinement tokens
+    "critique_unshaped": UNSHAPED,  # plain -A log p on refinement tokens
     "critique_gamma1": {"offpolicy_gamma": 1.0},
-    "critique_unshaped_k4": {"offpolicy_gamma": None, "refinements_per_group": 4},  # 4 refinements per group
-    "critique_unshaped_gap": {"offpolicy_gamma": None, "offpolicy_weighting": "gap"},  # directive tokens weigh more
-    "critique_k4": {"refinements_per_group": 4},
-    "grpo+reference_k4": {"refinement_source": "reference", "refinements_per_group": 4},
-    "grpo+reference_unshaped_k4": {"refinement_source": "reference", "offpolicy_gamma": None, "refinements_per_group": 4},
-    "critique_unshaped_k4+distill_fkl_ema": {"offpolicy_gamma": None, "refinements_per_group": 4, "distill_weight": 0.2,
-                                             "distill_mode": "topk_logits", "distill_teacher": "ema",
-                                             "distill_divergence": "forward_kl"},
+    "critique_unshaped_k4": {**UNSHAPED, "refinements_per_group": 4},  # 4 refinements per group
+    "critique_unshaped_gap": {**UNSHAPED, "offpolicy_weighting": "gap"},  # directive tokens weigh more
     "critique_k2": {"refinements_per_group": 2},
-    "critique_indicative": {"critic": {"backend": "rule", "kind": "indicative"}},  # verdict only
-    # the policy critiques itself; a critique it cannot write (no verdict, or one the verifier contradicts after a
-    # retry) falls back to a verdict only, never to the reference answer (that would be `critique` again)
+    "critique_k4": {"refinements_per_group": 4},
+    "critique_indicative": {"critic": INDICATIVE},  # verdict only
     "critique_cot_self": {"critic": COT_SELF},
     "critique+distill": {"distill_weight": 0.2},
     "critique+distill_topk": {"distill_weight": 0.2, "distill_mode": "topk_logits"},
-    # the same top-K + tail reverse KL to a stabilised teacher: an EMA of the policy (SDPO)
-    "critique+distill_topk_ema": {"distill_weight": 0.2, "distill_mode": "topk_logits", "distill_teacher": "ema"},
-    "critique+distill_topk_ema_w1": {"distill_weight": 1.0, "distill_mode": "topk_logits", "distill_teacher": "ema"},
-    # the same with forward KL(teacher || student): its pull towards the teacher's token does not vanish when the
-    # student gives that token ~0 probability (GKD arXiv:2306.13649)
-    "critique+distill_fkl_ema": {"distill_weight": 0.2, "distill_mode": "topk_logits", "distill_teacher": "ema",
-                                 "distill_divergence": "forward_kl"},
-    "critique+distill_fkl_ema_w1": {"distill_weight": 1.0, "distill_mode": "topk_logits", "distill_teacher": "ema",
-                                    "distill_divergence": "forward_kl"},
-    "critique+distill_jsd_ema_w1": {"distill_weight": 1.0, "distill_mode": "topk_logits", "distill_teacher": "ema",
-                                    "distill_divergence": "jsd"},
-    "critique_unshaped+distill_fkl_ema": {"offpolicy_gamma": None, "distill_weight": 0.2, "distill_mode": "topk_logits",
-                                          "distill_teacher": "ema", "distill_divergence": "forward_kl"},
+    "critique+distill_topk_ema": TOPK_EMA,
+    "critique+distill_topk_ema_w1": {**TOPK_EMA, "distill_weight": 1.0},
+    "critique+distill_fkl_ema": FKL_EMA,
+    "critique_unshaped+distill_fkl_ema": {**UNSHAPED, **FKL_EMA},
     # the critique-content controls with the forward-KL recipe: a verdict only / the policy critiquing itself
-    "critique_indicative+distill_fkl_ema": {"critic": {"backend": "rule", "kind": "indicative"}, "distill_weight": 0.2,
-                                            "distill_mode": "topk_logits", "distill_teacher": "ema",
-                                            "distill_divergence": "forward_kl"},
-    "critique_cot_self+distill_fkl_ema": {"critic": COT_SELF,
-                                          "distill_weight": 0.2, "distill_mode": "topk_logits", "distill_teacher": "ema",
-                                          "distill_divergence": "forward_kl"},
-    "critique_unshaped+distill_topk_ema": {"offpolicy_gamma": None, "distill_weight": 0.2, "distill_mode": "topk_logits",
-                                           "distill_teacher": "ema"},
+    "critique_indicative+distill_fkl_ema": {"critic": INDICATIVE, **FKL_EMA},
+    "critique_cot_self+distill_fkl_ema": {"critic": COT_SELF, **FKL_EMA},
     # task order on a two-task mix (issue #14; run with --task addition+reverse --set
     # 'tasks={addition: 1, reverse: 1}'): GRPO, all tasks in every batch vs one task after another
     "order_joint": {"critique_on": "none", "task_order": "joint"},
@@ -94,8 +81,9 @@ ARMS: dict[str, dict[str, Any]] = {
 }
 REPLACED = ("tasks",)
 """Arm keys that replace the base value instead of merging into it (the order of `tasks` is the order trained)."""
-METRICS = ("task/addition/accuracy", "task/reverse/accuracy", "critique/refine_success_rate", "critique/fallbacks", "critique/groups_rescued", "critique/all_wrong_groups",
-           "offpolicy/grad_weight_share", "offpolicy/logp_mean", "train/accuracy", "time/step", "entropy")
+METRICS = ("task/addition/accuracy", "task/reverse/accuracy", "critique/refine_success_rate", "critique/fallbacks",
+           "critique/groups_rescued", "critique/all_wrong_groups", "offpolicy/grad_weight_share", "offpolicy/logp_mean",
+           "train/accuracy", "time/step", "entropy")
 
 
 def base_config(task: str, seed: int, out: Path, max_steps: int, eval_every: int, eval_n: int,
@@ -192,8 +180,8 @@ def launch(spec: dict[str, Any], log: Path) -> dict[str, Any]:
 def run_all(args: argparse.Namespace, extra: dict[str, Any]) -> list[dict[str, Any]]:
     root = Path(args.out)
     (root / "logs").mkdir(parents=True, exist_ok=True)
-    common = dict(task=args.task, sft_task=args.sft_task, max_steps=args.max_steps, eval_every=args.eval_every, eval_n=args.eval_n,
-                  extra=extra, threads=args.threads, arm_extra=getattr(args, "arm_extra", {}))
+    common = dict(task=args.task, sft_task=args.sft_task, max_steps=args.max_steps, eval_every=args.eval_every,
+                  eval_n=args.eval_n, extra=extra, threads=args.threads, arm_extra=getattr(args, "arm_extra", {}))
     (root / "setup.json").write_text(json.dumps({**common, "arms": args.arms, "seeds": args.seeds}, indent=1))
 
     def seed_chain(seed: int, pool: ThreadPoolExecutor) -> list[Future]:
