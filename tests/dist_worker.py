@@ -93,3 +93,8 @@ if __name__ == "__main__":
         update(sys.argv[2])
     else:
         raise SystemExit(f"unknown mode {mode}")
+    # leave the process group before exit: gloo's threads torn down at interpreter exit abort the process now and
+    # then ("terminate called without an active exception", SIGABRT) after the work is done
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
