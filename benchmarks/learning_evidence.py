@@ -38,6 +38,7 @@ FKL_EMA = {**TOPK_EMA, "distill_divergence": "forward_kl"}
 """The same with forward KL(teacher || student): its pull towards the teacher's token does not vanish when the
 student gives that token ~0 probability (GKD arXiv:2306.13649)."""
 UNSHAPED = {"offpolicy_gamma": None}
+WRONG = {"critique_on": "wrong"}
 INDICATIVE = {"backend": "rule", "kind": "indicative"}
 # Arms: config overrides on top of the shared base. Controls first, then Critique-GRPO variants.
 ARMS: dict[str, dict[str, Any]] = {
@@ -66,6 +67,13 @@ ARMS: dict[str, dict[str, Any]] = {
     # the critique-content controls with the forward-KL recipe: a verdict only / the policy critiquing itself
     "critique_indicative+distill_fkl_ema": {"critic": INDICATIVE, **FKL_EMA},
     "critique_cot_self+distill_fkl_ema": {"critic": COT_SELF, **FKL_EMA},
+    # every group with a wrong answer gets a critiqued refinement (the paper critiques every response), not only
+    # the all-wrong groups: at a mid-range start those are ~1.6 of 16 groups a step and the channel is ~1% of the
+    # update; the control injects the reference answer into the same groups
+    "critique_wrong": WRONG,
+    "critique_wrong_unshaped": {**WRONG, **UNSHAPED},
+    "critique_wrong_unshaped+distill_fkl_ema": {**WRONG, **UNSHAPED, **FKL_EMA},
+    "grpo+reference_wrong_unshaped": {**WRONG, "refinement_source": "reference", **UNSHAPED},
     # task order on a two-task mix (issue #14; run with --task addition+reverse --set
     # 'tasks={addition: 1, reverse: 1}'): GRPO, all tasks in every batch vs one task after another
     "order_joint": {"critique_on": "none", "task_order": "joint"},
