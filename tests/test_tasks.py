@@ -93,3 +93,18 @@ def test_trap_plateau_only_trains_and_evaluates_on_the_reversed_trap_tags_only()
     wrong = sum(task.mistake(r) is not None for r in train) / len(train)
     assert 0.85 < wrong < 1.0
     assert {(r["a"], r["b"]) for r in ev}.isdisjoint({(r["a"], r["b"]) for r in train})
+
+
+def test_trap_half_puts_half_the_questions_on_the_reversed_trap_tags():
+    from critique_rl.tasks import get_task
+    from critique_rl.tasks.trap import KNOWN_TAGS, PLATEAU_TAGS
+
+    task = get_task("trap_half")
+    train, ev = task.make_examples("train", 4000, 0), task.make_examples("eval", 300, 0)
+    assert {r["tag"] for r in train} == {r["tag"] for r in ev} == set(KNOWN_TAGS) | set(PLATEAU_TAGS)
+    assert sum(r["tag"] in PLATEAU_TAGS for r in ev) == 150  # eval: tags in turn, exactly half on the trap
+    assert 0.46 < sum(r["tag"] in PLATEAU_TAGS for r in train) / len(train) < 0.54
+    # the demonstrator (right on known tags, plain sum on trap tags) starts mid-range
+    demo_acc = sum(task.verify(task.mistake(r) or r["answer"], r["answer"]) for r in ev) / len(ev)
+    assert 0.5 < demo_acc < 0.6
+    assert {(r["a"], r["b"]) for r in ev}.isdisjoint({(r["a"], r["b"]) for r in train})

@@ -92,6 +92,18 @@ def make_trap_plateau_only(split: str, n: int, seed: int = 0) -> list[Example]:
     return _tagged_rows(split, n, random.Random(seed * 31 + 13), list(PLATEAU_TAGS), list(PLATEAU_TAGS))
 
 
+HALF_TAGS: tuple[str, ...] = tuple(sorted(KNOWN_TAGS)) + PLATEAU_TAGS * 3
+"""The known tags once and the reversed trap tags three times: half the questions are on the trap."""
+
+
+def make_trap_half(split: str, n: int, seed: int = 0) -> list[Example]:
+    """A mid-range start with a plateau inside it: half the training and held-out questions are on the known
+    tags (the warm-up answers them right), half on the reversed trap tags (the warm-up's plain sum is wrong but
+    on palindromic totals), so a ``trap_plateau`` warm-up starts near 55% and about half the sampled groups are
+    all wrong: plain GRPO can sharpen the known half and gets no gradient on the other."""
+    return _tagged_rows(split, n, random.Random(seed * 31 + 17), list(HALF_TAGS), list(HALF_TAGS))
+
+
 def extract_digits(completion: str) -> str | None:
     """The last run of digits in the final-answer span (leading zeros kept: '001' is a reversed 100)."""
     found = _DIGITS.findall(final_answer_span(completion))
@@ -126,6 +138,11 @@ TRAP_PLATEAU_ONLY = _trap_task(
     "trap_plateau_only", make_trap_plateau_only,
     "tagged addition, trained and evaluated only on the tags whose total is written backwards and which the "
     "demonstrator gets wrong: every sampled group all wrong")
+
+TRAP_HALF = _trap_task(
+    "trap_half", make_trap_half,
+    "tagged addition, half the questions on tags whose total is written backwards and which the demonstrator "
+    "gets wrong: a mid-range start with a plateau inside it")
 
 
 # ---- lessons ---------------------------------------------------------------------------------------------
@@ -193,5 +210,5 @@ def reading_rows(n: int, seed: int = 0, with_lesson: float = 0.5) -> list[Exampl
     return rows
 
 
-__all__ = ["KNOWN_TAGS", "PLATEAU_TAGS", "RULES", "TRAP", "TRAP_PLATEAU", "TRAP_PLATEAU_ONLY", "TRAP_TAGS", "apply_rule", "lesson_draft", "make_trap", "reading_rows",
+__all__ = ["HALF_TAGS", "KNOWN_TAGS", "PLATEAU_TAGS", "RULES", "TRAP", "TRAP_HALF", "TRAP_PLATEAU", "TRAP_PLATEAU_ONLY", "TRAP_TAGS", "apply_rule", "lesson_draft", "make_trap", "reading_rows",
            "render_lessons", "trap_lesson", "verify_trap"]
