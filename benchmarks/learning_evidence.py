@@ -72,6 +72,7 @@ ARMS: dict[str, dict[str, Any]] = {
     # update; the control injects the reference answer into the same groups
     "critique_wrong": WRONG,
     "critique_wrong_unshaped": {**WRONG, **UNSHAPED},
+    "critique_wrong_unshaped_k2": {**WRONG, **UNSHAPED, "refinements_per_group": 2},  # two refinements per group
     "critique_wrong_unshaped+distill_fkl_ema": {**WRONG, **UNSHAPED, **FKL_EMA},
     "grpo+reference_wrong_unshaped": {**WRONG, "refinement_source": "reference", **UNSHAPED},
     # task order on a two-task mix (issue #14; run with --task addition+reverse --set
