@@ -17,18 +17,12 @@ from typing import Any
 
 
 def accuracy_by_tag(model_dir: Path, task_name: str, n: int) -> dict[str, Any]:
-    from critique_rl.models import format_prompt, load_policy, wants_chat_template
-    from critique_rl.rollout.factory import build_generator
     from critique_rl.tasks import get_task
-    from critique_rl.train.evaluate import EVAL_SEED, evaluate
+    from critique_rl.train.evaluate import EVAL_SEED, evaluate_saved
 
-    task = get_task(task_name)
-    model, tok = load_policy(model_dir, device="cpu")
-    chat = wants_chat_template(tok)
-    rows = task.make_examples("eval", n, EVAL_SEED)[:n]
+    rows = get_task(task_name).make_examples("eval", n, EVAL_SEED)[:n]
     records: list = []
-    result = evaluate(build_generator("hf", model, tok), rows, lambda r: format_prompt(tok, r["prompt"], chat),
-                      task.verify, task.max_new_tokens, records_out=records)
+    result = evaluate_saved(model_dir, task_name, rows=rows, records_out=records)
     hits: dict[str, list[bool]] = defaultdict(list)
     for row, rec in zip(rows, records, strict=True):
         hits[f"tag/{row.get('tag', '-')}"].append(bool(rec[0]))

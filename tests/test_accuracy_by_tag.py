@@ -11,7 +11,7 @@ from critique_rl import CritiqueGRPOTrainer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_split_accuracies_recombine_to_the_trainers_eval(fast_config, tmp_path):
+def test_split_accuracies_recombine_to_the_trainers_eval(fast_config):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import accuracy_by_tag as abt
 

@@ -108,24 +108,23 @@ def evaluate(
     return result
 
 
-def evaluate_calibration(
+def evaluate_saved(
     model_dir: str | Path,
-    task: str = "addition_conf",
+    task: str,
     n: int = 200,
-    bins: int = 10,
     batch_size: int = 256,
     device: str = "cpu",
     rows: list[dict[str, Any]] | None = None,
+    confidence_fn: Callable[[str], float | None] | None = None,
+    bins: int = 10,
+    records_out: list[EvalRecord] | None = None,
 ) -> dict[str, Any]:
-    """Greedy-decode the held-out set of ``task`` with the model saved in ``model_dir`` and score it.
+    """Greedy-decode the held-out set of ``task`` with the model saved in ``model_dir``: :func:`evaluate`'s dict.
 
     The held-out rows are the trainer's (``task.make_examples("eval", n, EVAL_SEED)``) unless ``rows`` is
-    given. Correctness is the task verifier; the confidence is :func:`~critique_rl.rewards.builtin.parse_confidence`
-    of the greedy completion. Returns :func:`evaluate`'s dict, which holds
-    :func:`~critique_rl.train.calibration.calibration_report`'s keys.
+    given; correctness is the task verifier; ``records_out`` receives the per-row records.
     """
     from critique_rl.models import format_prompt, load_policy, wants_chat_template
-    from critique_rl.rewards.builtin import parse_confidence
     from critique_rl.rollout.factory import build_generator
     from critique_rl.tasks import get_task
 
@@ -135,4 +134,22 @@ def evaluate_calibration(
     use_chat = wants_chat_template(tok, "auto")
     gen = build_generator("hf", model, tok, batch_size=batch_size)
     return evaluate(gen, rows, lambda r: format_prompt(tok, r["prompt"], use_chat), t.verify, t.max_new_tokens,
-                    batch_size=batch_size, confidence_fn=parse_confidence, bins=bins)
+                    batch_size=batch_size, confidence_fn=confidence_fn, bins=bins, records_out=records_out)
+
+
+def evaluate_calibration(
+    model_dir: str | Path,
+    task: str = "addition_conf",
+    n: int = 200,
+    bins: int = 10,
+    batch_size: int = 256,
+    device: str = "cpu",
+    rows: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """:func:`evaluate_saved` with the confidence of each greedy completion read by
+    :func:`~critique_rl.rewards.builtin.parse_confidence`: the dict also holds
+    :func:`~critique_rl.train.calibration.calibration_report`'s keys.
+    """
+    from critique_rl.rewards.builtin import parse_confidence
+
+    return evaluate_saved(model_dir, task, n, batch_size, device, rows, confidence_fn=parse_confidence, bins=bins)
