@@ -75,6 +75,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "critique_wrong_unshaped_k2": {**WRONG, **UNSHAPED, "refinements_per_group": 2},  # two refinements per group
     "critique_wrong_unshaped+distill_fkl_ema": {**WRONG, **UNSHAPED, **FKL_EMA},
     "grpo+reference_wrong_unshaped": {**WRONG, "refinement_source": "reference", **UNSHAPED},
+    # the same groups with a verdict-only critique: the policy retries knowing only that it was wrong
+    "critique_wrong_unshaped_indicative": {**WRONG, **UNSHAPED, "critic": INDICATIVE},
     # task order on a two-task mix (issue #14; run with --task addition+reverse --set
     # 'tasks={addition: 1, reverse: 1}'): GRPO, all tasks in every batch vs one task after another
     "order_joint": {"critique_on": "none", "task_order": "joint"},
