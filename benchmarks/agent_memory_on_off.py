@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from critique_rl.agents.trainer import EpisodeTrainer
+from critique_rl.agents.source import EpisodeTrainer
 from critique_rl.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

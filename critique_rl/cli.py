@@ -42,12 +42,7 @@ def train(
     cfg = load_config(config, **overrides)  # before the heavy imports: a bad config fails in about a second
     from critique_rl.train.trainer import CritiqueGRPOTrainer, summary_table
 
-    if cfg.agent.env is not None:  # multi-turn episodes in an environment (the agent: section)
-        from critique_rl.agents.trainer import EpisodeTrainer
-
-        trainer = EpisodeTrainer(cfg)
-    else:
-        trainer = CritiqueGRPOTrainer(args=cfg)
+    trainer = CritiqueGRPOTrainer(args=cfg)  # with an agent: section, on multi-turn episodes of its env
     summary = trainer.train(resume=resume)
     if not trainer.is_main:  # under accelerate launch, one process reports
         return

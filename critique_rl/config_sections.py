@@ -159,7 +159,7 @@ class LoraConfig:
 class AgentConfig:
     """Multi-turn agent training (critique_rl/agents): episodes in an environment instead of single answers.
 
-    With ``env`` set, `critique-rl train` runs :class:`critique_rl.agents.EpisodeTrainer`: ``num_generations``
+    With ``env`` set, `critique-rl train` runs :class:`critique_rl.train.trainer.CritiqueGRPOTrainer` on episodes (:mod:`critique_rl.agents.source`): ``num_generations``
     episodes per task form a GRPO group, ``generation_batch_size`` episodes per step; critiques are written per
     episode and refined episodes re-run with the critique in context; memory is read at reset and written after."""
 

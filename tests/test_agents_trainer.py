@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from critique_rl.agents import trainer as agent_trainer
 from critique_rl.agents.guess import GuessCritic, GuessNumberEnv, critique_text, make_tasks
 from critique_rl.agents.registry import get_env_spec
-from critique_rl.agents.trainer import EpisodeTrainer
+from critique_rl.agents.source import EpisodeTrainer
 from critique_rl.config import TrainConfig, from_dict
 from critique_rl.errors import ConfigError
+from critique_rl.train import trainer as agent_trainer
 
 TINY = dict(
     tiny_hidden_size=64, tiny_heads=2, tiny_layers=1, tiny_vocab_size=300, sft_steps=10, sft_batch_size=16,
@@ -126,8 +126,6 @@ def test_grpo_without_critic_and_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="agent.max_episode_tokens.*no episode fits"):
         EpisodeTrainer(config(tmp_path, "short", sft_steps=0, agent={"env": "guess_number",
                                                                       "max_episode_tokens": 5})).train()
-    with pytest.raises(ConfigError, match="distill_mode"):
-        EpisodeTrainer(config(tmp_path, "topk", distill_weight=0.5, distill_mode="topk_logits")).train()
     with pytest.raises(ConfigError, match="agent.max_turns"):
         from_dict(TrainConfig, {"agent": {"env": "guess_number", "max_turns": 0}})
 

@@ -75,6 +75,10 @@ def test_policy_update_applies_tis_only_with_a_separate_engine(backend, cap, app
     tokens = pack(prompts, comps, pad_id=0)
     off = torch.zeros(8, dtype=torch.bool)
     off[::4] = True  # refinement rows
+    from critique_rl.rollout import HFGenerator, engine_is_separate
+    from critique_rl.rollout.vllm import VLLMGenerator
+
+    engine = object.__new__(HFGenerator if backend == "hf" else VLLMGenerator)  # the trainer asks the engine
     cfg = TrainConfig(rollout_backend=backend, tis_cap=cap, loss_aggregation="token_mean", mini_batch_size=8,
                       generation_batch_size=8, num_generations=4, max_grad_norm=1e9)
 
@@ -88,7 +92,8 @@ def test_policy_update_applies_tis_only_with_a_separate_engine(backend, cap, app
         adv = torch.linspace(-1.0, 2.0, 8).unsqueeze(-1).expand(-1, tokens.completion_len).clone()
         ub = UpdateBatch(tokens=tokens, advantages=adv, offpolicy=off,
                          sampling_logp=sampling_logp(train_logp) if sampling_logp else None)
-        return policy_update(model, opt, sched, acc, ub, cfg, norm_constant=8.0)
+        return policy_update(model, opt, sched, acc, ub, cfg, norm_constant=8.0,
+                             importance_weights=engine_is_separate(engine))
 
     shift = torch.where(off.unsqueeze(-1), torch.tensor(3.0), torch.tensor(0.5))  # ratio e^3 would be capped
     with_engine = run(lambda lp: lp - shift)

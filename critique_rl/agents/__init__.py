@@ -1,7 +1,7 @@
 """Agent loops: multi-turn environments, token-in/token-out trajectories, a batched episode runner, episode
-training (GRPO / Critique-GRPO) and memory inside the loop.
+sources for the one trainer (:mod:`critique_rl.agents.source`) and memory inside the loop.
 
-``EpisodeTrainer`` is imported on first use (it pulls in accelerate and the single-turn trainer)."""
+``EpisodeTrainer`` (the trainer on episodes) is imported on first use (it pulls in accelerate and the trainer)."""
 
 from typing import Any
 
@@ -35,7 +35,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "EpisodeTrainer":
-        from critique_rl.agents.trainer import EpisodeTrainer
+        from critique_rl.agents.source import EpisodeTrainer
 
         return EpisodeTrainer
     raise AttributeError(f"module 'critique_rl.agents' has no attribute {name!r}")

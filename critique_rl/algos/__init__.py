@@ -6,15 +6,19 @@ Nothing here touches models, files or the network; everything takes and returns 
 from critique_rl.algos.advantages import ADVANTAGE_ESTIMATORS, compute_advantages, register_advantage
 from critique_rl.algos.losses import (
     LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
     aggregate_loss,
     entropy_from_logits,
     kl_k3,
     ppo_clip_loss,
+    register_policy_loss,
 )
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "LOSS_AGGREGATIONS",
+    "POLICY_LOSSES",
+    "register_policy_loss",
     "aggregate_loss",
     "compute_advantages",
     "entropy_from_logits",

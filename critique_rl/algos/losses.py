@@ -7,10 +7,12 @@ completion tokens. Advantages may be per sequence ``[B]`` / ``[B, 1]`` or per to
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from critique_rl.algos.logprobs import chunked_entropy
+from critique_rl.registry import Registry
 
 
 def _per_token(adv: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -41,6 +43,26 @@ def ppo_clip_loss(
     loss = -torch.minimum(unclipped, clipped_obj)
     was_clipped = (clipped_obj < unclipped).to(logp.dtype)
     return loss, was_clipped
+
+
+PolicyLossFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+"""``fn(logp, old_logp, advantages, cfg) -> (loss [B, T], clipped [B, T])``: the on-policy per-token loss (before
+masking and aggregation) and where its clip was active (0.0 everywhere for a loss without a clip)."""
+
+POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy loss", "policy_loss")
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Register an on-policy per-token loss under ``name`` (``policy_loss: <name>`` in a config), verl's
+    ``register_policy_loss``: ``@register_policy_loss("mine") def mine(logp, old_logp, advantages, cfg): ...``."""
+    return POLICY_LOSSES.decorator(name)
+
+
+@register_policy_loss("ppo_clip")
+def ppo_clip_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                         cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ppo_clip_loss` with ``cfg.clip_eps_low`` / ``cfg.clip_eps_high`` (GRPO, DAPO's clip-higher)."""
+    return ppo_clip_loss(logp, old_logp, advantages, cfg.clip_eps_low, cfg.clip_eps_high)
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

@@ -38,3 +38,17 @@ class Generator(Protocol):
     def sync_weights(self) -> None:
         """Make the engine sample from the policy's current weights (no-op when they share memory)."""
         ...
+
+
+def engine_is_separate(engine: object) -> bool:
+    """Whether ``engine`` samples with weights or kernels of its own (vLLM), so its log-probs differ from the
+    trained module's and truncated importance sampling applies. Engines say so with a ``separate_sampler``
+    attribute; one without it samples from the trained module itself (``HFGenerator``)."""
+    return bool(getattr(engine, "separate_sampler", False))
+
+
+def engine_sleep(engine: object) -> None:
+    """Ask a colocated engine to free its accelerator memory for the update (``sleep()``, when it has one)."""
+    sleep = getattr(engine, "sleep", None)
+    if callable(sleep):
+        sleep()

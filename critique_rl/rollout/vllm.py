@@ -130,6 +130,7 @@ class _RNGGuard:
 
 
 class VLLMGenerator:
+    separate_sampler = True  # its own weights copy and kernels: truncated importance sampling applies
     """A colocated ``vllm.LLM`` sampling for the trainer (see the module docstring).
 
     Args:
@@ -257,6 +258,7 @@ def _sampled_logprob(entry: Any, token: int) -> float:
 
 
 class VLLMServerGenerator:
+    separate_sampler = True
     """Rollouts from an OpenAI-compatible ``vllm serve`` (see the module docstring and README "Scaling up").
 
     Args:

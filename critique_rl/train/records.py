@@ -138,6 +138,8 @@ class RecordsMixin:
             if self._ema_teacher is not None:
                 state["distill_teacher_ema"] = self._ema_teacher.state_dict()
             extra = {"memory.sqlite": self.memory_hook.snapshot} if self.memory_hook is not None else None
+            if self.episodes is not None:
+                extra = self.episodes.checkpoint_files()
             ckpt.save_checkpoint(self.out / "checkpoints", self.step, self._policy(), self.tokenizer, state,
                                  keep=self.cfg.keep_checkpoints, extra_files=extra)
         self.accelerator.wait_for_everyone()

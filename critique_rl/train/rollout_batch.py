@@ -36,6 +36,8 @@ class RolloutBatch:
     action_masks: list[list[bool]] | None = None
     """Multi-turn episodes (critique_rl.agents): per row, True on the policy's action tokens of
     ``completions[i].token_ids`` and False on observation tokens (masked out of every loss). None: single-turn."""
+    episodes: list[Any] | None = None
+    """Multi-turn episodes: the :class:`~critique_rl.agents.trajectory.Trajectory` of each row. None: single-turn."""
 
     @property
     def num_groups(self) -> int:

@@ -53,7 +53,7 @@ from critique_rl.rewards import (
     score_rewards,
 )
 from critique_rl.rewards.builtin import parse_confidence
-from critique_rl.rollout import Completion, SamplingParams
+from critique_rl.rollout import Completion, SamplingParams, engine_is_separate, engine_sleep
 from critique_rl.rollout.factory import build_generator
 from critique_rl.tasks import Task, get_task, load_callable
 from critique_rl.templates import check_templates
@@ -69,6 +69,7 @@ from critique_rl.train.ema import EmaTeacher
 from critique_rl.train.evaluate import EVAL_SEED, greedy_records, summarise_records
 from critique_rl.train.metrics import JsonlWriter, plot_curves
 from critique_rl.train.prompt_selection import PromptSelectionMixin
+from critique_rl.train.prompt_source import PromptSource, RolloutSource
 from critique_rl.train.records import RecordsMixin
 from critique_rl.train.rollout_batch import RolloutBatch
 from critique_rl.train.run_setup import (  # noqa: F401  (the names trainer.py always had)
@@ -121,8 +122,16 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         args: TrainConfig | None = None,
         tokenizer: Any = None,
         eval_dataset: Any = None,
+        env_spec: Any = None,
     ) -> None:
         self.cfg = args or TrainConfig()
+        self.episodes: Any = None  # EpisodeSource on multi-turn episodes (agent.env or env_spec); None: prompts
+        if env_spec is not None or self.cfg.agent.env is not None:
+            from critique_rl.agents.registry import get_env_spec
+            from critique_rl.agents.source import EpisodeSource
+
+            self.episodes = EpisodeSource(env_spec or get_env_spec(self.cfg.agent.env), critic=critic, bank=memory)
+            critic = memory = None
         self._model_arg = model if model is not None else self.cfg.model
         self._tokenizer_arg = tokenizer
         self._train_arg = train_dataset
@@ -147,6 +156,63 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         dist.validate_world(cfg.generation_batch_size, cfg.num_generations, cfg.mini_batch_size, self.world)
+        if self.episodes is not None:
+            self._check_episode_config()
+            self.episodes.setup_data(self)
+        else:
+            self._setup_prompt_data()
+        self._nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps)
+        self._critic_errors_seen = 0.0
+        resume_from = self._resume_point(resume)
+        self.model, self.tokenizer = self._load_model(resume_from)
+        if self.episodes is None:
+            self._setup_prompt_objectives()
+        else:
+            self.reward_funcs, self.reward_names, self.reward_weights = [], ["return"], torch.ones(1)
+        self._task_blocks: list[tuple[str, int, int]] = []
+        self._setup_phases()
+        self.rng = random.Random(cfg.seed + 1 + 7919 * self.rank)  # refinement choice; checkpointed
+        self._selection: dict[str, Any] = {"samples_total": 0, "pass_rate": None}  # data selection; checkpointed
+        if self.episodes is not None:
+            self.sampler = PromptSampler(self.episodes.train_tasks, cfg.seed)
+            self.episodes.setup_model(self, resume_from)
+            self.critic, self.memory_hook = self.episodes.critic, None
+            self.memory = self.episodes.bank
+            self.memory_on = self.episodes.bank is not None
+            self._refines = self.critic is not None
+        else:
+            self._setup_prompt_critic_memory(resume_from)
+        if self.is_main:
+            cfg.save_yaml(self.out / "config.yaml")
+        if self.trackers:  # accelerate starts them on the main process only
+            self.accelerator.init_trackers(cfg.tracker_project, config=flat_config(cfg.to_dict()),
+                                           init_kwargs=tracker_init_kwargs(self.trackers, self.out, self.out.name))
+        return resume_from
+
+    def _check_episode_config(self) -> None:
+        cfg = self.cfg
+        if self.world > 1 and cfg.memory.enabled:
+            raise ConfigError("memory.enabled", True, "episode memory is read and written by one process; train on "
+                              "episodes with memory in one process, or set memory.enabled: false")
+        for name, on in (("pass_rate_filter.enabled", cfg.pass_rate_filter.enabled),
+                         ("dynamic_sampling.enabled", cfg.dynamic_sampling.enabled),
+                         ("low_variance_filter.enabled", cfg.low_variance_filter.enabled)):
+            if on:
+                raise ConfigError(name, True, "the difficulty filters select single-turn prompts; set it to false "
+                                  "for episode training (agent.env)")
+        if cfg.tasks:
+            raise ConfigError("tasks", cfg.tasks, "episode training draws tasks from the environment; leave tasks out")
+        if cfg.refinement_source == "reference":
+            raise ConfigError("refinement_source", "reference", "episodes have no reference answer; use critic")
+        for i, ph in enumerate(cfg.phases):
+            if ph.train_file or ph.reward_funcs is not None or ph.reward_weights is not None or ph.tasks:
+                raise ConfigError(f"phases[{i}]", ph.name or ph.kind, "on episodes a phase sets its kind, steps and "
+                                  "learning_rate (the environment gives the data and the reward); remove train_file, "
+                                  "reward_funcs, reward_weights and tasks")
+
+    def _setup_prompt_data(self) -> None:
+        """Single-turn prompts: the task, its verifier, the training and held-out rows."""
+        cfg = self.cfg
         self.task: Task = get_task(cfg.task)
         self.verify = Verifier(load_callable(cfg.verifier) if cfg.verifier else self.task.verify, cfg.reward_threshold)
         if cfg.verifier:  # built-in rewards, gates and critiques judge by the user's verifier too
@@ -163,8 +229,9 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         # task-specific SFT helpers (the task's mistake, its completion format) only on the task's own rows
         self._task_rows = self._train_arg is None and not cfg.train_file
         check_templates(cfg.critic.template_dir)
-        self._nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps)
-        self._critic_errors_seen = 0.0
+
+    def _resume_point(self, resume: bool) -> Path | None:
+        """The checkpoint to resume from (or None); a fresh run's logs are cleared by the main process."""
         warn = (lambda msg: console.print(f"[bold yellow]warning: {msg}[/]", soft_wrap=True, markup=True)) \
             if self.accelerator.is_main_process else None
         resume_from = ckpt.latest_valid_checkpoint(self.out / "checkpoints", warn=warn) if resume else None
@@ -179,8 +246,11 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
             if resume_from is None:  # a fresh run owns its logs
                 for name in ("metrics.jsonl", "rollouts.jsonl"):
                     (self.out / name).unlink(missing_ok=True)
+        return resume_from
 
-        self.model, self.tokenizer = self._load_model(resume_from)
+    def _setup_prompt_objectives(self) -> None:
+        """Single-turn: chat template, lengths, reward functions, gates, the prompt sampler."""
+        cfg = self.cfg
         self.use_chat = wants_chat_template(self.tokenizer, cfg.use_chat_template)
         self.verify.conversational = self.use_chat
         self.max_new_tokens = cfg.max_new_tokens or self.task.max_new_tokens
@@ -200,10 +270,9 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
                 PromptSampler(self.train_rows, cfg.seed)
         except ValueError as exc:  # a task without training rows
             raise ConfigError("tasks", cfg.tasks, f"{exc}; give every task some rows, or leave it out") from None
-        self._task_blocks: list[tuple[str, int, int]] = []
-        self._setup_phases()
-        self.rng = random.Random(cfg.seed + 1 + 7919 * self.rank)  # refinement choice; checkpointed
-        self._selection: dict[str, Any] = {"samples_total": 0, "pass_rate": None}  # data selection; checkpointed
+
+    def _setup_prompt_critic_memory(self, resume_from: Path | None) -> None:
+        cfg = self.cfg
         if cfg.refinement_source == "reference":  # the control arm: reference answers, no critic at all
             self.critic = None
         elif self.critic is None and cfg.critic.backend != "none" and cfg.critique_on != "none":
@@ -216,12 +285,6 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         self._refines = self.critic is not None or (cfg.refinement_source == "reference" and cfg.critique_on != "none")
         self.memory_on = self.memory is not None or cfg.memory.enabled
         self.memory_hook = self._build_memory(resume_from) if self.is_main else None
-        if self.is_main:
-            cfg.save_yaml(self.out / "config.yaml")
-        if self.trackers:  # accelerate starts them on the main process only
-            self.accelerator.init_trackers(cfg.tracker_project, config=flat_config(cfg.to_dict()),
-                                           init_kwargs=tracker_init_kwargs(self.trackers, self.out, self.out.name))
-        return resume_from
 
     def _setup_phases(self) -> None:
         """The schedule (``phases``, or sft + rl), each phase's own data (a sampler per ``train_file``, seeded
@@ -274,6 +337,8 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         t0 = time.perf_counter()
         if ph.train_file:
             pairs = [(self.prompt_text(r), str(r["answer"])) for r in self._phase_rows[ph.train_file]]
+        elif self.episodes is not None:  # scripted episodes of the environment
+            pairs = self.episodes.sft_pairs(cfg)
         else:
             pairs = [(self.prompt_text(r), self._demonstration(r)) for r in self.train_rows]
             if cfg.sft_refine_fraction > 0:
@@ -350,6 +415,9 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
             if self._tokenizer_arg is None:
                 raise UserError("pass tokenizer= together with a loaded model object")
             return self._model_arg.to(self.accelerator.device), self._tokenizer_arg
+        if self._model_arg == "tiny" and self.episodes is not None:
+            model, tok = self.episodes.build_tiny(self)
+            return model.to(self._weights_dtype()).to(self.accelerator.device), tok
         if self._model_arg == "tiny":
             texts = [r["prompt"] + self._sft_completion(r) for r in self.train_rows[:4000]]
             texts += [p + c for p, c in refinement_demos(self._sft_task(), self.train_rows[:500], 1.0, cfg.seed,
@@ -398,7 +466,10 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
             self.summary["eval_accuracy_before_rl_by_task"] = before["by_task"]
         if "ece" in before:
             self.summary["eval_ece_before_rl"] = before["ece"]
-        self._eval_row0 = _eval_metrics(before)
+        self._eval_row0 = self._eval_metrics(before)
+
+    def _eval_metrics(self, result: dict[str, Any]) -> dict[str, Any]:
+        return self.episodes.eval_metrics(result) if self.episodes is not None else _eval_metrics(result)
 
     def _demonstration(self, row: dict[str, Any]) -> str:
         """SFT target: the task's completion, or its typical mistake at ``sft_mistake_rate`` (seeded per row)."""
@@ -449,6 +520,8 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         Each process decodes its share of the held-out rows; the records are gathered before summarising."""
         gen = self._vllm_engine() if self.cfg.rollout_backend == "vllm" else build_generator(
             "hf", self._policy(), self.tokenizer, batch_size=cfg_bs(self.cfg), autocast=self.accelerator.autocast)
+        if self.episodes is not None:
+            return self.episodes.evaluate(gen)
         conf = parse_confidence if "brier" in self.reward_names else None
         n = len(self.eval_rows)
         mine = self.eval_rows[self.rank * n // self.world : (self.rank + 1) * n // self.world]
@@ -590,33 +663,42 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         micro = dist.all_reduce_max(-(-n // self.cfg.mini_batch_size))
         return Normalisation(seqs / self.world, toks / self.world, micro)
 
+    @property
+    def rollouts(self) -> RolloutSource:
+        """The rollout source of this run: episodes of an environment, or single-turn prompts."""
+        return self.episodes if self.episodes is not None else PromptSource(self)
+
     def _step(self) -> dict[str, Any]:
-        cfg = self.cfg
+        """One RL step: collect -> critique/refine -> advantages -> update batch -> update -> metrics, logs."""
+        src = self.rollouts
         timer = _Timer()
-        batch, selection_metrics = self._collect_batch(timer)
+        batch, selection_metrics = src.collect(timer)
         with timer("critique"):
-            crit = self._critique_and_refine(batch) if self._refines else None
+            crit = src.critique_and_refine(batch)
         with timer("prepare"):
-            plan = self._advantages(batch, crit)
-            ub, distill_metrics = self._update_batch(batch, crit, plan)
+            plan = src.advantages(batch, crit)
+            ub, extra = src.update_batch(batch, crit, plan)
         with timer("train"):
-            getattr(self.generator, "sleep", lambda: None)()  # a colocated engine frees its memory for the update
-            stats = policy_update(self.model, self.optimizer, self.scheduler, self.accelerator, ub, cfg,
-                                  norm_constant=float(self.max_new_tokens), norm=self._normalisation(ub),
-                                  guard=self._nonfinite)
-            self.generator.sync_weights()
-            if self._ema_teacher is not None:
-                self._ema_teacher.update(self._policy())
-        metrics = self._metrics(batch, crit, plan)
-        metrics.update(distill_metrics)
-        metrics.update(stats)
-        metrics.update(timer.total())
-        metrics = dist.merge_metrics(dist.gather_objects(metrics))
-        metrics.update(self._global_metrics(batch, plan))
-        metrics.update(selection_metrics)
-        metrics.update(self._memory_update(batch, crit))
-        self._log_rollouts(batch, plan, crit)
+            stats = self._update(ub, src.norm_constant())
+        metrics = src.step_metrics(batch, crit, plan, {**extra, **stats, **timer.total()}, selection_metrics)
+        src.log_rollouts(batch, plan, crit)
         return metrics
+
+    def _update(self, ub: UpdateBatch | None, norm_constant: float) -> dict[str, Any]:
+        """The optimizer update on ``ub``, then the engine's weights and the EMA teacher follow the policy. The
+        engine is asked (its protocol) whether it frees memory for the update and whether its log-probs differ
+        from the trained module's (then truncated importance sampling applies)."""
+        if ub is None:  # nothing to learn from this step (e.g. no episode fit its first prompt)
+            return {"loss/total": None}
+        engine = self.generator
+        engine_sleep(engine)  # a colocated engine frees its memory for the update
+        stats = policy_update(self.model, self.optimizer, self.scheduler, self.accelerator, ub, self.cfg,
+                              norm_constant=norm_constant, norm=self._normalisation(ub), guard=self._nonfinite,
+                              importance_weights=engine_is_separate(engine))
+        engine.sync_weights()
+        if self._ema_teacher is not None:
+            self._ema_teacher.update(self._policy())
+        return stats
 
     # ------------------------------------------------------------------------------------------------------
     # metrics and logs
@@ -690,7 +772,7 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
             self.step += 1
             self._check_critic(metrics)
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.max_steps:
-                metrics.update(_eval_metrics(self._evaluate()))
+                metrics.update(self._eval_metrics(self._evaluate()))
             self._write_metrics(metrics)
             if progress:
                 progress.update(task_id, advance=1, description=(
@@ -700,16 +782,11 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
 
     def _finish(self, t_start: float) -> dict[str, Any]:
         final = self._evaluate()
-        self.summary.update({
-            "eval_accuracy_after_rl": final["accuracy"],
-            **({"eval_accuracy_after_rl_by_task": final["by_task"]} if final.get("by_task") else {}),
-            "eval_mean_length_after_rl": final["mean_length"],
-            **({"eval_ece_after_rl": final["ece"]} if "ece" in final else {}),
-            "eval_n": len(self.eval_rows),
-            "steps": self.step,
-            "task": self.cfg.task,
-            "wall_seconds": self._wall_prior + time.perf_counter() - t_start,
-        })
+        if self.episodes is not None:
+            self.summary.update(self.episodes.final_summary(final, len(self.episodes.eval_tasks)))
+            self.summary.update({"steps": self.step, "wall_seconds": self._wall_prior + time.perf_counter() - t_start})
+        else:
+            self._prompt_summary(final, t_start)
         if self.world > 1:
             self.summary["num_processes"] = self.world
         cfg = self.cfg
@@ -722,7 +799,7 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
             self._save()
         if self.is_main:
             self.summary.update(self._run_totals())
-            self._write_metrics({"step": self.step, **_eval_metrics(final), "final": True})
+            self._write_metrics({"step": self.step, **self._eval_metrics(final), "final": True})
             self.metrics_log.close()
             self.rollout_log.close()
             self._save_final(self.out / "final")
@@ -731,6 +808,18 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         self.summary = dist.broadcast_object(self.summary)
         self.accelerator.wait_for_everyone()
         return self.summary
+
+    def _prompt_summary(self, final: dict[str, Any], t_start: float) -> None:
+        self.summary.update({
+            "eval_accuracy_after_rl": final["accuracy"],
+            **({"eval_accuracy_after_rl_by_task": final["by_task"]} if final.get("by_task") else {}),
+            "eval_mean_length_after_rl": final["mean_length"],
+            **({"eval_ece_after_rl": final["ece"]} if "ece" in final else {}),
+            "eval_n": len(self.eval_rows),
+            "steps": self.step,
+            "task": self.cfg.task,
+            "wall_seconds": self._wall_prior + time.perf_counter() - t_start,
+        })
 
     def _save_final(self, final_dir: Path) -> None:
         """``final/``: the trained model (LoRA: merged into the base, or the adapter alone) + tokenizer."""

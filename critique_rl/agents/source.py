@@ -1,0 +1,460 @@
+"""Multi-turn episodes as a rollout source of the one trainer (:class:`critique_rl.train.trainer.CritiqueGRPOTrainer`).
+
+One step on episodes, the single-turn pipeline with episodes as rows::
+
+    tasks = sampler.next_batch(G), this process's shard    # G tasks, split over processes by rank
+    trajs = run_episodes(n per task, memory at reset)      # Trajectory: token ids per turn, action masks
+    batch = episode_batch(trajs)                           # RolloutBatch, one row per episode
+    crit  = critique_and_refine(batch)                     # the critic sees whole episodes, one critique each;
+                                                           # refined episodes re-run with it in context
+    plan  = advantages(batch, crit)                        # groups of n episodes (+ k refinement slots)
+    ub    = update_batch(...)                              # prompt = first observation (plain context),
+                                                           # completion = actions + observations, loss mask
+                                                           # = action tokens; distillation on action tokens
+    (the trainer's policy update, weight sync, EMA teacher, logging, checkpoints)
+    memory.record(trajs, critiques)                        # success -> demonstration, failure -> lesson
+
+Refined episodes are trained under the plain context (the memory context the initial episodes had, no
+critique) with the shaped off-policy term; directive distillation scores the student's own action tokens under
+the critique-conditioned context (teacher) and the plain one (student): ``sampled_token`` adds the log-ratio
+to the advantages, ``topk_logits`` keeps the teacher's top-K for the divergence term of the update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from critique_rl.agents.memory import EpisodeMemory
+from critique_rl.agents.registry import EnvSpec, EpisodeCritic, TranscriptCritic
+from critique_rl.agents.runner import EpisodeLimits, run_episodes
+from critique_rl.agents.trajectory import TINY_CHAT_TEMPLATE, Trajectory, TurnRenderer
+from critique_rl.agents.warmup import sft_pairs
+from critique_rl.algos import aggregate_rewards, apply_gates, sampled_token_advantage
+from critique_rl.errors import ConfigError
+from critique_rl.models import build_tiny_model, build_tiny_tokenizer, wants_chat_template
+from critique_rl.train import distributed as dist
+from critique_rl.train.batching import pack
+from critique_rl.train.critique_step import choose_refinements, select_for_critique
+from critique_rl.train.evaluate import EVAL_SEED
+from critique_rl.train.rollout_batch import AdvantagePlan, RolloutBatch
+from critique_rl.train.update import UpdateBatch, score_tokens
+
+if TYPE_CHECKING:
+    from critique_rl.train.trainer import CritiqueGRPOTrainer
+
+TINY_MAX_POSITIONS = 512
+
+
+@dataclass(frozen=True)
+class EpisodeCritiques:
+    """Critiques of the selected episodes (``idx`` into the batch) and the refined episodes re-run with them
+    (``refined[j]`` from row ``ref_src[j]``)."""
+
+    idx: list[int]
+    texts: list[str]
+    fallbacks: int
+    ref_src: list[int]
+    refined: list[Trajectory]
+
+    @property
+    def ref_correct(self) -> list[bool]:
+        return [t.success for t in self.refined]
+
+    def text_of(self, row: int) -> str | None:
+        return self.texts[self.idx.index(row)] if row in self.idx else None
+
+
+class EpisodeSource:
+    """Episodes of an environment (``agent:`` section) as the trainer's rollout source.
+
+    The trainer owns the model, optimizer, engine, phases, checkpoints and logs; this object owns the tasks,
+    the renderer, the episode critic and the episode memory, and turns episodes into the typed values of a step.
+    """
+
+    kind = "episodes"
+
+    def __init__(self, spec: EnvSpec, critic: Any = None, bank: Any = None) -> None:
+        self.spec = spec
+        self._critic_arg = critic
+        self.bank = bank
+        self.memory: EpisodeMemory | None = None
+        self.critic: EpisodeCritic | None = None
+
+    # ------------------------------------------------------------------------------------------------------
+    # setup
+    # ------------------------------------------------------------------------------------------------------
+    def setup_data(self, t: CritiqueGRPOTrainer) -> None:
+        cfg, a = t.cfg, t.cfg.agent
+        self.t = t
+        self.env_kwargs, self.task_kwargs = dict(a.env_kwargs), dict(a.task_kwargs)
+        try:
+            self.spec.make_env(**self.env_kwargs)
+            self.train_tasks = self.spec.make_tasks("train", cfg.sft_examples, cfg.seed, **self.task_kwargs)
+            self.eval_tasks = self.spec.make_tasks("eval", cfg.eval_n, EVAL_SEED, **self.task_kwargs)
+        except TypeError as exc:
+            raise ConfigError("agent.env_kwargs", {**self.env_kwargs, **self.task_kwargs},
+                              f"the env '{self.spec.name}' does not take these arguments ({exc})") from None
+
+    def build_tiny(self, t: CritiqueGRPOTrainer) -> tuple[Any, Any]:
+        """The tiny policy: its tokenizer learns from rendered warm-up episodes (rendering needs only the
+        chat template)."""
+        cfg = t.cfg
+        probe = build_tiny_tokenizer(["0123456789"], vocab_size=300)
+        probe.chat_template = TINY_CHAT_TEMPLATE
+        texts = [p + c for p, c in self._sft_pairs(cfg, TurnRenderer(probe, cfg.use_chat_template != "no"))]
+        tok = build_tiny_tokenizer(texts[:20000], cfg.tiny_vocab_size)
+        tok.chat_template = TINY_CHAT_TEMPLATE
+        model = build_tiny_model(tok, cfg.tiny_hidden_size, cfg.tiny_layers, cfg.tiny_heads,
+                                 max_positions=TINY_MAX_POSITIONS, seed=cfg.seed)
+        return model, tok
+
+    def setup_model(self, t: CritiqueGRPOTrainer, resume_from: Path | None) -> None:
+        """Renderer, episode limits, critic and memory, once the policy and tokenizer exist."""
+        cfg, a = t.cfg, t.cfg.agent
+        self.renderer = TurnRenderer(t.tokenizer, wants_chat_template(t.tokenizer, cfg.use_chat_template))
+        limit = getattr(t.model.config, "max_position_embeddings", None)
+        max_ep = a.max_episode_tokens or (limit if isinstance(limit, int) else None)
+        if max_ep is not None and isinstance(limit, int) and max_ep > limit:
+            raise ConfigError("agent.max_episode_tokens", max_ep, f"the model has {limit} positions; use <= {limit}")
+        self.limits = EpisodeLimits(a.max_turns, a.max_turn_tokens, max_ep)
+        self.critic = self._build_critic(t)
+        self.memory = self._build_memory(t, resume_from) if t.is_main or self.bank is not None else None
+
+    def _sft_pairs(self, cfg: Any, renderer: TurnRenderer) -> list[tuple[str, str]]:
+        return sft_pairs(self.spec, renderer, self.train_tasks, self.env_kwargs, cfg.agent.max_turns,
+                         cfg.sft_refine_fraction, cfg.seed, cfg.critic.template_dir)
+
+    def sft_pairs(self, cfg: Any) -> list[tuple[str, str]]:
+        """Warm-up pairs: scripted episodes rendered as (first prompt, rest of the episode)."""
+        return self._sft_pairs(cfg, self.renderer)
+
+    def _build_critic(self, t: CritiqueGRPOTrainer) -> EpisodeCritic | None:
+        cfg = t.cfg
+        if cfg.critique_on == "none":
+            return None
+        given = self._critic_arg
+        if given is not None:
+            return given if hasattr(given, "critique_episodes") else TranscriptCritic(given)
+        if cfg.agent.critique_source == "env":
+            if self.spec.critic is None:
+                raise ConfigError("agent.critique_source", "env", f"env '{self.spec.name}' has no critic of its own; "
+                                  "use critic (the critic: section) or critique_on: none")
+            return self.spec.critic()
+        if cfg.critic.backend == "none":
+            return None
+        from critique_rl.critics import build_critic
+
+        return TranscriptCritic(build_critic(cfg.critic, policy=t.model, tokenizer=t.tokenizer, output_dir=t.out))
+
+    def _build_memory(self, t: CritiqueGRPOTrainer, resume_from: Path | None) -> EpisodeMemory | None:
+        cfg = t.cfg
+        if self.bank is None and not cfg.memory.enabled:
+            return None
+        from critique_rl.memory import MemoryBank
+        from critique_rl.train.memory_hook import MemoryHook
+
+        if self.bank is None:
+            bank_path = Path(cfg.memory.bank_path or t.out / "memory.sqlite")
+            if resume_from is not None:
+                MemoryHook.restore(resume_from / "memory.sqlite", bank_path)
+            else:
+                MemoryHook.begin_fresh_run(bank_path, t.out)
+            self.bank = MemoryBank(bank_path, config=cfg.memory)
+        return EpisodeMemory(self.bank, self.spec.name, run_name=t.out.name)
+
+    def checkpoint_files(self) -> dict[str, Any] | None:
+        return {"memory.sqlite": lambda p: self.bank.snapshot(p)} if self.memory is not None else None
+
+    # ------------------------------------------------------------------------------------------------------
+    # episodes
+    # ------------------------------------------------------------------------------------------------------
+    def run(self, generator: Any, tasks: list[dict[str, Any]], n: int, *, greedy: bool = False,
+            contexts: list[str | None] | None = None) -> list[Trajectory]:
+        cfg = self.t.cfg
+        return run_episodes(generator, self.renderer, lambda: self.spec.make_env(**self.env_kwargs), tasks,
+                            n=n, contexts=contexts, limits=self.limits, temperature=cfg.temperature,
+                            top_p=cfg.top_p, greedy=greedy, threaded=cfg.agent.threaded_envs,
+                            context_fn=self.memory.context_fn if self.memory is not None else None)
+
+    def evaluate(self, generator: Any) -> dict[str, Any]:
+        """Greedy episodes on the held-out tasks (memory read, nothing written), each process its share:
+        ``accuracy`` (success rate), ``mean_turns``, ``mean_return``."""
+        t = self.t
+        n = len(self.eval_tasks)
+        mine = self.eval_tasks[t.rank * n // t.world: (t.rank + 1) * n // t.world]
+        trajs: list[Trajectory] = []
+        bs = t.cfg.eval_batch_size
+        for s in range(0, len(mine), bs):
+            trajs += self.run(generator, mine[s:s + bs], 1, greedy=True)
+        if trajs and all(x.stop_reason == "max_tokens" and not x.turns for x in trajs):
+            raise ConfigError("agent.max_episode_tokens", self.limits.max_episode_tokens,
+                              "no episode fits: the first prompt (memory context included) plus agent.max_turn_tokens "
+                              "is longer; raise it (up to the model's positions) or lower memory.token_budget")
+        rows = [(x.success, x.num_turns, x.total_reward) for x in trajs]
+        rows = [r for part in dist.gather_objects(rows) for r in part]
+        return {"accuracy": float(np.mean([r[0] for r in rows])), "mean_turns": float(np.mean([r[1] for r in rows])),
+                "mean_return": float(np.mean([r[2] for r in rows]))}
+
+    @staticmethod
+    def eval_metrics(result: dict[str, Any]) -> dict[str, Any]:
+        return {f"eval/{k}": result[k] for k in ("accuracy", "mean_turns", "mean_return")}
+
+    def final_summary(self, final: dict[str, Any], eval_n: int) -> dict[str, Any]:
+        return {"eval_accuracy_after_rl": final["accuracy"], "eval_mean_turns_after_rl": final["mean_turns"],
+                "eval_n": eval_n, "task": self.spec.name, "env": self.spec.name}
+
+    # ------------------------------------------------------------------------------------------------------
+    # the stages of a step
+    # ------------------------------------------------------------------------------------------------------
+    def collect(self, timer: Any) -> tuple[RolloutBatch, dict[str, Any]]:
+        """This process's share of the step's tasks, ``n`` episodes each, as a :class:`RolloutBatch`."""
+        t = self.t
+        n = t.cfg.num_generations
+        with timer("generate"):
+            tasks = dist.shard(t.sampler.next_batch(t.cfg.prompts_per_step), t.rank, t.world)
+            trajs = self.run(t.generator, tasks, n)
+        t._selection["samples_total"] += len(trajs) * t.world
+        return self.episode_batch(trajs, n), {}
+
+    def episode_batch(self, trajs: list[Trajectory], n: int) -> RolloutBatch:
+        """Episodes as rows of a :class:`RolloutBatch` (one objective: the episode return)."""
+        return RolloutBatch(rows=[x.task for x in trajs],
+                            prompts=[self.renderer.first_text(x.turns[0].observation if x.turns else "", x.context)
+                                     for x in trajs],
+                            completions=[x.to_completion() for x in trajs], group_size=n,
+                            rewards=torch.tensor([[x.total_reward] for x in trajs], dtype=torch.float32),
+                            passed=torch.tensor([bool(x.turns) for x in trajs]),
+                            correct=[x.success for x in trajs],
+                            action_masks=[x.action_mask() for x in trajs], episodes=trajs)
+
+    def critique_and_refine(self, batch: RolloutBatch) -> EpisodeCritiques | None:
+        if self.critic is None:
+            return None
+        cfg = self.t.cfg
+        trajs, n = batch.episodes, batch.group_size
+        mode = "all" if cfg.distill_on == "all" and cfg.distill_weight > 0 else cfg.critique_on
+        idx = [i for i in select_for_critique(batch.correct, n, mode) if trajs[i].turns]
+        if not idx:
+            return None
+        critiques = self.critic.critique_episodes([trajs[i] for i in idx])
+        texts = [c.text for c in critiques]
+        chosen = set(select_for_critique(batch.correct, n, cfg.critique_on)) if mode != cfg.critique_on else set(idx)
+        ref_src = [i for i in idx if i in chosen]
+        refined = []
+        if ref_src:
+            refined = self.run(self.t.generator, [trajs[i].task for i in ref_src], 1,
+                               contexts=[texts[idx.index(i)] for i in ref_src])
+        return EpisodeCritiques(idx, texts, sum(c.fallback for c in critiques), ref_src, refined)
+
+    def advantages(self, batch: RolloutBatch, crit: EpisodeCritiques | None) -> AdvantagePlan:
+        """Group advantages over n episodes (+ k refinement slots). Groups are whole inside a process and the
+        episode path has one objective, so a group's advantages need no other process's groups."""
+        cfg = self.t.cfg
+        n, G = batch.group_size, batch.num_groups
+        k = cfg.refinements_per_group if crit is not None else 0
+        R = torch.full((G, n + k, 1), float("nan"))
+        R[:, :n] = batch.rewards.view(G, n, 1)
+        passed = torch.zeros(G, n + k, dtype=torch.bool)
+        passed[:, :n] = batch.passed.view(G, n)
+        kept: list[tuple[int, int, int]] = []
+        if k and crit is not None:
+            usable = [j for j, x in enumerate(crit.refined) if x.turns]
+            group_of = [crit.ref_src[j] // n for j in usable]
+            chosen = choose_refinements(group_of, [crit.ref_correct[j] for j in usable], k, G, self.t.rng)
+            for g, js in enumerate(chosen):
+                for slot, jj in enumerate(js):
+                    j = usable[jj]
+                    R[g, n + slot, 0] = crit.refined[j].total_reward
+                    passed[g, n + slot] = True
+                    kept.append((g, n + slot, j))
+        mask, groups_kept = apply_gates(torch.ones_like(passed), passed)
+        adv, diag = aggregate_rewards(cfg.reward_aggregator, R, torch.ones(1), mask,
+                                      estimator=cfg.advantage_estimator, w_lambda=cfg.w_lambda,
+                                      reward_threshold=cfg.reward_threshold)
+        diag["groups_kept"] = groups_kept.float().mean().item()
+        return AdvantagePlan(advantages=adv, mask=mask, kept=kept, diagnostics=diag)
+
+    def norm_constant(self) -> float:
+        return float(self.limits.max_turns * self.limits.max_new_tokens)
+
+    def update_batch(self, batch: RolloutBatch, crit: EpisodeCritiques | None,
+                     plan: AdvantagePlan) -> tuple[UpdateBatch | None, dict[str, float]]:
+        """Loss rows: episodes with at least one turn, then kept refined episodes under the plain context. None
+        when no episode has a turn (every first prompt was over ``max_episode_tokens``)."""
+        t, cfg = self.t, self.t.cfg
+        trajs, n = batch.episodes, batch.group_size
+        rows = [i for i, x in enumerate(trajs) if x.turns]
+        if not rows:
+            return None, {}
+        prompt_ids = [trajs[i].prompt_ids for i in rows]
+        comp_ids = [trajs[i].completion_ids() for i in rows]
+        masks = [trajs[i].action_mask() for i in rows]
+        adv = [plan.advantages[i // n, i % n].item() for i in rows]
+        keep = [bool(plan.mask[i // n, i % n]) for i in rows]
+        off = [False] * len(rows)
+        for g, slot, j in plan.kept:  # refined episode under the plain context (memory, no critique)
+            ref = crit.refined[j]  # type: ignore[union-attr]
+            src = trajs[crit.ref_src[j]]  # type: ignore[union-attr]
+            prompt_ids.append(self.renderer.first(ref.turns[0].observation, src.memory_context))
+            comp_ids.append(ref.completion_ids())
+            masks.append(ref.action_mask())
+            adv.append(plan.advantages[g, slot].item())
+            keep.append(bool(plan.mask[g, slot]))
+            off.append(True)
+        tokens = pack(prompt_ids, comp_ids, t.tokenizer.pad_token_id)
+        T = tokens.completion_len
+        action = torch.zeros(len(comp_ids), T, dtype=tokens.completion_mask.dtype)
+        for r, m in enumerate(masks):
+            action[r, : len(m)] = torch.tensor(m, dtype=action.dtype)
+        tokens.completion_mask = tokens.completion_mask * action * torch.tensor(keep, dtype=action.dtype)[:, None]
+        adv_tok = cfg.eval_weight * torch.tensor(adv).unsqueeze(-1).expand(-1, T).clone()
+        ub = UpdateBatch(tokens=tokens, advantages=adv_tok, offpolicy=torch.tensor(off))
+        # the engine's log-probs of every row's actions (refined episodes: under the critique context they were
+        # sampled in, what offpolicy_weighting reads); zeros on observation tokens
+        sampled = [trajs[i] for i in rows] + [crit.refined[j] for _, _, j in plan.kept]  # type: ignore[union-attr]
+        ub.sampling_logp = torch.zeros(len(comp_ids), T)
+        for r, x in enumerate(sampled):
+            lp = x.sampling_logprobs()
+            ub.sampling_logp[r, : len(lp)] = torch.tensor(lp)
+        metrics: dict[str, float] = {}
+        if crit is not None and cfg.distill_weight > 0:
+            metrics = self._distill(ub, trajs, rows, crit)
+        if cfg.kl_beta > 0:
+            ub.ref_logp = t._reference_logprobs(ub).cpu()
+        return ub, metrics
+
+    def _distill(self, ub: UpdateBatch, trajs: list[Trajectory], rows: list[int],
+                 crit: EpisodeCritiques) -> dict[str, float]:
+        """Directive distillation over action tokens: teacher = the policy (or its EMA copy) with the critique in
+        context, student = the policy under the plain context, both on the student's own episode tokens."""
+        t, cfg = self.t, self.t.cfg
+        pos = {i: r for r, i in enumerate(rows)}
+        pairs = [(pos[i], crit.texts[j]) for j, i in enumerate(crit.idx) if i in pos]
+        if not pairs:
+            return {}
+        sel = [r for r, _ in pairs]
+        teacher_prompts = []
+        for r, text in pairs:
+            x = trajs[rows[r]]
+            ctx = "\n\n".join(c for c in (x.memory_context, text) if c)
+            teacher_prompts.append(self.renderer.first(x.turns[0].observation, ctx))
+        student = ub.tokens.select(torch.tensor(sel))
+        T = ub.tokens.completion_len
+        comp = [trajs[rows[r]].completion_ids() for r in sel]
+        teacher = pack(teacher_prompts, comp, t.tokenizer.pad_token_id)
+        model, dev, ac = t._policy(), t.accelerator.device, t.accelerator.autocast
+        teacher_model = t._ema_teacher.model if t._ema_teacher is not None else model
+        topk = cfg.distill_topk if cfg.distill_mode == "topk_logits" else None
+        t_lp, t_tk_lp, t_tk_idx = score_tokens(teacher_model, teacher.to(dev), cfg.temperature, cfg.mini_batch_size,
+                                               ac, topk=topk)
+        t_lp = t_lp.cpu()
+        s_lp = score_tokens(model, student.to(dev), cfg.temperature, cfg.mini_batch_size, ac)[0].cpu()
+        Tt = min(T, t_lp.shape[1])
+        t_full = torch.zeros(len(sel), T)
+        t_full[:, :Tt] = t_lp[:, :T]
+        m = student.completion_mask.float()  # action tokens only
+        out = {"distill/kl": ((s_lp - t_full) * m).sum().item() / max(1.0, m.sum().item()),
+               "distill/rows": float(len(sel))}
+        if cfg.distill_mode == "sampled_token":
+            ub.advantages[sel] += cfg.distill_weight * sampled_token_advantage(t_full, s_lp) * m
+        else:  # top-K of the teacher at each of the student's positions, for the divergence term of the update
+            N, K = ub.advantages.shape[0], t_tk_lp.shape[-1]
+            ub.teacher_topk_logp = torch.zeros(N, T, K)
+            ub.teacher_topk_idx = torch.zeros(N, T, K, dtype=torch.long)
+            ub.teacher_topk_logp[sel, :Tt] = t_tk_lp[:, :T].cpu()
+            ub.teacher_topk_idx[sel, :Tt] = t_tk_idx[:, :T].cpu()
+            ub.distill_rows = torch.zeros(N, dtype=torch.bool)
+            ub.distill_rows[sel] = True
+        return out
+
+    # ------------------------------------------------------------------------------------------------------
+    # metrics, rollouts, memory
+    # ------------------------------------------------------------------------------------------------------
+    def step_metrics(self, batch: RolloutBatch, crit: EpisodeCritiques | None, plan: AdvantagePlan,
+                     local: dict[str, Any], selection: dict[str, Any]) -> dict[str, Any]:
+        """The step's metrics: this process's, merged over processes; then the memory bank's (main process)."""
+        t = self.t
+        trajs, n = batch.episodes, batch.group_size
+        grouped = batch.grouped_correct()
+        out: dict[str, Any] = {
+            "step": t.step + 1,
+            "reward/mean": batch.rewards.mean().item(),
+            "train/accuracy": grouped.mean().item(),
+            "train/all_wrong_groups": (grouped.sum(-1) == 0).float().mean().item(),
+            "train/all_right_groups": (grouped.sum(-1) == n).float().mean().item(),
+            "episode/mean_turns": float(np.mean([x.num_turns for x in trajs])),
+            "episode/action_tokens": float(np.mean([sum(x.action_mask()) for x in trajs])),
+            "episode/observation_tokens": float(np.mean([len(x.action_mask()) - sum(x.action_mask()) for x in trajs])),
+            "gate/groups_kept": plan.diagnostics["groups_kept"],
+        }
+        for reason in ("done", "max_turns", "max_tokens", "error"):
+            out[f"episode/stop_{reason}"] = float(np.mean([x.stop_reason == reason for x in trajs]))
+        if crit is not None:
+            all_wrong = grouped.sum(-1) == 0
+            rescued = {g for g, _, j in plan.kept if crit.ref_correct[j] and bool(all_wrong[g])}
+            out.update({"critique/critiqued": len(crit.idx), "critique/refinements": len(crit.refined),
+                        "critique/refine_success_rate": float(np.mean(crit.ref_correct)) if crit.refined else None,
+                        "critique/kept": len(plan.kept), "critique/groups_rescued": len(rescued),
+                        "critique/all_wrong_groups": int(all_wrong.sum()), "critique/fallbacks": crit.fallbacks})
+        if self.critic is not None:
+            out.update({k: v for k, v in self.critic.metrics().items() if isinstance(v, (int, float))})
+        out.update(local)
+        out = dist.merge_metrics(dist.gather_objects(out))
+        out.update(selection)
+        out.update(self._memory_update(batch, crit))
+        return out
+
+    def _memory_update(self, batch: RolloutBatch, crit: EpisodeCritiques | None) -> dict[str, Any]:
+        """Record and credit on the main process, from the episodes of every process (in rank order)."""
+        t = self.t
+        if not t.memory_on:
+            return {}
+        texts = [crit.text_of(i) if crit else None for i in range(len(batch.episodes))]
+        parts = dist.gather_objects((batch.episodes, texts))
+        metrics: dict[str, Any] = {}
+        if self.memory is not None and t.is_main:
+            trajs = [x for p in parts for x in p[0]]
+            crits = [c for p in parts for c in p[1]]
+            metrics = self.memory.record(trajs, crits, t.step + 1, batch.group_size)
+        return dist.broadcast_object(metrics)
+
+    def log_rollouts(self, batch: RolloutBatch, plan: AdvantagePlan, crit: EpisodeCritiques | None) -> None:
+        t = self.t
+        trajs, n = batch.episodes, batch.group_size
+        chosen = list(range(min(t.cfg.log_rollouts, len(trajs))))
+        if crit is not None:
+            chosen += [i for i in crit.idx[: t.cfg.log_rollouts] if i not in chosen]
+        ref_at = {i: j for j, i in enumerate(crit.ref_src)} if crit else {}
+        out = []
+        for i in chosen:
+            row = {"step": t.step + 1, "group": i // n, "advantage": plan.advantages[i // n, i % n].item(),
+                   **trajs[i].to_log()}
+            if t.world > 1:
+                row["rank"] = t.rank
+            if crit is not None and crit.text_of(i) is not None:
+                row["critique"] = crit.text_of(i)
+            if i in ref_at:
+                row["refinement"] = crit.refined[ref_at[i]].to_log()  # type: ignore[union-attr]
+            out.append(row)
+        for part in dist.gather_objects(out):
+            if t.is_main:
+                for row in part:
+                    t.rollout_log.write(row)
+
+
+def EpisodeTrainer(args: Any, env_spec: EnvSpec | None = None, model: Any = None, tokenizer: Any = None,  # noqa: N802
+                   critic: Any = None, memory: Any = None) -> CritiqueGRPOTrainer:
+    """The one trainer on episodes (the name earlier releases had for a second trainer): the same as
+    ``CritiqueGRPOTrainer(args=args, env_spec=..., ...)`` with ``args.agent.env`` (or ``env_spec``) set.
+    ``critic``: an :class:`EpisodeCritic` or a plain Critic (read as transcripts); ``memory``: a MemoryBank."""
+    from critique_rl.train.trainer import CritiqueGRPOTrainer
+
+    if args.agent.env is None and env_spec is None:
+        raise ConfigError("agent.env", None, "name an environment (e.g. guess_number) to train on episodes")
+    return CritiqueGRPOTrainer(args=args, env_spec=env_spec, model=model, tokenizer=tokenizer, critic=critic,
+                               memory=memory)
