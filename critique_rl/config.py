@@ -179,13 +179,23 @@ class TrainConfig:
     module itself, so the ratio is 1 up to float noise and is logged, not applied."""
 
     # --- Critique-GRPO (arXiv:2506.03106) -----------------------------------------------------------------
-    critique_on: Literal["none", "all_wrong_groups", "wrong", "all"] = "all_wrong_groups"
+    preset: str | None = None
+    """`paper`: the settings of Critique-GRPO as published (arXiv:2506.03106, see `PRESETS`): critiques only for
+    groups with no correct answer (`critique_on: all_wrong_groups`), refinement tokens shaped p/(p+0.1)
+    (`offpolicy_gamma: 0.1`), one refinement kept per group (`refinements_per_group: 1`), A = R - mean (`dr_grpo`),
+    no KL term, no distillation. Fields you set yourself win over the preset's (in YAML; in Python a field left
+    at its class default takes the preset's value). None = the defaults, which follow this repo's measurements:
+    refinements for every wrong response, unshaped (`critique_on: wrong`, `offpolicy_gamma: null`)."""
+    critique_on: Literal["none", "all_wrong_groups", "wrong", "all"] = "wrong"
     """Which responses get critiques: every response of groups with no correct answer (the groups plain
-    GRPO learns nothing from), every wrong response, or all. `none` (or critic.backend none) = plain GRPO."""
+    GRPO learns nothing from; the paper's form, `preset: paper`), every wrong response (default: what this repo
+    measured to teach most, +2.8 +- 0.5 over GRPO on 20 seeds at a mid-range start, +14 to +89 on a plateau task,
+    against +0.3 / -0.1 for the paper's form), or all. `none` (or critic.backend none) = plain GRPO."""
     refinements_per_group: int = 1
     """k refinements kept per question (correct first, else random); the group is n initial + k (paper: 7+1)."""
-    offpolicy_gamma: float | None = 0.1
-    """Shaping of refinement tokens, p/(p+gamma) (LUFFY, arXiv:2504.14945); null = no shaping (plain -A log p)."""
+    offpolicy_gamma: float | None = None
+    """Shaping of refinement tokens, p/(p+gamma) (LUFFY, arXiv:2504.14945; Critique-GRPO uses 0.1, `preset:
+    paper`); null (default) = no shaping (plain -A log p), which taught more in this repo's measurements."""
     offpolicy_weighting: Literal["none", "is", "gap"] = "none"
     """Per-token weight on the refinement tokens' loss (`critique_rl.algos.offpolicy_token_weights`), from
     their log-probs under the plain prompt and under the critique they were sampled with. `none`: as published;
@@ -271,6 +281,7 @@ class TrainConfig:
     agent: AgentConfig = field(default_factory=AgentConfig)
 
     def __post_init__(self) -> None:
+        self._apply_preset()
         for name, cls in (("dynamic_sampling", DynamicSamplingConfig), ("pass_rate_filter", PassRateFilterConfig),
                           ("low_variance_filter", LowVarianceFilterConfig)):
             if isinstance(getattr(self, name), dict):  # a mapping given in Python: validated like YAML
@@ -382,6 +393,18 @@ class TrainConfig:
                 f"choose one of {sorted(ADVANTAGE_ESTIMATORS)}",
             )
 
+    def _apply_preset(self) -> None:
+        """Fill the preset's values into fields still at their class default (``load_config`` has already merged
+        them under the file's own keys, so there every field the file sets wins)."""
+        if self.preset is None:
+            return
+        if self.preset not in PRESETS:
+            raise ConfigError("preset", self.preset, f"choose one of {sorted(PRESETS)}, or null for the defaults")
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) == defaults.get(name):
+                setattr(self, name, value)
+
     def _check_phases(self) -> None:
         """Validate ``phases`` and derive ``max_steps`` (the sum of the rl phases' steps) from them."""
         if not self.phases:
@@ -476,6 +499,23 @@ class TrainConfig:
 
 CritiqueGRPOConfig = TrainConfig
 
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "critique_on": "all_wrong_groups",
+        "offpolicy_gamma": 0.1,
+        "refinements_per_group": 1,
+        "refinement_source": "critique",
+        "offpolicy_weighting": "none",
+        "advantage_estimator": "dr_grpo",
+        "kl_beta": 0.0,
+        "distill_weight": 0.0,
+    },
+}
+"""Named settings (`preset:`). `paper`: Critique-GRPO as published (arXiv:2506.03106): critiques for the groups
+with no correct answer, shaping gamma 0.1 (Eq. of the shaping function f(p) = p/(p+gamma)), n initial + 1 refinement
+per group (the paper samples 7 + 1: add `num_generations: 7` and a `generation_batch_size` divisible by 7), Dr.GRPO
+advantages, no KL, no distillation."""
+
 
 # ---------------------------------------------------------------------------------------------------------
 # strict loading
@@ -489,7 +529,8 @@ DEMO_PRESET: dict[str, Any] = {
     "max_steps": 300,
     "lr_scheduler": "cosine",
     "eval_every": 50,
-    "critique_on": "all_wrong_groups",
+    "critique_on": "wrong",
+    "offpolicy_gamma": None,
     "distill_weight": 0.0,
     "critic": {"backend": "rule", "kind": "ground_truth"},
     "memory": {"enabled": True, "top_k_demos": 0, "top_k_lessons": 0},
@@ -586,4 +627,10 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
         if not isinstance(data, dict):
             raise UserError(f"config file '{path}' must hold a mapping of field: value at the top level")
     data.update({k: v for k, v in overrides.items() if v is not None})
+    preset = data.get("preset")
+    if isinstance(preset, str) and preset in PRESETS:  # the file's own keys win over the preset's
+        data = {**PRESETS[preset], **data, "preset": None}
+        cfg = from_dict(TrainConfig, data)
+        cfg.preset = preset  # recorded (config.yaml), already applied
+        return cfg
     return from_dict(TrainConfig, data)
