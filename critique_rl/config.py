@@ -26,6 +26,7 @@ from critique_rl.config_checks import (  # noqa: F401
     _check_trackers,
     _non_negative,
     _positive,
+    check_data_fields,
     from_dict,
     looks_like_secret,
 )
@@ -67,6 +68,30 @@ class TrainConfig:
     train_file: str | None = None
     """Optional JSONL/parquet file or saved HF dataset dir with columns `prompt`, `answer` (overrides task data)."""
     eval_file: str | None = None
+    dataset_name: str | None = None
+    """Training rows from `datasets.load_dataset(dataset_name, dataset_config, split=dataset_split)`, as TRL's
+    CLI takes them: a Hub dataset id (read from the local cache when HF_DATASETS_OFFLINE=1) or a local folder of
+    data files (JSONL/parquet/CSV). Not together with `train_file`. Loading scripts are not run (datasets >= 4
+    removed them): export such data to parquet. Held-out rows come from `eval_file`."""
+    dataset_config: str | None = None
+    """The dataset's configuration (subset), e.g. `main` for gsm8k. None = its default."""
+    dataset_split: str = "train"
+    """The split of `dataset_name` to train on; slices work (`train[:1000]`)."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt (e.g. `question` for GSM8K): a string (TRL's standard format) or a list of
+    {role, content} messages (TRL's conversational format, rendered with the tokenizer's chat template; a
+    tokenizer without one is an error naming the row)."""
+    reference_column: str | None = "answer"
+    """Column holding the reference answer (e.g. `solution`, `ground_truth`); reward functions, verifiers and
+    critiques receive it as `answer` (and under its own name). null = the data has no reference: what needs one
+    (`correctness`, `brier`, `selective_utility` and `math` rewards, `ground_truth` critiques, SFT, the tiny model,
+    `refinement_source: reference`) is refused, and `verifier` must be set (e.g. to your reward function). Every
+    other column reaches reward functions, gates and critic templates by its name."""
+    feedback_column: str | None = None
+    """Column whose text (test output, environment feedback, a human note) is the critique of that row's wrong
+    answers, verbatim and with no critic call, for refinements and directive distillation alike. Needs
+    `critic.backend: feedback`; right answers and rows whose feedback is null get the rule critique of
+    `critic.kind`."""
     verifier: str | None = None
     """Dotted path `pkg.module:function(completion, answer) -> bool` for user datasets, or a TRL-style batch
     function called like a reward function (`def correct(completions, answer, **kwargs)`, correct where the value
@@ -289,6 +314,7 @@ class TrainConfig:
         _check_finite(self)
         self._check_tasks()
         self._check_phases()
+        check_data_fields(self)
         if self.sample_budget is not None:
             _positive("sample_budget", self.sample_budget)
         if self.num_generations < 2:

@@ -21,9 +21,11 @@ from critique_rl.errors import ConfigError
 class CriticConfig:
     """Which critic writes critiques, and how the client behaves (Critique-GRPO, arXiv:2506.03106)."""
 
-    backend: Literal["none", "rule", "hf", "openai"] = "rule"
+    backend: Literal["none", "rule", "hf", "openai", "feedback"] = "rule"
     """`rule`: templates from the verifier and reference, no model. `hf`: a local transformers model
-    (`model` is a path, or `policy` for self-critique). `openai`: any OpenAI-compatible endpoint."""
+    (`model` is a path, or `policy` for self-critique). `openai`: any OpenAI-compatible endpoint. `feedback`: the
+    row's `feedback_column` text is the critique of its wrong answers (no critic call); other answers get the
+    rule critique of `kind`."""
     kind: Literal["indicative", "ground_truth", "cot"] = "ground_truth"
     """`indicative`: verdict only; `ground_truth`: verdict plus the reference answer; `cot`: a step-by-step
     critique written by a model that ends in a parseable verdict."""

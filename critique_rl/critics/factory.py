@@ -72,6 +72,10 @@ def _build(cfg: CriticConfig, *, policy: Any | None, tokenizer: Any | None,
         from critique_rl.critics.rule import RuleCritic
 
         return RuleCritic(kind=cfg.kind, **common)
+    if cfg.backend == "feedback":  # feedback_column: a row's feedback text is its wrong answers' critique
+        from critique_rl.critics.feedback_column import FeedbackColumnCritic
+
+        return FeedbackColumnCritic(kind=cfg.kind, **common)
     common["reference"] = cfg.reference
     if cfg.backend == "hf":
         from critique_rl.critics.hf import HFCritic
