@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from critique_rl.critics.base import BaseCritic, Critique, CritiqueRequest, custom_prompt
+from critique_rl.errors import UserError
 
 
 def row_feedback(request: CritiqueRequest) -> str | None:
@@ -52,6 +53,11 @@ class FeedbackColumnCritic(BaseCritic):
         out: list[Critique | None] = [None] * len(requests)
         rest = []
         for i, request in enumerate(requests):
+            if custom_prompt(request) is None and not hasattr(request.question, "feedback"):
+                raise UserError("critic.backend 'feedback': a critique request whose row was not loaded with "
+                                "feedback_column (its prompt carries no feedback); load the rows with "
+                                "critique_rl.data.load_split(cfg, 'train') or load_rows(..., options=DataOptions("
+                                "feedback_column=...)) and pass them as train_dataset")
             if self.uses_feedback(request):
                 critique = Critique(text=row_feedback(request) or "", verdict=False, kind=self.FEEDBACK_KIND)
                 self.stats.record(critique)
