@@ -118,6 +118,13 @@ class TrainConfig:
     `[batch, tokens, vocab]` logits (`critique_rl.algos.logprobs.linear_selective_log_softmax`, as TRL's fused
     LM head). `auto`: on for CUDA runs of models whose logits are a plain projection; `off` on CPU, where tiny
     vocabularies make the logits cheap. Top-K distillation still takes the logits path."""
+    prefix_sharing: Literal["auto", "on", "off"] = "auto"
+    """Encode each group's shared prompt once (Prefix Grouper, arXiv:2506.05433): in the policy, reference and
+    teacher passes the rows with the same prompt run as one packed sequence with a block attention mask, and
+    generation encodes each distinct prompt once and copies its KV cache to the samples. Same log-probs and
+    gradients up to float rounding (`critique_rl.train.prefix_sharing`). `auto`: wherever the model supports it
+    (sdpa/eager attention, logits a plain projection) and the packed forward is estimated cheaper; `on`: always
+    (an error where unsupported); `off`: every row encodes its own prompt."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them (RL updates only): a
     ~30% slower update for activation memory that no longer grows with layers x completion length; what long
