@@ -1,7 +1,13 @@
 """Our trainer vs TRL's ``GRPOTrainer``, side by side, at identical settings.
 
     python benchmarks/vs_trl.py --preset cpu-tiny --trl-python /work/venv-trl/bin/python [--threads 1]
+    python benchmarks/vs_trl.py --preset cpu-long-prompt --trl-python /work/venv-trl/bin/python
     python benchmarks/vs_trl.py --preset gpu-0.5b [--max-new-tokens 512]        # on a CUDA machine
+
+Presets: ``cpu-tiny`` and ``cpu-medium`` train on the bare 6-token questions; ``cpu-long-prompt`` is
+cpu-medium's model with every prompt padded to 256 tokens by a context of worked additions (4 prompts x 8
+samples, 32 new tokens): the long prompt shared by a group's samples, as refinement prompts, memory contexts and
+episode histories are.
 
 TRL is never a dependency of the project: it lives in a separate environment outside the repository whose
 interpreter is passed as ``--trl-python``::
@@ -154,6 +160,9 @@ class Preset:
     warmup: int
     """Default untimed warm-up steps per arm run."""
     tie_embeddings: bool = True
+    prompt_tokens: int | None = None
+    """Pad every prompt to exactly this many tokens with a context of worked additions before the question
+    (``None``: the bare question, 6 tokens). The n samples of a group share the whole prompt."""
 
     @property
     def completions_per_step(self) -> int:
@@ -171,6 +180,10 @@ PRESETS: dict[str, Preset] = {
     "cpu-medium": Preset("cpu-medium", "llama", layers=6, hidden=512, heads=8, kv_heads=8, intermediate=1024,
                          vocab=2048, prompts=4, num_generations=8, max_new_tokens=32, micro_batch=16,
                          learning_rate=1e-5, device="cpu", steps=6, warmup=2),
+    "cpu-long-prompt": Preset("cpu-long-prompt", "llama", layers=6, hidden=512, heads=8, kv_heads=8,
+                              intermediate=1024, vocab=2048, prompts=4, num_generations=8, max_new_tokens=32,
+                              micro_batch=16, learning_rate=1e-5, device="cpu", steps=6, warmup=2,
+                              prompt_tokens=256),
     "gpu-0.5b": Preset("gpu-0.5b", "qwen2", layers=24, hidden=896, heads=14, kv_heads=2, intermediate=4864,
                        vocab=151_936, prompts=16, num_generations=8, max_new_tokens=256, micro_batch=32,
                        learning_rate=1e-6, device="cuda", steps=5, warmup=2),
@@ -395,11 +408,46 @@ def _sync(cuda: bool) -> None:
 # model and data
 # ---------------------------------------------------------------------------------------------------------
 
-def prompt_rows(n: int, seed: int = SEED) -> list[dict[str, str]]:
-    """``n`` addition problems (``prompt``, ``answer``) from the task's train split."""
+def prompt_rows(n: int, seed: int = SEED, prompt_tokens: int | None = None,
+                model_dir: str | Path | None = None) -> list[dict[str, str]]:
+    """``n`` addition problems (``prompt``, ``answer``) from the task's train split.
+
+    With ``prompt_tokens`` (the long-prompt preset) each question is preceded by a context of worked
+    additions ("12+34=46" lines, seeded per row, then leading spaces) so that the prompt is exactly
+    ``prompt_tokens`` tokens under the tokenizer saved in ``model_dir``; both arms build the same rows."""
+    import random
+
     from critique_rl.tasks import get_task
 
-    return [{"prompt": r["prompt"], "answer": r["answer"]} for r in get_task("addition").make_examples("train", n, seed)]
+    rows = [{"prompt": r["prompt"], "answer": r["answer"]} for r in get_task("addition").make_examples("train", n, seed)]
+    if prompt_tokens is None:
+        return rows
+    if model_dir is None:
+        raise ValueError("prompt_rows: prompt_tokens needs model_dir (the tokenizer that counts the tokens)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+
+    def length(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    rng = random.Random(seed + 1)
+    for row in rows:
+        context = ""
+        while True:
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            line = f"{a}+{b}={a + b}\n"
+            if length(context + line + row["prompt"]) > prompt_tokens:
+                break
+            context += line
+        text = context + row["prompt"]
+        while length(text) < prompt_tokens:
+            text = " " + text
+        if length(text) != prompt_tokens:
+            raise RuntimeError(f"prompt_rows: could not pad a prompt to exactly {prompt_tokens} tokens "
+                               f"(got {length(text)}); the tokenizer merges the padding")
+        row["prompt"] = text
+    return rows
 
 
 def build_model(preset: Preset, path: str | Path, seed: int = SEED) -> dict[str, Any]:
@@ -426,7 +474,8 @@ def build_model(preset: Preset, path: str | Path, seed: int = SEED) -> dict[str,
     if preset.arch == "qwen2":
         cfg, cls = Qwen2Config(max_position_embeddings=32768, rms_norm_eps=1e-6, **common), Qwen2ForCausalLM
     else:
-        cfg, cls = LlamaConfig(max_position_embeddings=max(256, preset.max_new_tokens + 64), **common), LlamaForCausalLM
+        positions = max(256, (preset.prompt_tokens or 0) + preset.max_new_tokens + 64)
+        cfg, cls = LlamaConfig(max_position_embeddings=positions, **common), LlamaForCausalLM
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = cls(cfg)
@@ -527,7 +576,8 @@ def run_ours(preset: Preset, model_dir: str, warmup: int, steps: int) -> dict[st
             critic=CriticConfig(backend="none"), eval_n=1, eval_batch_size=1, log_rollouts=0,
             checkpoint_every=total + 1, progress=False,
         )
-        trainer = Trainer(train_dataset=prompt_rows(_n_rows(preset, total)), args=cfg)
+        trainer = Trainer(train_dataset=prompt_rows(_n_rows(preset, total), prompt_tokens=preset.prompt_tokens,
+                                                       model_dir=model_dir), args=cfg)
         trainer.train()
         rows = [r for r in read_jsonl(Path(out_dir) / "metrics.jsonl") if "time/step" in r]
     timed = [r for r in rows if r["step"] > warmup]
@@ -595,7 +645,8 @@ def run_trl(preset: Preset, model_dir: str, warmup: int, steps: int, trl_optim: 
         if args.generation_batch_size != preset.completions_per_step or args.steps_per_generation != preset.grad_accum:
             raise RuntimeError(f"TRL generation batch {args.generation_batch_size} / steps_per_generation "
                                f"{args.steps_per_generation} do not match one generation per optimizer step")
-        dataset = datasets.Dataset.from_list(prompt_rows(_n_rows(preset, total)))
+        dataset = datasets.Dataset.from_list(prompt_rows(_n_rows(preset, total), prompt_tokens=preset.prompt_tokens,
+                                                              model_dir=model_dir))
         trainer = GRPOTrainer(model=model_dir, reward_funcs=correctness, args=args, train_dataset=dataset,
                               callbacks=[StepTimer()])
         probe.loaded()
@@ -713,7 +764,8 @@ def parent_main(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             raise SystemExit(f"preset {preset.name} needs a CUDA GPU (none visible); use cpu-tiny or cpu-medium")
     print(f"preset {preset.name}: {preset.layers} layers x {preset.hidden} ({preset.arch}), vocab {preset.vocab}, "
-          f"{preset.prompts} prompts x {preset.num_generations} samples, {preset.max_new_tokens} new tokens, "
+          f"{preset.prompts} prompts ({preset.prompt_tokens or 'bare'} tokens) x {preset.num_generations} samples, "
+          f"{preset.max_new_tokens} new tokens, "
           f"micro-batch {preset.micro_batch}; {args.rounds} rounds x ({args.warmup} warm-up + {args.steps} timed "
           f"steps) per arm; arms {arms}; torch threads {args.threads or 'default'}", flush=True)
     rows: list[dict[str, Any]] = []

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from critique_rl.errors import UserError
+from critique_rl.user_code import UserCodeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="RL post-training of language models with language feedback.")
@@ -126,6 +127,9 @@ def _register_optional() -> None:
         pass
     else:
         app.add_typer(memory_app, name="memory")
+    from critique_rl.cli_critic import critic_app  # critique-rl critic train | distill
+
+    app.add_typer(critic_app, name="critic")
 
 
 _register_optional()
@@ -146,6 +150,9 @@ def main() -> None:
         # standalone_mode=False: click *returns* the code of a typer.Exit (e.g. `memory`/`critique` errors
         # exit with 2) instead of raising it, so the return value is the exit status.
         code = app(standalone_mode=False)
+    except UserCodeError as exc:  # the user's reward/verifier failed: one block, their frames only
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     except UserError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)

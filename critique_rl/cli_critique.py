@@ -43,6 +43,29 @@ class CritiqueCommand(TyperCommand):
             raise typer.Exit(2) from None
 
 
+def check_base_url(url: str, flag: str = "--base-url") -> None:
+    """An OpenAI-compatible base URL must be ``http(s)://host[:port][/path]`` (checked before any request)."""
+    from urllib.parse import urlsplit
+
+    example = "e.g. http://127.0.0.1:8000/v1"
+    if not url.strip():
+        raise UserError(f"{flag} is empty; give the server's address, {example}")
+    if any(ch.isspace() for ch in url):
+        raise UserError(f"{flag} {url!r}: a URL has no spaces; give the server's address, {example}")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        hint = f" (did you mean http://{url}?)" if "://" not in url else ""
+        raise UserError(f"{flag} {url!r}: must start with http:// or https://{hint}; {example}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in 0..65535
+    except ValueError:
+        raise UserError(f"{flag} {url!r}: the port is not a number in 0..65535; {example}") from None
+    if not parts.hostname:
+        raise UserError(f"{flag} {url!r}: no host name; {example}")
+    if parts.query or parts.fragment:
+        raise UserError(f"{flag} {url!r}: give the base URL without '?' or '#' parts; {example}")
+
+
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"error: {' '.join(str(message).split())}", err=True)
     return typer.Exit(2)
@@ -52,9 +75,15 @@ def _read_requests(path: Path) -> list[Any]:
     from critique_rl.critics.base import CritiqueRequest
 
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        data = path.read_bytes()
     except OSError as exc:
         raise UserError(f"--input '{path}': cannot read it ({exc.strerror or exc})") from None
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"--input '{path}' line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save it as "
+                        "UTF-8 JSON lines") from None
     out = []
     for n, line in enumerate(lines, start=1):
         if not line.strip():
@@ -173,6 +202,8 @@ def _setup(
         raise UserError("--kind cot needs a model: use --backend hf or openai")
     if backend != "openai" and base_url:
         raise UserError(f"--base-url is only used by --backend openai (got --backend {backend})")
+    if base_url is not None:
+        check_base_url(base_url)
     if backend in ("hf", "openai") and kind == "cot" and not model:
         raise UserError(f"--backend {backend} --kind cot needs --model")
     if timeout <= 0 or max_retries < 0 or max_concurrency < 1 or max_tokens < 1:

@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -66,25 +67,73 @@ def _emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
 
 
-def _records_table(title: str, recs: list[Record], scores: list[float] | None = None) -> Table:
+WIDE_TABLE_COLUMNS = 110
+"""Terminal width from which record tables show every column; narrower ones (e.g. 80 columns) drop the kind
+column (the id's ``D-``/``L-`` prefix says it), fold merged/retrieved/helped into one ``help/ret`` column and
+show the date only, so the text column gets the width."""
+
+
+def _records_table(title: str, recs: list[Record], scores: list[float] | None = None,
+                   width: int | None = None) -> Table:
+    """A table of ``recs``: every column but the text keeps its width (no wrapping), the text takes the rest."""
+    compact = (width if width is not None else _console().width) < WIDE_TABLE_COLUMNS
     table = Table(title=_literal(title))
     table.add_column("id", no_wrap=True)
-    table.add_column("kind")
+    if not compact:
+        table.add_column("kind", no_wrap=True)
     if scores is not None:
-        table.add_column("score", justify="right")
-    table.add_column("text")
-    table.add_column("merged", justify="right")
-    table.add_column("retrieved", justify="right")
-    table.add_column("helped", justify="right")
-    table.add_column("updated", no_wrap=True)
+        table.add_column("score", justify="right", no_wrap=True)
+    table.add_column("text", ratio=1, min_width=16, overflow="fold")
+    if compact:
+        table.add_column("help/ret", justify="right", no_wrap=True)
+        table.add_column("updated", no_wrap=True)
+    else:
+        for name in ("merged", "retrieved", "helped"):
+            table.add_column(name, justify="right", no_wrap=True)
+        table.add_column("updated", no_wrap=True)
     for i, rec in enumerate(recs):
-        row = [rec.id, "demo" if rec.kind == "demonstration" else "lesson"]
+        row = [rec.id] if compact else [rec.id, "demo" if rec.kind == "demonstration" else "lesson"]
         if scores is not None:
             row.append(f"{scores[i]:.3f}")
         # rich markup is off for data cells: memory text is shown literally
-        row += [_summary(rec), str(rec.merged), str(rec.retrieved), str(rec.helped), _when(rec.updated_at)]
+        row.append(_summary(rec, 100 if compact else 150))  # about three lines of the text column
+        if compact:
+            row += [f"{rec.helped}/{rec.retrieved}", _dt.datetime.fromtimestamp(rec.updated_at).strftime("%Y-%m-%d")]
+        else:
+            row += [str(rec.merged), str(rec.retrieved), str(rec.helped), _when(rec.updated_at)]
         table.add_row(*[_literal(c) for c in row])
     return table
+
+
+def check_utf8_file(path: str | Path, what: str) -> None:
+    """A file that is not UTF-8 text is a one-line :class:`UserError` naming the line and byte (a missing file is
+    left to the reader, which has its own message)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return
+    try:
+        with p.open("rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise UserError(f"{what} '{path}' line {lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+                                    f"column {exc.start + 1}); save it as UTF-8 JSON lines") from None
+    except OSError as exc:
+        raise UserError(f"{what} '{path}': cannot read it ({exc.strerror or exc})") from None
+
+
+def _check_writable_file(file: str) -> None:
+    """The export target must be a file path whose folders are folders (not a folder, not below a file)."""
+    dest = Path(file).expanduser()
+    if dest.is_dir():
+        raise UserError(f"export target '{file}' is a folder; give a file path such as {dest / 'bank.jsonl'}")
+    for parent in dest.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"export target '{file}' is below '{parent}', which is a file; choose a path in "
+                                "a folder")
+            return
 
 
 def _literal(text: str) -> Text:
@@ -206,8 +255,12 @@ def stats_cmd(bank: str = BankOpt, as_json: bool = JsonOpt) -> None:
 def export_cmd(file: str = typer.Argument(..., metavar="FILE.jsonl"), bank: str = BankOpt,
                as_json: bool = JsonOpt) -> None:
     """Write every record as JSON lines (no embeddings)."""
+    _check_writable_file(file)
     with _open(bank) as b:
-        n = b.export_jsonl(file)
+        try:
+            n = b.export_jsonl(file)
+        except OSError as exc:
+            raise UserError(f"cannot write '{file}': {exc.strerror or exc}; choose another FILE.jsonl") from None
     if as_json:
         _emit_json({"exported": n, "file": file})
     else:
@@ -219,6 +272,7 @@ def export_cmd(file: str = typer.Argument(..., metavar="FILE.jsonl"), bank: str 
 def import_cmd(file: str = typer.Argument(..., metavar="FILE.jsonl"), bank: str = BankOpt,
                as_json: bool = JsonOpt) -> None:
     """Add records from a JSONL export (creates the bank if needed; existing ids are skipped)."""
+    check_utf8_file(file, "import file")
     with _open(bank, create=True) as b:
         res = b.import_jsonl(file)
     if as_json:

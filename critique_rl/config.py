@@ -26,6 +26,7 @@ from critique_rl.config_checks import (  # noqa: F401
     _check_trackers,
     _non_negative,
     _positive,
+    check_data_fields,
     from_dict,
     looks_like_secret,
 )
@@ -67,6 +68,30 @@ class TrainConfig:
     train_file: str | None = None
     """Optional JSONL/parquet file or saved HF dataset dir with columns `prompt`, `answer` (overrides task data)."""
     eval_file: str | None = None
+    dataset_name: str | None = None
+    """Training rows from `datasets.load_dataset(dataset_name, dataset_config, split=dataset_split)`, as TRL's
+    CLI takes them: a Hub dataset id (read from the local cache when HF_DATASETS_OFFLINE=1) or a local folder of
+    data files (JSONL/parquet/CSV). Not together with `train_file`. Loading scripts are not run (datasets >= 4
+    removed them): export such data to parquet. Held-out rows come from `eval_file`."""
+    dataset_config: str | None = None
+    """The dataset's configuration (subset), e.g. `main` for gsm8k. None = its default."""
+    dataset_split: str = "train"
+    """The split of `dataset_name` to train on; slices work (`train[:1000]`)."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt (e.g. `question` for GSM8K): a string (TRL's standard format) or a list of
+    {role, content} messages (TRL's conversational format, rendered with the tokenizer's chat template; a
+    tokenizer without one is an error naming the row)."""
+    reference_column: str | None = "answer"
+    """Column holding the reference answer (e.g. `solution`, `ground_truth`); reward functions, verifiers and
+    critiques receive it as `answer` (and under its own name). null = the data has no reference: what needs one
+    (`correctness`, `brier`, `selective_utility` and `math` rewards, `ground_truth` critiques, SFT, the tiny model,
+    `refinement_source: reference`) is refused, and `verifier` must be set (e.g. to your reward function). Every
+    other column reaches reward functions, gates and critic templates by its name."""
+    feedback_column: str | None = None
+    """Column whose text (test output, environment feedback, a human note) is the critique of that row's wrong
+    answers, verbatim and with no critic call, for refinements and directive distillation alike. Needs
+    `critic.backend: feedback`; right answers and rows whose feedback is null get the rule critique of
+    `critic.kind`."""
     verifier: str | None = None
     """Dotted path `pkg.module:function(completion, answer) -> bool` for user datasets, or a TRL-style batch
     function called like a reward function (`def correct(completions, answer, **kwargs)`, correct where the value
@@ -93,6 +118,13 @@ class TrainConfig:
     `[batch, tokens, vocab]` logits (`critique_rl.algos.logprobs.linear_selective_log_softmax`, as TRL's fused
     LM head). `auto`: on for CUDA runs of models whose logits are a plain projection; `off` on CPU, where tiny
     vocabularies make the logits cheap. Top-K distillation still takes the logits path."""
+    prefix_sharing: Literal["auto", "on", "off"] = "auto"
+    """Encode each group's shared prompt once (Prefix Grouper, arXiv:2506.05433): in the policy, reference and
+    teacher passes the rows with the same prompt run as one packed sequence with a block attention mask, and
+    generation encodes each distinct prompt once and copies its KV cache to the samples. Same log-probs and
+    gradients up to float rounding (`critique_rl.train.prefix_sharing`). `auto`: wherever the model supports it
+    (sdpa/eager attention, logits a plain projection) and the packed forward is estimated cheaper; `on`: always
+    (an error where unsupported); `off`: every row encodes its own prompt."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them (RL updates only): a
     ~30% slower update for activation memory that no longer grows with layers x completion length; what long
@@ -179,13 +211,23 @@ class TrainConfig:
     module itself, so the ratio is 1 up to float noise and is logged, not applied."""
 
     # --- Critique-GRPO (arXiv:2506.03106) -----------------------------------------------------------------
-    critique_on: Literal["none", "all_wrong_groups", "wrong", "all"] = "all_wrong_groups"
+    preset: str | None = None
+    """`paper`: the settings of Critique-GRPO as published (arXiv:2506.03106, see `PRESETS`): critiques only for
+    groups with no correct answer (`critique_on: all_wrong_groups`), refinement tokens shaped p/(p+0.1)
+    (`offpolicy_gamma: 0.1`), one refinement kept per group (`refinements_per_group: 1`), A = R - mean (`dr_grpo`),
+    no KL term, no distillation. Fields you set yourself win over the preset's (in YAML; in Python a field left
+    at its class default takes the preset's value). None = the defaults, which follow this repo's measurements:
+    refinements for every wrong response, unshaped (`critique_on: wrong`, `offpolicy_gamma: null`)."""
+    critique_on: Literal["none", "all_wrong_groups", "wrong", "all"] = "wrong"
     """Which responses get critiques: every response of groups with no correct answer (the groups plain
-    GRPO learns nothing from), every wrong response, or all. `none` (or critic.backend none) = plain GRPO."""
+    GRPO learns nothing from; the paper's form, `preset: paper`), every wrong response (default: what this repo
+    measured to teach most, +2.8 +- 0.5 over GRPO on 20 seeds at a mid-range start, +14 to +89 on a plateau task,
+    against +0.3 / -0.1 for the paper's form), or all. `none` (or critic.backend none) = plain GRPO."""
     refinements_per_group: int = 1
     """k refinements kept per question (correct first, else random); the group is n initial + k (paper: 7+1)."""
-    offpolicy_gamma: float | None = 0.1
-    """Shaping of refinement tokens, p/(p+gamma) (LUFFY, arXiv:2504.14945); null = no shaping (plain -A log p)."""
+    offpolicy_gamma: float | None = None
+    """Shaping of refinement tokens, p/(p+gamma) (LUFFY, arXiv:2504.14945; Critique-GRPO uses 0.1, `preset:
+    paper`); null (default) = no shaping (plain -A log p), which taught more in this repo's measurements."""
     offpolicy_weighting: Literal["none", "is", "gap"] = "none"
     """Per-token weight on the refinement tokens' loss (`critique_rl.algos.offpolicy_token_weights`), from
     their log-probs under the plain prompt and under the critique they were sampled with. `none`: as published;
@@ -271,6 +313,7 @@ class TrainConfig:
     agent: AgentConfig = field(default_factory=AgentConfig)
 
     def __post_init__(self) -> None:
+        self._apply_preset()
         for name, cls in (("dynamic_sampling", DynamicSamplingConfig), ("pass_rate_filter", PassRateFilterConfig),
                           ("low_variance_filter", LowVarianceFilterConfig)):
             if isinstance(getattr(self, name), dict):  # a mapping given in Python: validated like YAML
@@ -278,6 +321,7 @@ class TrainConfig:
         _check_finite(self)
         self._check_tasks()
         self._check_phases()
+        check_data_fields(self)
         if self.sample_budget is not None:
             _positive("sample_budget", self.sample_budget)
         if self.num_generations < 2:
@@ -382,6 +426,18 @@ class TrainConfig:
                 f"choose one of {sorted(ADVANTAGE_ESTIMATORS)}",
             )
 
+    def _apply_preset(self) -> None:
+        """Fill the preset's values into fields still at their class default (``load_config`` has already merged
+        them under the file's own keys, so there every field the file sets wins)."""
+        if self.preset is None:
+            return
+        if self.preset not in PRESETS:
+            raise ConfigError("preset", self.preset, f"choose one of {sorted(PRESETS)}, or null for the defaults")
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) == defaults.get(name):
+                setattr(self, name, value)
+
     def _check_phases(self) -> None:
         """Validate ``phases`` and derive ``max_steps`` (the sum of the rl phases' steps) from them."""
         if not self.phases:
@@ -476,6 +532,23 @@ class TrainConfig:
 
 CritiqueGRPOConfig = TrainConfig
 
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "critique_on": "all_wrong_groups",
+        "offpolicy_gamma": 0.1,
+        "refinements_per_group": 1,
+        "refinement_source": "critique",
+        "offpolicy_weighting": "none",
+        "advantage_estimator": "dr_grpo",
+        "kl_beta": 0.0,
+        "distill_weight": 0.0,
+    },
+}
+"""Named settings (`preset:`). `paper`: Critique-GRPO as published (arXiv:2506.03106): critiques for the groups
+with no correct answer, shaping gamma 0.1 (Eq. of the shaping function f(p) = p/(p+gamma)), n initial + 1 refinement
+per group (the paper samples 7 + 1: add `num_generations: 7` and a `generation_batch_size` divisible by 7), Dr.GRPO
+advantages, no KL, no distillation."""
+
 
 # ---------------------------------------------------------------------------------------------------------
 # strict loading
@@ -489,7 +562,8 @@ DEMO_PRESET: dict[str, Any] = {
     "max_steps": 300,
     "lr_scheduler": "cosine",
     "eval_every": 50,
-    "critique_on": "all_wrong_groups",
+    "critique_on": "wrong",
+    "offpolicy_gamma": None,
     "distill_weight": 0.0,
     "critic": {"backend": "rule", "kind": "ground_truth"},
     "memory": {"enabled": True, "top_k_demos": 0, "top_k_lessons": 0},
@@ -586,4 +660,10 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
         if not isinstance(data, dict):
             raise UserError(f"config file '{path}' must hold a mapping of field: value at the top level")
     data.update({k: v for k, v in overrides.items() if v is not None})
+    preset = data.get("preset")
+    if isinstance(preset, str) and preset in PRESETS:  # the file's own keys win over the preset's
+        data = {**PRESETS[preset], **data, "preset": None}
+        cfg = from_dict(TrainConfig, data)
+        cfg.preset = preset  # recorded (config.yaml), already applied
+        return cfg
     return from_dict(TrainConfig, data)

@@ -183,3 +183,101 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             raise ConfigError(f"{prefix}{key}", value, f"unknown key; {hint}")
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     return cls(**kwargs)
+
+
+REFERENCE_REWARDS = ("correctness", "brier", "selective_utility", "math")
+"""Built-in rewards that compare a completion with the reference answer."""
+
+
+def check_data_fields(cfg: Any) -> None:
+    """Validate the data fields of a run config (``dataset_*``, ``*_column``) against what needs a reference,
+    the feedback critic and the math extra. Each error names the field and the fix."""
+    if cfg.dataset_name is not None:
+        if not str(cfg.dataset_name).strip():
+            raise ConfigError("dataset_name", cfg.dataset_name, "give a dataset id or folder, or leave it out")
+        if cfg.train_file:
+            raise ConfigError("dataset_name", cfg.dataset_name, "training rows come from train_file or dataset_name; "
+                              "keep one of the two")
+    else:
+        if cfg.dataset_config is not None:
+            raise ConfigError("dataset_config", cfg.dataset_config, "names a configuration of dataset_name; set "
+                              "dataset_name too, or leave dataset_config out")
+        if cfg.dataset_split != "train":
+            raise ConfigError("dataset_split", cfg.dataset_split, "names a split of dataset_name; set dataset_name "
+                              "too, or leave dataset_split out")
+    for name in ("prompt_column", "reference_column", "feedback_column"):
+        value = getattr(cfg, name)
+        if value is not None and not str(value).strip():
+            raise ConfigError(name, value, "give a column name" + ("" if name == "prompt_column" else ", or null"))
+    columns = {"prompt_column": cfg.prompt_column, "reference_column": cfg.reference_column,
+               "feedback_column": cfg.feedback_column}
+    named = [(k, v) for k, v in columns.items() if v is not None]
+    for i, (k, v) in enumerate(named):
+        for k2, v2 in named[i + 1:]:
+            if v == v2:
+                raise ConfigError(k2, v2, f"is also {k}; one column cannot be both")
+    _check_feedback(cfg)
+    if cfg.reference_column is None:
+        _check_reference_free(cfg)
+    _check_math_extra(cfg)
+
+
+def _check_feedback(cfg: Any) -> None:
+    backend = cfg.critic.backend
+    if cfg.feedback_column is not None and backend != "feedback":
+        raise ConfigError("feedback_column", cfg.feedback_column, f"the feedback is the critique only with "
+                          f"critic.backend: feedback (it is {backend!r}); set it, or leave feedback_column out")
+    if backend == "feedback":
+        if cfg.feedback_column is None:
+            raise ConfigError("critic.backend", backend, "the feedback backend reads each row's feedback_column; set "
+                              "feedback_column to the column that holds it")
+        if cfg.critic.kind == "cot":
+            raise ConfigError("critic.kind", cfg.critic.kind, "the feedback backend writes no model critiques; use "
+                              "indicative or ground_truth (the critique of answers with no feedback)")
+
+
+def _check_reference_free(cfg: Any) -> None:
+    """``reference_column: null``: refuse what compares with the reference, naming the fix."""
+    fix = "set reference_column to the column that holds the reference, or"
+    phases = [("reward_funcs", cfg.reward_funcs)] + [
+        (f"phases[{i}].reward_funcs", ph.reward_funcs) for i, ph in enumerate(cfg.phases) if ph.reward_funcs]
+    for field, funcs in phases:
+        needy = [f for f in funcs if f in REFERENCE_REWARDS]
+        if needy:
+            raise ConfigError(field, funcs, f"{needy[0]!r} compares completions with the reference and "
+                              f"reference_column is null (no reference); {fix} use reward functions that need none "
+                              "(your own, file.py:function)")
+    critiques = cfg.critic.backend != "none" and cfg.critique_on != "none"
+    if critiques and cfg.critic.kind == "ground_truth":
+        raise ConfigError("critic.kind", cfg.critic.kind, f"a ground_truth critique quotes the reference and "
+                          f"reference_column is null; {fix} use indicative, or cot with backend openai or hf")
+    if critiques and cfg.critic.fallback_kind == "ground_truth":
+        raise ConfigError("critic.fallback_kind", cfg.critic.fallback_kind, f"quotes the reference and "
+                          f"reference_column is null; {fix} use auto or indicative")
+    if cfg.verifier is None:
+        raise ConfigError("verifier", None, f"reference_column is null, so the task's verifier has no reference to "
+                          f"compare with; {fix} set verifier to a function that needs none, e.g. your reward "
+                          "function (file.py:function; correct where its value > reward_threshold)")
+    if cfg.refinement_source == "reference":
+        raise ConfigError("refinement_source", cfg.refinement_source, f"injects the reference answer and "
+                          f"reference_column is null; {fix} use refinement_source: critique")
+    sft = [ph for ph in cfg.schedule() if ph.kind == "sft" and (ph.steps or 0) > 0]
+    if sft:
+        field = "sft_steps" if not cfg.phases else "phases"
+        raise ConfigError(field, sft[0].steps, f"SFT imitates the reference answers and reference_column is null; "
+                          f"{fix} use sft_steps: 0 (no sft phase)")
+    if cfg.model == "tiny":
+        raise ConfigError("model", cfg.model, f"the tiny model (and its tokenizer) is trained from scratch on the "
+                          f"reference answers and reference_column is null; {fix} give a local model directory")
+
+
+def _check_math_extra(cfg: Any) -> None:
+    import importlib.util
+
+    uses = [("task", cfg.task)] if cfg.task == "math" or "math" in str(cfg.task).split("+") else []
+    if "math" in cfg.reward_funcs:
+        uses.append(("reward_funcs", cfg.reward_funcs))
+    if uses and importlib.util.find_spec("math_verify") is None:
+        field, value = uses[0]
+        raise ConfigError(field, value, "the math reward and task check answers with math-verify, which is not "
+                          'installed; pip install "critique-rl[math]" (or pip install math-verify)')

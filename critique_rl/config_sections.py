@@ -21,9 +21,11 @@ from critique_rl.errors import ConfigError
 class CriticConfig:
     """Which critic writes critiques, and how the client behaves (Critique-GRPO, arXiv:2506.03106)."""
 
-    backend: Literal["none", "rule", "hf", "openai"] = "rule"
+    backend: Literal["none", "rule", "hf", "openai", "feedback"] = "rule"
     """`rule`: templates from the verifier and reference, no model. `hf`: a local transformers model
-    (`model` is a path, or `policy` for self-critique). `openai`: any OpenAI-compatible endpoint."""
+    (`model` is a path, or `policy` for self-critique). `openai`: any OpenAI-compatible endpoint. `feedback`: the
+    row's `feedback_column` text is the critique of its wrong answers (no critic call); other answers get the
+    rule critique of `kind`."""
     kind: Literal["indicative", "ground_truth", "cot"] = "ground_truth"
     """`indicative`: verdict only; `ground_truth`: verdict plus the reference answer; `cot`: a step-by-step
     critique written by a model that ends in a parseable verdict."""
@@ -60,6 +62,13 @@ class CriticConfig:
     further requests fail at once, without a network call, for `circuit_breaker_cooldown_s`; then one probe
     request is let through. 0 = off."""
     circuit_breaker_cooldown_s: float = 30.0
+    reference: Literal["visible", "hidden"] = "visible"
+    """`visible`: a model critic's prompt (`critique_cot.j2`) shows the row's reference answer. `hidden`: the
+    critic gets the question and the response only, as a critic model in the wild does (it never sees the answer,
+    so its verdicts can be wrong: `critique/verdict_accuracy`, `critique/verdict_precision_wrong`,
+    `critique/verdict_recall_wrong` are logged every step against the verifier); a critique whose verdict the
+    verifier contradicts is regenerated (`max_regenerations`), then replaced by an indicative rule critique, which
+    quotes no answer either. Applies to the hf and openai backends."""
     verdict_pattern: str | None = None
     r"""Extra regex for the verdict a `cot` critique ends in, with one capturing group around the verdict word
     (case-insensitive), e.g. `Final grade:\s*(pass|fail)`; tried before the built-in forms `Verdict:
@@ -94,6 +103,14 @@ class CriticConfig:
                               "not a directory; point it at a folder of .j2 templates, or remove it for the packaged ones")
         if self.backend == "openai" and not self.model:
             raise ConfigError("critic.model", self.model, "the openai backend needs a model name, e.g. gpt-4o-mini")
+        if self.reference == "hidden" and self.fallback_kind == "ground_truth":
+            raise ConfigError("critic.fallback_kind", self.fallback_kind,
+                              "with critic.reference hidden a fallback critique may not quote the reference answer; "
+                              "use auto or indicative")
+        if self.reference == "hidden" and self.backend == "rule" and self.kind == "ground_truth":
+            raise ConfigError("critic.reference", self.reference,
+                              "a rule ground_truth critique is the reference answer; use kind indicative, or a model "
+                              "critic (backend hf or openai, kind cot)")
         if self.kind == "cot" and self.backend == "rule":
             raise ConfigError(
                 "critic.kind", self.kind, "the rule backend cannot write cot critiques; use backend hf or openai"

@@ -120,7 +120,12 @@ def wants_chat_template(tokenizer, mode: str = "auto") -> bool:
 
 
 def format_prompt(tokenizer, text: str, use_chat: bool, system: str | None = None) -> str:
-    """The text the policy is conditioned on: raw ``text``, or a one-turn chat with a generation prompt."""
+    """The text the policy is conditioned on: raw ``text``, or a one-turn chat with a generation prompt; a
+    conversational dataset prompt (a :class:`critique_rl.data.Prompt` with messages) through the chat template."""
+    if getattr(text, "messages", None):
+        from critique_rl.templates import render_conversation
+
+        return render_conversation(tokenizer, text, use_chat, system)
     if not use_chat:
         return text if system is None else f"{system}\n{text}"
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]

@@ -5,6 +5,11 @@ carries them as package data ``critique_rl/prompts/*.j2`` (a setuptools ``packag
 
 Text from critics and memory is data: it is only ever passed as a template *variable*, never compiled as a
 template, so ``{{ ... }}`` inside a critique stays literal text.
+
+A dataset row's other columns reach the templates by name: when ``question`` is a
+:class:`critique_rl.data.Prompt`, its ``columns`` (e.g. ``rubric``, ``solution``) are variables too (the
+template's own variables win on a name clash). :func:`render_conversation` renders a conversational prompt
+with the policy tokenizer's chat template.
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ def render(name: str, template_dir: str | None = None, **variables: Any) -> str:
 
     A broken template (syntax error, missing include, undefined variable, sandbox violation) raises a one-line
     :class:`~critique_rl.errors.UserError` naming the file and line, never a jinja2 stack."""
+    columns = getattr(variables.get("question"), "columns", None)
+    if columns:  # the row's other dataset columns, by name; the template's own variables win
+        variables = {**{k: v for k, v in columns.items() if isinstance(k, str) and k.isidentifier()}, **variables}
     try:
         return template_env(template_dir).get_template(name).render(**variables).strip()
     except TemplateError as exc:
@@ -98,7 +106,7 @@ def template_error(name: str, template_dir: str | None, exc: Exception) -> UserE
     message = " ".join(str(exc).split())[:200]
     folder = f"critic.template_dir '{template_dir}'" if template_dir else "the packaged templates"
     variables = TEMPLATE_VARIABLES.get(name)
-    known = f" (variables of {name}: {', '.join(variables)})" if variables else ""
+    known = f" (variables of {name}: {', '.join(variables)}, and the dataset's columns by name)" if variables else ""
     return UserError(f"template {at} ({folder}): {kind}: {message}; fix or remove the file{known}")
 
 
@@ -110,4 +118,39 @@ def check_templates(template_dir: str | None) -> None:
     folder = Path(template_dir).expanduser()
     for name, variables in TEMPLATE_VARIABLES.items():
         if (folder / name).is_file():
-            render(name, template_dir, **variables)
+            render(name, template_dir, **variables, **_column_samples(name, template_dir, variables))
+
+
+def _column_samples(name: str, template_dir: str, variables: dict[str, Any]) -> dict[str, str]:
+    """Sample values for the names a user template reads beyond its own variables: dataset columns (a row's
+    ``rubric``, ``solution``...), which only the data has; a missing one is an error naming it when rendered."""
+    from jinja2 import meta
+
+    env = template_env(template_dir)
+    try:
+        source = env.loader.get_source(env, name)[0] if env.loader else ""
+        names = meta.find_undeclared_variables(env.parse(source))
+    except TemplateError:
+        return {}  # render() reports the syntax error with its file and line
+    return {n: f"<{n}>" for n in names if n not in variables and n not in env.globals}
+
+
+def render_conversation(tokenizer: Any, prompt: Any, use_chat: bool, system: str | None = None) -> str:
+    """The text the policy is conditioned on for a conversational prompt (a :class:`critique_rl.data.Prompt`
+    with ``messages``): its messages (after ``system``, when given) through the tokenizer's chat template, with
+    the generation prompt. Without a chat template (or with ``use_chat_template: no``) a one-line
+    :class:`UserError` naming the row."""
+    where = getattr(prompt, "where", "") or "a conversational prompt"
+    if not use_chat or not getattr(tokenizer, "chat_template", None):
+        why = "use_chat_template is 'no'" if getattr(tokenizer, "chat_template", None) else \
+            "the model's tokenizer has no chat template"
+        raise UserError(f"{where}: the prompt is a list of messages (conversational) but {why}; use a model "
+                        "whose tokenizer has a chat_template (an instruct model) with use_chat_template auto, "
+                        "or give prompts as strings")
+    messages = ([{"role": "system", "content": system}] if system else []) + list(prompt.messages)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except (TemplateError, ValueError, TypeError, KeyError) as exc:  # e.g. "System role not supported"
+        message = " ".join(str(exc).split())[:200]
+        raise UserError(f"{where}: the tokenizer's chat template cannot render these messages ({message}); "
+                        "change the messages (e.g. fold the system message into the user message)") from None

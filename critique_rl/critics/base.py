@@ -25,11 +25,12 @@ import logging
 import re
 import threading
 import time
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
+from critique_rl.critics.stats import VERDICT_COUNTERS, CriticStats, verdict_scores
 from critique_rl.templates import render
 
 logger = logging.getLogger("critique_rl.critics")
@@ -206,69 +207,6 @@ def short_error(reason: str, max_chars: int = 160) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# metrics
-
-
-class CriticStats:
-    """Thread-safe counters behind :meth:`BaseCritic.metrics` (cumulative until :meth:`reset`)."""
-
-    COUNTERS = (
-        "requests",
-        "errors",
-        "fallbacks",
-        "cache_hits",
-        "verdict_disagreements",
-        "unparsable_verdicts",
-        "regenerations",
-        "retries",
-        "prompt_tokens",
-        "completion_tokens",
-    )
-
-    def __init__(self, max_latencies: int = 10_000) -> None:
-        self._lock = threading.Lock()
-        self._max_latencies = max_latencies
-        self.reset()
-
-    def reset(self) -> None:
-        """Zero every counter and forget latencies."""
-        with self._lock:
-            self.counts: dict[str, int] = dict.fromkeys(self.COUNTERS, 0)
-            self.latencies: deque[float] = deque(maxlen=self._max_latencies)
-
-    def add(self, name: str, value: int = 1) -> None:
-        """Increase counter ``name`` by ``value``."""
-        with self._lock:
-            self.counts[name] += value
-
-    def record(self, critique: Critique) -> None:
-        """Count one finished critique (its latency and whether it fell back)."""
-        with self._lock:
-            self.counts["requests"] += 1
-            self.latencies.append(critique.latency_s)
-            if critique.fallback:
-                self.counts["fallbacks"] += 1
-
-    def as_dict(self) -> dict[str, float]:
-        """``critic/<name>`` -> value, plus latency p50/p95 in seconds."""
-        with self._lock:
-            out = {f"critic/{k}": float(v) for k, v in self.counts.items()}
-            lat = sorted(self.latencies)
-        out["critic/latency_p50"] = _percentile(lat, 0.50)
-        out["critic/latency_p95"] = _percentile(lat, 0.95)
-        return out
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return 0.0
-    pos = q * (len(sorted_values) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
-
-
-# ----------------------------------------------------------------------------------------------------------
 # the shared base class
 
 
@@ -332,7 +270,10 @@ class BaseCritic:
         max_regenerations: int = 2,
         template_dir: str | None = None,
         verdict_pattern: str | re.Pattern[str] | None = None,
+        reference: str = "visible",
     ) -> None:
+        if reference not in ("visible", "hidden"):
+            raise ValueError(f"critic reference must be 'visible' or 'hidden', got {reference!r}")
         if kind not in KINDS:
             raise ValueError(f"critic kind must be one of {KINDS}, got {kind!r}")
         if fallback_kind not in FALLBACK_KINDS:
@@ -345,6 +286,35 @@ class BaseCritic:
         self.template_dir = template_dir
         self.verdict_pattern = verdict_pattern  # type: ignore[assignment]  # compiled by the setter
         self.stats = CriticStats()
+        self.reference = reference
+        """``visible``: model critics see the reference answer; ``hidden``: question and response only."""
+        self._verdict_window = dict.fromkeys(VERDICT_COUNTERS, 0)
+        self._memo: OrderedDict[str, Generation] = OrderedDict()
+        self.memo_size = 10_000
+
+    def critic_reference(self, request: CritiqueRequest) -> str | None:
+        """The reference answer as the critic's prompt shows it: None when hidden or absent."""
+        if self.reference == "hidden" or request.reference in (None, ""):
+            return None
+        return request.reference
+
+    def prompt_key(self, request: CritiqueRequest) -> str | None:
+        """The exact prompt a model backend sends for ``request`` (None: no model prompt). Two requests with
+        the same key get the same first-try reply; see :meth:`remember`."""
+        return None
+
+    def remember(self, request: CritiqueRequest, critique: Critique) -> None:
+        """Keep a finished model critique so the next critique of the same prompt (same :meth:`prompt_key`)
+        reuses it as its first try instead of calling the model again: the critic-as-judge reward writes the
+        critique once and the critique stage of the same step reads it (a cache hit, counted in
+        ``critic/cache_hits``). Fallback and rule critiques are not kept. Bounded (``memo_size``, oldest out)."""
+        key = self.prompt_key(request)
+        if key is None or critique.fallback or critique.kind != "cot":
+            return
+        self._memo[key] = Generation(critique.text, critique.prompt_tokens, critique.completion_tokens, cached=True)
+        self._memo.move_to_end(key)
+        while len(self._memo) > self.memo_size:
+            self._memo.popitem(last=False)
 
     @property
     def verdict_pattern(self) -> re.Pattern[str] | None:
@@ -397,15 +367,28 @@ class BaseCritic:
     def metrics(self, reset: bool = False) -> dict[str, float]:
         """``critic/requests, errors, fallbacks, cache_hits, latency_p50, latency_p95, verdict_disagreements,
         regenerations, prompt_tokens, completion_tokens`` (plus ``retries``, ``unparsable_verdicts``),
-        cumulative since construction or the last ``reset``."""
+        cumulative since construction or the last ``reset``; ``critic/verdict_accuracy``,
+        ``critic/verdict_precision_wrong``, ``critic/verdict_recall_wrong`` (first-try cot verdicts against the
+        verifier's, cumulative; None before any) and the same as ``critique/verdict_*`` over the critiques since
+        the previous call (the trainer calls it once per step: per-step values)."""
         out = self.stats.as_dict()
+        counts = {k: int(out[f"critic/{k}"]) for k in VERDICT_COUNTERS}
+        for name, value in verdict_scores(*(counts[k] for k in VERDICT_COUNTERS)).items():
+            out[f"critic/verdict_{name}"] = value  # type: ignore[assignment]  # None: nothing checked yet
+        window = {k: counts[k] - self._verdict_window.get(k, 0) for k in VERDICT_COUNTERS}
+        self._verdict_window = counts
+        for name, value in verdict_scores(*(window[k] for k in VERDICT_COUNTERS)).items():
+            out[f"critique/verdict_{name}"] = value  # type: ignore[assignment]  # since the previous read
         if reset:
             self.stats.reset()
+            self._verdict_window = dict.fromkeys(VERDICT_COUNTERS, 0)
         return out
 
     def fallback(self, request: CritiqueRequest, reason: str, *, latency_s: float = 0.0, **extra: Any) -> Critique:
         """The rule critique of the fallback kind, marked ``fallback=True`` with ``error=reason``."""
         kind = resolve_fallback_kind(self.fallback_kind, request)
+        if self.reference == "hidden":  # the critic never sees the answer: neither may its fallback quote it
+            kind = "indicative"
         return Critique(
             text=render_rule(kind, request, self.template_dir),
             verdict=request.verdict,
@@ -434,6 +417,30 @@ class BaseCritic:
     async def _generate(self, items: list[tuple[CritiqueRequest, int]]) -> list[Generation | CritiqueFailure]:
         """Generate one cot critique per ``(request, regeneration_index)``; implemented by model backends."""
         raise NotImplementedError(f"{type(self).__name__} cannot write cot critiques")
+
+    async def _generate_or_recall(self, items: list[tuple[CritiqueRequest, int]]) -> list[Generation | CritiqueFailure]:
+        """:meth:`_generate`, except first tries whose prompt :meth:`remember` kept (a cached generation)."""
+        out: list[Generation | CritiqueFailure | None] = [None] * len(items)
+        if self._memo:
+            for j, (req, regen) in enumerate(items):
+                key = self.prompt_key(req) if regen == 0 else None
+                if key is not None and key in self._memo:
+                    out[j] = self._memo[key]
+        todo = [j for j, g in enumerate(out) if g is None]
+        if todo:
+            for j, gen in zip(todo, await self._generate([items[j] for j in todo]), strict=True):
+                out[j] = gen
+        return out  # type: ignore[return-value]
+
+    def _count_verdict(self, verdict: bool | None, truth: bool) -> None:
+        """One first-try verdict against the verifier's (``critique/verdict_*``)."""
+        self.stats.add("verdicts_checked")
+        if verdict == truth:
+            self.stats.add("verdicts_agreed")
+        if verdict is False:
+            self.stats.add("wrong_flagged" if not truth else "right_flagged")
+        elif not truth:
+            self.stats.add("wrong_missed")
 
     async def _free_batch(self, requests: list[CritiqueRequest]) -> list[Critique]:
         """Answer free-form prompts verbatim (kind ``prompt``, no verdict). A failure gives empty text with
@@ -474,7 +481,7 @@ class BaseCritic:
                 break
             if round_idx:
                 self.stats.add("regenerations", len(pending))
-            gens = await self._generate([(requests[i], round_idx) for i in pending])
+            gens = await self._generate_or_recall([(requests[i], round_idx) for i in pending])
             retry: list[int] = []
             for i, gen in zip(pending, gens, strict=True):
                 req = requests[i]
@@ -497,6 +504,8 @@ class BaseCritic:
                     self.stats.add("prompt_tokens", gen.prompt_tokens)
                     self.stats.add("completion_tokens", gen.completion_tokens)
                 verdict = parse_verdict(gen.text, self.verdict_pattern)
+                if round_idx == 0 and req.verdict is not None:
+                    self._count_verdict(verdict, req.verdict)
                 problem = None
                 if verdict is None:
                     self.stats.add("unparsable_verdicts")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,37 @@ from critique_rl.critics.base import BaseCritic
 from critique_rl.errors import UserError
 
 CACHE_FILENAME = "critic_cache.sqlite"
+
+_BUILD_ORDER = itertools.count(1)
+_BUILT: weakref.WeakValueDictionary[int, BaseCritic] = weakref.WeakValueDictionary()
+
+
+def built_since(order: int) -> BaseCritic | None:
+    """The most recent critic :func:`build_critic` built after build number ``order`` (see :func:`build_order`)
+    that is still alive, else None. The critic-as-judge reward uses it to score with the run's own critic (the
+    trainer builds its critic after its reward functions), so judge and critique stage share one critic."""
+    for n in sorted(_BUILT, reverse=True):
+        if n <= order:
+            break
+        critic = _BUILT.get(n)
+        if critic is not None:
+            return critic
+    return None
+
+
+_last_order = 0
+
+
+def build_order() -> int:
+    """The number of the last critic built so far (0 before any)."""
+    return _last_order
+
+
+def _register(critic: BaseCritic) -> BaseCritic:
+    global _last_order
+    _last_order = next(_BUILD_ORDER)
+    _BUILT[_last_order] = critic
+    return critic
 
 
 def build_critic(
@@ -29,11 +62,21 @@ def build_critic(
     """
     if cfg.backend == "none":
         return None
+    return _register(_build(cfg, policy=policy, tokenizer=tokenizer, output_dir=output_dir))
+
+
+def _build(cfg: CriticConfig, *, policy: Any | None, tokenizer: Any | None,
+           output_dir: str | Path | None) -> BaseCritic:
     common = {"fallback_kind": cfg.fallback_kind, "template_dir": cfg.template_dir}
     if cfg.backend == "rule":
         from critique_rl.critics.rule import RuleCritic
 
         return RuleCritic(kind=cfg.kind, **common)
+    if cfg.backend == "feedback":  # feedback_column: a row's feedback text is its wrong answers' critique
+        from critique_rl.critics.feedback_column import FeedbackColumnCritic
+
+        return FeedbackColumnCritic(kind=cfg.kind, **common)
+    common["reference"] = cfg.reference
     if cfg.backend == "hf":
         from critique_rl.critics.hf import HFCritic
 

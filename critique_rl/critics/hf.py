@@ -47,6 +47,8 @@ class HFCritic(BaseCritic):
             model, used instead of ``model.generate`` (self-critique with ``rollout_backend: vllm``: the trainer
             sets it, so critiques come from the engine that holds the synced policy weights). Prompts are
             tokenized and truncated exactly as on the transformers path.
+        reference: ``visible`` (the prompt shows the reference answer when the request has one) or ``hidden``
+            (question and response only: a critic that never sees the answer; ``critic.reference``).
     """
 
     def __init__(
@@ -66,10 +68,11 @@ class HFCritic(BaseCritic):
         device: str = "auto",
         seed: int = 0,
         generator: Any | None = None,
+        reference: str = "visible",
     ) -> None:
         super().__init__(
             kind, fallback_kind=fallback_kind, max_regenerations=max_regenerations, template_dir=template_dir,
-            verdict_pattern=verdict_pattern,
+            verdict_pattern=verdict_pattern, reference=reference,
         )
         if isinstance(model, (str, Path)):
             from critique_rl.models import load_policy
@@ -104,13 +107,17 @@ class HFCritic(BaseCritic):
             self.template_dir,
             question=request.question,
             response=request.response,
-            reference=request.reference if request.reference not in (None, "") else None,
+            reference=self.critic_reference(request),
         )
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
             )
         return content + "\n"
+
+    def prompt_key(self, request: CritiqueRequest) -> str:
+        """The prompt text itself (see :meth:`BaseCritic.remember`)."""
+        return self.prompt(request)
 
     def _max_prompt_tokens(self) -> int | None:
         limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)

@@ -126,6 +126,8 @@ class OpenAICritic(BaseCritic):
         system_prompt: optional system message before the ``critique_cot.j2`` user message.
         verdict_pattern: extra verdict regex with one group (``critic.verdict_pattern``), see
             :func:`critique_rl.critics.base.parse_verdict`.
+        reference: ``visible`` (the prompt shows the reference answer when there is one) or ``hidden``
+            (question and response only; ``critic.reference``).
     """
 
     def __init__(
@@ -152,10 +154,11 @@ class OpenAICritic(BaseCritic):
         system_prompt: str | None = None,
         circuit_breaker_failures: int = 5,
         circuit_breaker_cooldown_s: float = 30.0,
+        reference: str = "visible",
     ) -> None:
         super().__init__(
             kind, fallback_kind=fallback_kind, max_regenerations=max_regenerations, template_dir=template_dir,
-            verdict_pattern=verdict_pattern,
+            verdict_pattern=verdict_pattern, reference=reference,
         )
         if not model:
             raise UserError("the openai critic needs a model name (critic.model), e.g. gpt-4o-mini")
@@ -272,11 +275,15 @@ class OpenAICritic(BaseCritic):
             self.template_dir,
             question=request.question,
             response=request.response,
-            reference=request.reference if request.reference not in (None, "") else None,
+            reference=self.critic_reference(request),
         )
         msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         msgs.append({"role": "user", "content": prompt})
         return msgs
+
+    def prompt_key(self, request: CritiqueRequest) -> str:
+        """The chat messages as canonical JSON (see :meth:`BaseCritic.remember`)."""
+        return json.dumps(self.messages(request), sort_keys=True, ensure_ascii=False)
 
     def backoff_delay(self, retry_index: int, retry_after: float | None = None) -> float:
         """Seconds before retry ``retry_index`` (0-based): Retry-After capped at ``backoff_max_s`` when the
@@ -342,7 +349,8 @@ class OpenAICritic(BaseCritic):
             else:
                 self._record_outcome(True)
                 if self._cache is not None:
-                    self._cache.put(key, self.model, text, p_tok, c_tok)
+                    self._cache.put(key, self.model, text, p_tok, c_tok, request=request, regeneration=regen,
+                                    reference_shown=self.critic_reference(request) is not None)
                 return Generation(text, p_tok, c_tok, latency_s=time.perf_counter() - t0)
             logger.info("critic request to %s failed (attempt %d): %s", self.url, attempt + 1, last.reason)
             if not last.retryable:

@@ -22,9 +22,12 @@ from critique_rl.rewards.builtin import (
     overlong_penalty,
     parse_confidence,
 )
+from critique_rl.rewards.critic_judge import CriticJudge, judge_verdict  # registers reward "critic"
 from critique_rl.rewards.gates import GATES, Gate, aevaluate_gates, build_gates, evaluate_gates, register_gate
 
 __all__ = [
+    "CriticJudge",
+    "judge_verdict",
     "DEFAULT_FORMAT_PATTERNS",
     "GATES",
     "REWARD_FUNCS",

@@ -32,13 +32,21 @@ import functools
 import inspect
 import math
 import numbers
+import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
 import torch
 
 from critique_rl.errors import UserError
-from critique_rl.tasks import Task, load_callable
+from critique_rl.tasks import Task
+from critique_rl.user_code import (
+    call_error,
+    defined_at,
+    is_user_callable,
+    load_user_callable,
+    signature_error,
+)
 
 T = TypeVar("T")
 
@@ -205,7 +213,7 @@ def resolve_named(
         if name in registry:
             out.append(bind_factory(registry[name], task, kw, what, name))
         elif ":" in name:
-            out.append(_bind_user(load_callable(name, what=f"{what} function"), kw))
+            out.append(_bind_user(load_user_callable(name, what=f"{what} function"), kw))
         else:
             raise UserError(
                 f"config field '{field}' has unknown {what} {name!r}; choose from {sorted(registry)} "
@@ -231,10 +239,16 @@ def build_reward_funcs(
 # ---------------------------------------------------------------------------------------------------------
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` to completion from sync code, also when an event loop is already running here."""
+    """Run ``coro`` to completion from sync code, also when an event loop is already running here.
+
+    ``asyncio.run`` is called outside any ``except`` block, so an error raised inside ``coro`` is not chained to
+    the "no running event loop" probe."""
     try:
         asyncio.get_running_loop()
+        running = True
     except RuntimeError:
+        running = False
+    if not running:
         return asyncio.run(coro)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(asyncio.run, coro).result()
@@ -295,14 +309,39 @@ async def _invoke(
     fn: Callable[..., Any], what: str, prompts: list[Any], completions: list[Any], columns: dict[str, Any]
 ) -> Any:
     args, kwargs = call_arguments(fn, what, prompts, completions, columns)
+    user = is_user_callable(fn)
+    if user:
+        _check_binds(fn, what, args, kwargs)
     try:
         out = fn(*args, **kwargs)
         if inspect.isawaitable(out):
             out = await out
+    except (UserError, KeyboardInterrupt):
+        raise
     except Exception as exc:
+        if user:  # the user's code failed: one block with their frames only (exit 2 from the CLI)
+            raise call_error(f"{what} function", func_name(fn), fn, exc) from None
         exc.add_note(f"(raised by {what} function {func_name(fn)!r})")
         raise
     return out
+
+
+def _check_binds(fn: Callable[..., Any], what: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """A user function whose signature cannot take the call becomes a :class:`UserCodeError` (instead of a
+    ``TypeError`` from inside our call)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        how = ("it is called positionally as (prompts, completions, **columns)" if args else
+               "it is called with keyword arguments prompts=, completions= and every dataset column")
+        raise signature_error(f"{what} function", func_name(fn), fn, f"{exc} ({how})",
+                              f"write it as def {func_name(fn)}(completions, **kwargs) returning "
+                              + ("one bool per completion" if what == "verifier" else "one float per completion")
+                              ) from None
 
 
 def _as_list(out: Any, n: int, what: str, fn: Callable[..., Any]) -> list[Any]:
@@ -316,21 +355,68 @@ def _as_list(out: Any, n: int, what: str, fn: Callable[..., Any]) -> list[Any]:
 
 
 def validate_rewards(out: Any, n: int, fn: Callable[..., Any]) -> list[float | None]:
-    """Check ``out`` is N numbers-or-None; NaN becomes None. Errors name ``fn``."""
+    """Check ``out`` is N numbers-or-None; NaN becomes None. Errors name ``fn``. An infinite value is kept
+    (the step's loss turns non-finite and its update is skipped), and the first time ``fn`` returns one a
+    warning names it (:func:`warn_infinite_reward`)."""
     values = _as_list(out, n, "reward", fn)
     clean: list[float | None] = []
+    infinite: list[int] = []
     for i, v in enumerate(values):
         if v is None:
             clean.append(None)
         elif isinstance(v, numbers.Real):
             f = float(v)
             clean.append(None if math.isnan(f) else f)
+            if math.isinf(f):
+                infinite.append(i)
         else:
             raise UserError(
                 f"reward function {func_name(fn)!r} returned {v!r} ({type(v).__name__}) at index {i}; "
                 "return a float, or None when the reward does not apply"
             )
+    if infinite:
+        warn_infinite_reward(fn, infinite, clean)
     return clean
+
+
+_INFINITE_WARNED: set[tuple[str, str | None]] = set()
+"""Reward functions already named in an infinite-reward warning (by name and definition site)."""
+
+
+def infinite_reward_message(fn: Callable[..., Any], indices: list[int], values: list[float | None]) -> str:
+    """The warning text for ``fn`` returning +-inf at ``indices`` of ``values``."""
+    where = defined_at(fn)
+    first = values[indices[0]]
+    return (f"reward function {func_name(fn)!r}" + (f" ({where})" if where else "")
+            + f" returned {first} for {len(indices)} of {len(values)} completions (first at index {indices[0]}); "
+            "the step's loss is then NaN/inf and its update is skipped (max_nonfinite_steps such steps in a row "
+            "stop training). Return a finite float, or None where the reward does not apply")
+
+
+def warn_infinite_reward(
+    fn: Callable[..., Any], indices: list[int], values: list[float | None],
+    warn: Callable[[str], None] | None = None,
+) -> bool:
+    """Name ``fn`` in a warning the first time (per process) it returns +-inf; returns True when it warned.
+    ``warn`` receives the text (default: ``warning: ...`` on stderr)."""
+    key = (func_name(fn), defined_at(fn))
+    if key in _INFINITE_WARNED:
+        return False
+    _INFINITE_WARNED.add(key)
+    message = infinite_reward_message(fn, indices, values)
+    if warn is not None:
+        warn(message)
+    else:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+    return True
+
+
+def infinite_reward_names(rewards: torch.Tensor, names: Sequence[str]) -> list[str]:
+    """Names of the columns of an ``[N, K]`` reward matrix that hold +-inf (for a skipped step's message)."""
+    if rewards.numel() == 0:
+        return []
+    bad = torch.isinf(rewards).any(dim=0).tolist()
+    return [name for name, b in zip(names, bad, strict=True) if b]
 
 
 class Verifier:
@@ -358,10 +444,25 @@ class Verifier:
         cols = _check_inputs(prompts, completions, columns)
         if not self.batched:
             answers = cols.get("answer") or [None] * len(completions)
-            return [bool(self.fn(completion_text(c), a)) for c, a in zip(completions, answers, strict=True)]
+            return [self._one(completion_text(c), a) for c, a in zip(completions, answers, strict=True)]
         out = run_sync(_invoke(self.fn, "verifier", prompts, completions, cols))
         values = validate_rewards(out, len(completions), self.fn)
         return [v is not None and v > self.threshold for v in values]
+
+    def _one(self, text: str, answer: Any) -> bool:
+        """The per-sample form ``fn(text, answer)``; a user's function that fails is a :class:`UserCodeError`."""
+        try:
+            return bool(self.fn(text, answer))
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if not is_user_callable(self.fn):
+                raise
+            if isinstance(exc, TypeError) and _signature_mismatch(self.fn, 2):
+                raise signature_error("verifier", self.__name__, self.fn, f"{exc}",
+                                      f"write it as def {self.__name__}(completion, answer) -> bool, or TRL-style "
+                                      f"def {self.__name__}(completions, answer, **kwargs)") from None
+            raise call_error("verifier", self.__name__, self.fn, exc) from None
 
     def check_rows(self, rows: list[dict[str, Any]], texts: list[str], **inputs: Any) -> list[bool]:
         """:meth:`check` for dataset rows and completion texts (``inputs`` go to :func:`reward_inputs`)."""
@@ -371,11 +472,22 @@ class Verifier:
     def __call__(self, completion: Any, answer: Any, **columns: Any) -> bool:
         """One completion (text or messages) against its reference; ``columns``: that row's other values."""
         if not self.batched:
-            return bool(self.fn(completion_text(completion), answer))
+            return self._one(completion_text(completion), answer)
         if self.conversational and isinstance(completion, str):
             completion = [{"role": "assistant", "content": completion}]
         cols = {k: [v] for k, v in columns.items()}
         return self.check([None], [completion], {**cols, "answer": [answer]})[0]
+
+
+def _signature_mismatch(fn: Callable[..., Any], n_args: int) -> bool:
+    """True when ``fn`` cannot be called with ``n_args`` positional arguments."""
+    try:
+        inspect.signature(fn).bind(*([None] * n_args))
+    except TypeError:
+        return True
+    except ValueError:
+        return False
+    return False
 
 
 def is_batched(fn: Callable[..., Any]) -> bool:

@@ -1,4 +1,5 @@
-"""Built-in reward functions: ``format``, ``overlong`` (DAPO) and ``brier`` (RLCR).
+"""Built-in reward functions: ``format``, ``overlong`` (DAPO), ``brier`` (RLCR), ``selective_utility`` and
+``math`` (math-verify, :mod:`critique_rl.rewards.math_verify`, imported at the end of this module).
 
 Each is registered as a factory ``(task, **kwargs) -> RewardFunc``; set the keyword arguments in the config::
 
@@ -231,3 +232,6 @@ def selective_utility_factory(task: Task, reward_right: float = 1.0, penalty_wro
         return out
 
     return selective_utility
+
+
+from critique_rl.rewards import math_verify as _math_verify  # noqa: E402,F401  (registers reward and task `math`)

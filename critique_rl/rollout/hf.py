@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -11,6 +12,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, 
 
 from critique_rl.algos.logprobs import selective_log_softmax
 from critique_rl.rollout.base import Completion, SamplingParams
+from critique_rl.train.prefix_sharing import prefix_sharing_mode
 
 
 class SampledLogprobRecorder(LogitsProcessor):
@@ -55,7 +57,11 @@ class HFGenerator:
     """Samples from the live policy module itself, so weight sync is a no-op.
 
     Prompts are tokenized without special tokens (chat formatting, if any, is already in the text) and
-    sampled in chunks of ``batch_size`` sequences. ``autocast``: a context factory entered around ``generate``
+    sampled in chunks of ``batch_size`` sequences. Within a chunk, each distinct prompt is encoded once (all
+    but its last token, in one forward) and its KV cache is copied to its samples before ``generate`` continues
+    from it (:func:`prefill_shared_prompts`; shared-prefix generation, unless the model's prefix-sharing mode
+    is ``off``, :func:`critique_rl.train.prefix_sharing.set_prefix_sharing`): the same chunks, the same random
+    draws and the same logits up to float rounding as encoding every sample's prompt. ``autocast``: a context factory entered around ``generate``
     (e.g. ``accelerator.autocast``); ``synced_gpus``: passed to ``generate`` (ranks decode in lock-step, needed
     when parameters are sharded).
     """
@@ -133,6 +139,10 @@ class HFGenerator:
             gen_kwargs.update(temperature=None, top_p=None, top_k=None)
         try:
             with self.autocast() if self.autocast is not None else nullcontext():
+                if not self.synced_gpus and prefix_sharing_mode(self.model) != "off":
+                    cache = prefill_shared_prompts(self.model, enc["input_ids"], enc["attention_mask"])
+                    if cache is not None:
+                        gen_kwargs[_cache_keyword(self.model)] = cache
                 out = self.model.generate(**enc, **gen_kwargs)
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
         finally:
@@ -152,3 +162,42 @@ class HFGenerator:
             text = tok.decode(ids[:-1] if finished else ids, skip_special_tokens=True)
             results.append(Completion(token_ids=ids, logprobs=row_lp[:length], text=text, finished=finished))
         return results
+
+
+def _cache_keyword(model: PreTrainedModel) -> str:
+    """``generate``'s keyword for a prefilled cache: ``cache`` (transformers >= 5.2x), else ``past_key_values``."""
+    params = inspect.signature(model.prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@torch.no_grad()
+def prefill_shared_prompts(model: PreTrainedModel, input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor) -> Any | None:
+    """A KV cache of every row's prompt but its last token, each distinct row encoded once, or None when no two
+    rows are equal (nothing to share), a prompt is one column wide, or the model returns no batch-indexable cache.
+
+    The distinct rows ``U`` (``torch.unique`` over the left-padded ``[B, P]`` ids and mask) run one forward over
+    their first ``P - 1`` columns with the position ids ``generate`` would give them (``cumsum(mask) - 1``, 0 on
+    padding); the cache is then gathered back to the ``B`` rows (``batch_select_indices``, a copy per row as
+    ``generate``'s own prefill would hold). ``generate`` given this cache and the full ``[B, P]`` input encodes
+    only the last prompt column and samples from there: the first step's logits equal the full prefill's up to
+    float rounding, and the random draws are the same."""
+    B, P = input_ids.shape
+    if P < 2 or B < 2:
+        return None
+    key = torch.cat([input_ids.masked_fill(attention_mask == 0, -1), attention_mask.long()], dim=1)
+    uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if uniq.shape[0] == B:
+        return None
+    rows = torch.arange(B, device=input_ids.device)
+    first = torch.full((uniq.shape[0],), B, device=input_ids.device).scatter_reduce_(0, inverse, rows, "amin")
+    ids, mask = input_ids[first], attention_mask[first]
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], use_cache=True,
+                **extra)
+    cache = out["cache"] if "cache" in out else out.get("past_key_values")
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        return None
+    cache.batch_select_indices(inverse.to(input_ids.device))
+    return cache

@@ -12,11 +12,13 @@ from critique_rl.tasks.arithmetic import ADDITION, CARRY_ADDITION
 from critique_rl.tasks.base import Example, Task, final_answer_span, parse_number
 from critique_rl.tasks.confidence import ADDITION_CONF
 from critique_rl.tasks.mixture import SEPARATOR, mix_tasks
+from critique_rl.tasks.open_ended import DIGIT_SUM
 from critique_rl.tasks.strings import REVERSE
 from critique_rl.tasks.trap import TRAP, TRAP_HALF, TRAP_PLATEAU, TRAP_PLATEAU_ONLY
 
 TASKS: dict[str, Task] = {t.name: t for t in (ADDITION, CARRY_ADDITION, REVERSE, ADDITION_CONF, TRAP, TRAP_PLATEAU,
                                                  TRAP_PLATEAU_ONLY, TRAP_HALF)}
+TASKS[DIGIT_SUM.name] = DIGIT_SUM  # open-ended: many valid answers, a rule judge, no reference answer
 
 
 def register_task(task: Task) -> Task:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -9,6 +10,7 @@ from typing import Any, Literal
 import torch
 
 from critique_rl.algos.logprobs import chunked_entropy, linear_selective_log_softmax, selective_log_softmax
+from critique_rl.train.prefix_sharing import PackedGroups, packed_mask, shared_plan
 
 
 @dataclass
@@ -94,7 +96,11 @@ def completion_logprobs(
     if entropy not in ("none", "detached", "grad"):
         raise ValueError(f"entropy must be 'none', 'detached' or 'grad', got {entropy!r}")
     T = batch.completion_len
+    packed = shared_plan(model, batch)
+    if packed is not None:
+        return _shared_prefix_logprobs(model, batch, packed, temperature, entropy, keep_logits, chunk_rows)
     if not keep_logits and fused_head_enabled(model):
+        install_rows_forward(model)  # no-op unless the module is a copy of a patched one
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                     use_cache=False, critique_rl_fused=(batch.completion_ids, temperature, entropy != "none",
                                                         chunk_rows))
@@ -109,8 +115,13 @@ def completion_logprobs(
         logits_to_keep=T + 1,
         use_cache=False,
     )
-    raw = out.logits[:, :-1, :]
-    logp = token_logprobs(raw, batch.completion_ids, chunk_rows, temperature=temperature)
+    return _scores_from_logits(out.logits[:, :-1, :], batch.completion_ids, temperature, entropy, keep_logits,
+                               chunk_rows)
+
+
+def _scores_from_logits(raw: torch.Tensor, ids: torch.Tensor, temperature: float, entropy: str,
+                        keep_logits: bool, chunk_rows: int) -> CompletionScores:
+    logp = token_logprobs(raw, ids, chunk_rows, temperature=temperature)
     ent = None
     if entropy != "none":
         ent = chunked_entropy(raw, chunk_rows, grad=entropy == "grad", temperature=temperature)
@@ -118,6 +129,25 @@ def completion_logprobs(
     if keep_logits:
         logits = raw if temperature == 1.0 else raw / temperature
     return CompletionScores(logp=logp, entropy=ent, logits=logits)
+
+
+def _shared_prefix_logprobs(model: torch.nn.Module, batch: TokenBatch, packed: PackedGroups, temperature: float,
+                            entropy: str, keep_logits: bool, chunk_rows: int) -> CompletionScores:
+    """:func:`completion_logprobs` through one packed sequence per prompt group
+    (:mod:`critique_rl.train.prefix_sharing`): the backbone runs on ``[G, L]`` with the block mask, the hidden
+    states predicting each completion token are gathered to ``[B, T, H]``, then the same head as the plain path
+    (fused, or logits + selective log-softmax)."""
+    install_rows_forward(model)
+    kw = dict(input_ids=packed.input_ids, attention_mask=packed_mask(model, packed),
+              position_ids=packed.position_ids, use_cache=False, critique_rl_gather=packed.gather)
+    if not keep_logits and fused_head_enabled(model):
+        out = model(**kw, critique_rl_fused=(batch.completion_ids, temperature, entropy != "none", chunk_rows))
+        ent = out["entropy"]
+        if ent is not None and entropy == "detached":
+            ent = ent.detach()
+        return CompletionScores(logp=out["logp"], entropy=ent, logits=None)
+    out = model(**kw)
+    return _scores_from_logits(out["logits"], batch.completion_ids, temperature, entropy, keep_logits, chunk_rows)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -170,28 +200,67 @@ def enable_fused_head(model: torch.nn.Module) -> torch.nn.Module:
     not :func:`fused_head_supported`."""
     m = _innermost(model)
     if getattr(m, _FUSED_FLAG, False):
-        return model
+        return install_rows_forward(model)
     if not fused_head_supported(m):
         raise ValueError(f"{type(m).__name__}: logits are not a plain projection of the last hidden state; "
                          "the fused LM head does not apply")
-    original = m.forward
-    backbone_name = m.base_model_prefix
+    setattr(m, _FUSED_FLAG, True)
+    install_rows_forward(m)
+    return model
 
-    @functools.wraps(original)
-    def forward(*args: Any, critique_rl_fused: tuple | None = None, **kwargs: Any) -> Any:
-        if critique_rl_fused is None:
-            return original(*args, **kwargs)
-        ids, tau, with_entropy, chunk_rows = critique_rl_fused
+
+class _RowsForward:
+    """The patched ``forward`` of :func:`install_rows_forward`: a callable bound to its module that a deep copy
+    of the module rebinds to the copy (a closure would keep running the original module's weights)."""
+
+    def __init__(self, module: torch.nn.Module, original: Any) -> None:
+        self.module = module
+        self.original = original
+        functools.update_wrapper(self, original)  # inspect.signature(model.forward) stays the original's
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        twin = memo.get(id(self.module))
+        if twin is None:  # copied on its own, not as part of its module
+            return self
+        return _RowsForward(twin, copy.deepcopy(self.original, memo))  # a bound method rebinds to the twin
+
+    def __call__(self, *args: Any, critique_rl_fused: tuple | None = None,
+                 critique_rl_gather: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        if critique_rl_fused is None and critique_rl_gather is None:
+            return self.original(*args, **kwargs)
+        m = self.module
         kwargs.pop("logits_to_keep", None)
-        hidden = getattr(m, backbone_name)(*args, **kwargs).last_hidden_state
-        T = ids.shape[1]
-        h = hidden[:, -(T + 1) : -1]
+        hidden = getattr(m, m.base_model_prefix)(*args, **kwargs).last_hidden_state
+        if critique_rl_gather is not None:
+            h = hidden.reshape(-1, hidden.shape[-1])[critique_rl_gather]
+        else:
+            T = critique_rl_fused[0].shape[1]  # type: ignore[index]
+            h = hidden[:, -(T + 1) : -1]
+        if critique_rl_fused is None:
+            return {"logits": m.get_output_embeddings()(h)}
+        ids, tau, with_entropy, chunk_rows = critique_rl_fused
         logp, ent = linear_selective_log_softmax(h, m.get_output_embeddings().weight, ids, chunk_rows,
                                                  temperature=tau, with_entropy=with_entropy)
         return {"logp": logp, "entropy": ent}
 
-    m.forward = forward
-    setattr(m, _FUSED_FLAG, True)
+
+def install_rows_forward(model: torch.nn.Module) -> torch.nn.Module:
+    """Patch the innermost module's ``forward`` (once) with two extra keywords; calls without them run the
+    original forward (generation is unchanged):
+
+    * ``critique_rl_gather``: ``[B, T]`` indices into the flattened ``[G * L]`` positions of the input; the
+      backbone's last hidden states at those positions are the rows scored (the shared-prefix layout of
+      :mod:`critique_rl.train.prefix_sharing`). Without it: the ``T`` positions before the last one.
+    * ``critique_rl_fused``: ``(completion_ids, tau, entropy, chunk_rows)``: score the rows with the fused head
+      and return ``{"logp", "entropy"}``; without it (but with a gather) return ``{"logits": head(rows)}``.
+
+    The wrappers above (DDP, FSDP, peft) pass keywords through to this forward, so their hooks stay intact; a
+    ``copy.deepcopy`` of the module gets a forward bound to the copy."""
+    m = _innermost(model)
+    fwd = m.__dict__.get("forward")
+    if isinstance(fwd, _RowsForward) and fwd.module is m:
+        return model
+    m.forward = _RowsForward(m, m.forward)
     return model
 
 
