@@ -21,7 +21,14 @@ from typer.core import TyperCommand
 
 from critique_rl.errors import UserError
 
-_BACKENDS = ("rule", "hf", "openai")
+_ROW_ONLY_BACKENDS = ("feedback",)  # critics that read a dataset row's own column: not for one response
+
+
+def _backends() -> list[str]:
+    """The critic backends ``--backend`` accepts: the registered ones (critics.factory.CRITIC_BACKENDS)."""
+    from critique_rl.critics.factory import CRITIC_BACKENDS
+
+    return [name for name in CRITIC_BACKENDS.names() if name not in _ROW_ONLY_BACKENDS]
 _KINDS = ("indicative", "ground_truth", "cot")
 
 
@@ -116,7 +123,7 @@ def _read_requests(path: Path) -> list[Any]:
 
 
 def critique_command(
-    backend: str = typer.Option("rule", "--backend", help="Critic backend: rule, hf or openai."),
+    backend: str = typer.Option("rule", "--backend", help="Critic backend: a registered one (built in: rule, hf, openai)."),
     base_url: str | None = typer.Option(
         None, "--base-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (openai backend)."
     ),
@@ -192,8 +199,8 @@ def _setup(
     from critique_rl.critics.base import CritiqueRequest
     from critique_rl.critics.factory import build_critic
 
-    if backend not in _BACKENDS:
-        raise UserError(f"--backend {backend!r}: choose one of {', '.join(_BACKENDS)}")
+    if backend not in _backends():
+        raise UserError(f"--backend {backend!r}: choose one of {', '.join(_backends())}")
     if kind is not None and kind not in _KINDS:
         raise UserError(f"--kind {kind!r}: choose one of {', '.join(_KINDS)}")
     if kind is None:

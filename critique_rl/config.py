@@ -173,9 +173,12 @@ class TrainConfig:
     """Most tokens per completion. None = the task's own limit (e.g. 6 for addition, 16 with confidence)."""
     advantage_estimator: str = "dr_grpo"
     """`dr_grpo`: A = R - mean (arXiv:2503.20783); `grpo`: (R - mean)/std (arXiv:2402.03300)."""
-    loss_aggregation: Literal["token_sum_norm", "token_mean", "seq_mean_token_mean"] = "token_sum_norm"
+    loss_aggregation: str = "token_sum_norm"
     """`token_sum_norm`: token sum / constant (Dr.GRPO, arXiv:2503.20783); `token_mean` (DAPO,
     arXiv:2503.14476); `seq_mean_token_mean` (original GRPO)."""
+    policy_loss: str = "ppo_clip"
+    """The on-policy per-token loss, by name from `critique_rl.algos.losses.POLICY_LOSSES` (register your own with
+    `register_policy_loss`). `ppo_clip`: PPO's clipped surrogate with `clip_eps_low` / `clip_eps_high`."""
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.28
     """Asymmetric clip range; the higher upper bound is DAPO's clip-higher (arXiv:2503.14476)."""
@@ -199,7 +202,7 @@ class TrainConfig:
     """W-REINFORCE weight of correct samples (arXiv:2506.01347); used by `w_reinforce`."""
     reward_threshold: float = 0.5
     """A reward above this counts as correct for `w_reinforce` / `psr` / `nsr`."""
-    rollout_backend: Literal["hf", "vllm"] = "hf"
+    rollout_backend: str = "hf"
     """`hf`: transformers generate on the live policy. `vllm`: a vLLM engine (section `vllm:`; extra `vllm`),
     colocated or a server, with the weights synced after every optimizer step. Refinements and evaluation use the
     same engine."""
@@ -409,22 +412,18 @@ class TrainConfig:
             )
         if self.kl_beta > 0 and self.num_iterations < 1:
             raise ConfigError("num_iterations", self.num_iterations, "must be >= 1")
-        from critique_rl.algos import (  # late import: algos imports only torch
-            ADVANTAGE_ESTIMATORS,
-            AGGREGATORS,
-        )
-
-        if self.reward_aggregator not in AGGREGATORS:
-            raise ConfigError("reward_aggregator", self.reward_aggregator, f"choose one of {sorted(AGGREGATORS)}")
         if self.max_new_tokens is not None:
             _positive("max_new_tokens", self.max_new_tokens)
+        # names from the registries (late import: algos imports only torch; the engine registry lazily imports
+        # its engines), so a registered plugin is accepted and an unknown name lists what is registered
+        from critique_rl.algos import ADVANTAGE_ESTIMATORS, AGGREGATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+        from critique_rl.rollout.factory import ROLLOUT_ENGINES
 
-        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
-            raise ConfigError(
-                "advantage_estimator",
-                self.advantage_estimator,
-                f"choose one of {sorted(ADVANTAGE_ESTIMATORS)}",
-            )
+        for registry, value in ((AGGREGATORS, self.reward_aggregator), (ADVANTAGE_ESTIMATORS, self.advantage_estimator),
+                                (LOSS_AGGREGATIONS, self.loss_aggregation), (POLICY_LOSSES, self.policy_loss),
+                                (ROLLOUT_ENGINES, self.rollout_backend)):
+            if value not in registry:
+                raise registry.unknown(value)
 
     def _apply_preset(self) -> None:
         """Fill the preset's values into fields still at their class default (``load_config`` has already merged

@@ -21,7 +21,7 @@ from critique_rl.errors import ConfigError
 class CriticConfig:
     """Which critic writes critiques, and how the client behaves (Critique-GRPO, arXiv:2506.03106)."""
 
-    backend: Literal["none", "rule", "hf", "openai", "feedback"] = "rule"
+    backend: str = "rule"
     """`rule`: templates from the verifier and reference, no model. `hf`: a local transformers model
     (`model` is a path, or `policy` for self-critique). `openai`: any OpenAI-compatible endpoint. `feedback`: the
     row's `feedback_column` text is the critique of its wrong answers (no critic call); other answers get the
@@ -101,6 +101,10 @@ class CriticConfig:
         if self.template_dir is not None and not Path(self.template_dir).expanduser().is_dir():
             raise ConfigError("critic.template_dir", self.template_dir,
                               "not a directory; point it at a folder of .j2 templates, or remove it for the packaged ones")
+        from critique_rl.critics.factory import critic_backend_names  # late: the registry of critic backends
+
+        if self.backend not in critic_backend_names():
+            raise ConfigError("critic.backend", self.backend, f"choose one of {critic_backend_names()}")
         if self.backend == "openai" and not self.model:
             raise ConfigError("critic.model", self.model, "the openai backend needs a model name, e.g. gpt-4o-mini")
         if self.reference == "hidden" and self.fallback_kind == "ground_truth":

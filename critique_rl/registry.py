@@ -34,10 +34,13 @@ class Registry(dict[str, T], Generic[T]):
             self.register(name, entry)
 
     def register(self, name: str, entry: T) -> T:
-        """Add ``entry`` under ``name``; a name already held raises :class:`DuplicateNameError`."""
+        """Add ``entry`` under ``name``; a name already held by another entry raises :class:`DuplicateNameError`
+        (registering the identical object again is a no-op)."""
         if not isinstance(name, str) or not name:
             raise UserError(f"{self.what}: a registered name must be a non-empty string, not {name!r}")
         if dict.__contains__(self, name):
+            if dict.__getitem__(self, name) is entry:  # the same entry again (a module imported twice): no change
+                return entry
             raise DuplicateNameError(f"{self.what} {name!r} is already registered ({_describe(self[name])}); "
                                      "choose another name (registries refuse duplicates)")
         dict.__setitem__(self, name, entry)

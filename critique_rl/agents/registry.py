@@ -17,6 +17,7 @@ from critique_rl.agents.env import Env
 from critique_rl.agents.trajectory import Trajectory
 from critique_rl.critics.base import Critic, Critique, CritiqueRequest
 from critique_rl.errors import ConfigError, UserError
+from critique_rl.registry import Registry
 
 ScriptedPolicy = Callable[[str, random.Random], str]
 """``(observation, rng) -> action text``: a scripted player for SFT demonstrations."""
@@ -69,12 +70,12 @@ class EnvSpec:
     """The env's own episode critic (``agent.critique_source: env``)."""
 
 
-ENVS: dict[str, EnvSpec] = {}
+ENVS: Registry[EnvSpec] = Registry("environment", "agent.env")
 
 
 def register_env(spec: EnvSpec) -> EnvSpec:
-    ENVS[spec.name] = spec
-    return spec
+    """Make ``spec`` available as ``agent.env: <spec.name>``; a name held by another spec raises."""
+    return ENVS.register(spec.name, spec)
 
 
 def get_env_spec(name: str) -> EnvSpec:

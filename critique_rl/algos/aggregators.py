@@ -30,18 +30,15 @@ from collections.abc import Callable
 import torch
 
 from critique_rl.algos.advantages import compute_advantages
+from critique_rl.registry import Registry
 
 Diagnostics = dict[str, torch.Tensor]
 AggregatorFn = Callable[..., tuple[torch.Tensor, Diagnostics]]
-AGGREGATORS: dict[str, AggregatorFn] = {}
+AGGREGATORS: Registry[AggregatorFn] = Registry("reward aggregator", "reward_aggregator")
 
 
 def register_aggregator(name: str) -> Callable[[AggregatorFn], AggregatorFn]:
-    def deco(fn: AggregatorFn) -> AggregatorFn:
-        AGGREGATORS[name] = fn
-        return fn
-
-    return deco
+    return AGGREGATORS.decorator(name)
 
 
 def _prepare(

@@ -95,11 +95,11 @@ def _token_sum_norm(loss, mask, num_seqs, num_tokens, norm_constant):
     return (loss * mask).sum() / (num_seqs * norm_constant)
 
 
-LOSS_AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {
+LOSS_AGGREGATIONS: Registry[Callable[..., torch.Tensor]] = Registry("loss aggregation", "loss_aggregation", {
     "token_mean": _token_mean,
     "seq_mean_token_mean": _seq_mean_token_mean,
     "token_sum_norm": _token_sum_norm,
-}
+})
 
 
 def aggregate_loss(

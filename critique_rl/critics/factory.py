@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from critique_rl.config import CriticConfig
 from critique_rl.critics.base import BaseCritic
 from critique_rl.errors import UserError
+from critique_rl.registry import Registry
 
 CACHE_FILENAME = "critic_cache.sqlite"
 
@@ -65,65 +67,100 @@ def build_critic(
     return _register(_build(cfg, policy=policy, tokenizer=tokenizer, output_dir=output_dir))
 
 
+CriticBuilder = Callable[..., BaseCritic]
+"""``builder(cfg, common, *, policy, tokenizer, output_dir) -> critic``: ``common`` holds the keyword arguments
+every critic takes (``fallback_kind``, ``template_dir``)."""
+
+CRITIC_BACKENDS: Registry[CriticBuilder] = Registry("critic backend", "critic.backend")
+"""Critic backends by name (``critic.backend``); ``none`` (no critic) is not an entry."""
+
+
+def register_critic_backend(name: str) -> Callable[[CriticBuilder], CriticBuilder]:
+    """Register a critic builder under ``name`` (``critic: {backend: <name>}`` in a config)."""
+    return CRITIC_BACKENDS.decorator(name)
+
+
+def critic_backend_names() -> list[str]:
+    """Every value ``critic.backend`` accepts: ``none`` and the registered backends."""
+    return ["none", *CRITIC_BACKENDS.names()]
+
+
 def _build(cfg: CriticConfig, *, policy: Any | None, tokenizer: Any | None,
            output_dir: str | Path | None) -> BaseCritic:
+    if cfg.backend not in CRITIC_BACKENDS:
+        raise UserError(f"config field 'critic.backend' = {cfg.backend!r}: choose one of {critic_backend_names()}")
     common = {"fallback_kind": cfg.fallback_kind, "template_dir": cfg.template_dir}
-    if cfg.backend == "rule":
-        from critique_rl.critics.rule import RuleCritic
+    return CRITIC_BACKENDS[cfg.backend](cfg, common, policy=policy, tokenizer=tokenizer, output_dir=output_dir)
 
-        return RuleCritic(kind=cfg.kind, **common)
-    if cfg.backend == "feedback":  # feedback_column: a row's feedback text is its wrong answers' critique
-        from critique_rl.critics.feedback_column import FeedbackColumnCritic
 
-        return FeedbackColumnCritic(kind=cfg.kind, **common)
-    common["reference"] = cfg.reference
-    if cfg.backend == "hf":
-        from critique_rl.critics.hf import HFCritic
+@register_critic_backend("rule")
+def _rule(cfg: CriticConfig, common: dict[str, Any], **_: Any) -> BaseCritic:
+    from critique_rl.critics.rule import RuleCritic
 
-        if cfg.model in (None, "", "policy"):
-            if policy is None or tokenizer is None:
-                raise UserError(
-                    "config field 'critic.model' is unset (or 'policy') but no policy model/tokenizer was "
-                    "passed; set critic.model to a local model directory"
-                )
-            model: Any = policy
-        else:
-            model = cfg.model
-        critic = HFCritic(
-            model,
-            tokenizer if model is policy else None,
-            kind=cfg.kind,
-            max_new_tokens=cfg.max_tokens,
-            temperature=cfg.temperature,
-            max_regenerations=cfg.max_regenerations,
-            verdict_pattern=cfg.verdict_pattern,
-            **common,
-        )
-        critic.shares_policy = model is policy  # the trainer routes it through its rollout engine (vLLM)
-        return critic
-    if cfg.backend == "openai":
-        from critique_rl.critics.openai_api import OpenAICritic
+    return RuleCritic(kind=cfg.kind, **common)
 
-        cache_path = cfg.cache_path
-        if cache_path is None and output_dir is not None:
-            cache_path = str(Path(output_dir) / CACHE_FILENAME)
-        return OpenAICritic(
-            model=cfg.model or "",
-            kind=cfg.kind,
-            base_url=cfg.base_url,
-            api_key_env=cfg.api_key_env,
-            temperature=cfg.temperature,
-            max_tokens=cfg.max_tokens,
-            max_concurrency=cfg.max_concurrency,
-            timeout_s=cfg.timeout_s,
-            max_retries=cfg.max_retries,
-            backoff_base_s=cfg.backoff_base_s,
-            backoff_max_s=cfg.backoff_max_s,
-            cache_path=cache_path,
-            max_regenerations=cfg.max_regenerations,
-            verdict_pattern=cfg.verdict_pattern,
-            circuit_breaker_failures=cfg.circuit_breaker_failures,
-            circuit_breaker_cooldown_s=cfg.circuit_breaker_cooldown_s,
-            **common,
-        )
-    raise UserError(f"config field 'critic.backend' = {cfg.backend!r}: choose none, rule, hf or openai")
+
+@register_critic_backend("feedback")
+def _feedback(cfg: CriticConfig, common: dict[str, Any], **_: Any) -> BaseCritic:
+    """feedback_column: a row's feedback text is its wrong answers' critique."""
+    from critique_rl.critics.feedback_column import FeedbackColumnCritic
+
+    return FeedbackColumnCritic(kind=cfg.kind, **common)
+
+
+@register_critic_backend("hf")
+def _hf(cfg: CriticConfig, common: dict[str, Any], *, policy: Any | None, tokenizer: Any | None,
+        **_: Any) -> BaseCritic:
+    from critique_rl.critics.hf import HFCritic
+
+    common = {**common, "reference": cfg.reference}
+    if cfg.model in (None, "", "policy"):
+        if policy is None or tokenizer is None:
+            raise UserError(
+                "config field 'critic.model' is unset (or 'policy') but no policy model/tokenizer was "
+                "passed; set critic.model to a local model directory"
+            )
+        model: Any = policy
+    else:
+        model = cfg.model
+    critic = HFCritic(
+        model,
+        tokenizer if model is policy else None,
+        kind=cfg.kind,
+        max_new_tokens=cfg.max_tokens,
+        temperature=cfg.temperature,
+        max_regenerations=cfg.max_regenerations,
+        verdict_pattern=cfg.verdict_pattern,
+        **common,
+    )
+    critic.shares_policy = model is policy  # the trainer routes it through its rollout engine (vLLM)
+    return critic
+
+
+@register_critic_backend("openai")
+def _openai(cfg: CriticConfig, common: dict[str, Any], *, output_dir: str | Path | None, **_: Any) -> BaseCritic:
+    from critique_rl.critics.openai_api import OpenAICritic
+
+    cache_path = cfg.cache_path
+    if cache_path is None and output_dir is not None:
+        cache_path = str(Path(output_dir) / CACHE_FILENAME)
+    return OpenAICritic(
+        model=cfg.model or "",
+        kind=cfg.kind,
+        base_url=cfg.base_url,
+        api_key_env=cfg.api_key_env,
+        temperature=cfg.temperature,
+        max_tokens=cfg.max_tokens,
+        max_concurrency=cfg.max_concurrency,
+        timeout_s=cfg.timeout_s,
+        max_retries=cfg.max_retries,
+        backoff_base_s=cfg.backoff_base_s,
+        backoff_max_s=cfg.backoff_max_s,
+        cache_path=cache_path,
+        max_regenerations=cfg.max_regenerations,
+        verdict_pattern=cfg.verdict_pattern,
+        circuit_breaker_failures=cfg.circuit_breaker_failures,
+        circuit_breaker_cooldown_s=cfg.circuit_breaker_cooldown_s,
+        reference=cfg.reference,
+        **common,
+    )

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from critique_rl.critics.base import Critic, CritiqueRequest
+from critique_rl.registry import Registry
 from critique_rl.templates import render
 
 LESSON_KEYS = ("situation", "mistake", "instead", "applies_when")
@@ -156,16 +157,13 @@ class CriticAbstractor:
 # ---------------------------------------------------------------------------------------------------------
 
 RuleAbstraction = Callable[[Failure], "LessonDraft | None"]
-ABSTRACTIONS: dict[str, RuleAbstraction] = {}
+ABSTRACTIONS: Registry[RuleAbstraction] = Registry("memory abstraction", "task")
 
 
 def register_abstraction(task: str) -> Callable[[RuleAbstraction], RuleAbstraction]:
     """Decorator: use ``fn(failure) -> LessonDraft | None`` for failures of task ``task``. Returning None
     falls back to the generic, critique-based abstraction."""
-    def deco(fn: RuleAbstraction) -> RuleAbstraction:
-        ABSTRACTIONS[task] = fn
-        return fn
-    return deco
+    return ABSTRACTIONS.decorator(task)
 
 
 def rule_abstraction(failure: Failure) -> LessonDraft | None:

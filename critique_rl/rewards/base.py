@@ -39,6 +39,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from critique_rl.errors import UserError
+from critique_rl.registry import Registry
 from critique_rl.tasks import Task
 from critique_rl.user_code import (
     call_error,
@@ -133,17 +134,13 @@ _RESERVED = ("prompt", "prompts", "completions")
 
 RewardFactory = Callable[..., RewardFunc]
 """``(task, **kwargs) -> RewardFunc``."""
-REWARD_FUNCS: dict[str, RewardFactory] = {}
+REWARD_FUNCS: Registry[RewardFactory] = Registry("reward function", "reward_funcs")
 
 
 def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
     """Register a factory ``(task, **kwargs) -> RewardFunc`` under ``name`` (usable in ``reward_funcs``)."""
 
-    def deco(factory: RewardFactory) -> RewardFactory:
-        REWARD_FUNCS[name] = factory
-        return factory
-
-    return deco
+    return REWARD_FUNCS.decorator(name)
 
 
 @register_reward("correctness")

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from critique_rl.errors import UserError
+from critique_rl.registry import Registry
 from critique_rl.rewards.base import (
     _as_list,
     _check_inputs,
@@ -42,17 +43,13 @@ class Gate(Protocol):
 
 
 GateFactory = Callable[..., Gate]
-GATES: dict[str, GateFactory] = {}
+GATES: Registry[GateFactory] = Registry("gate", "gates")
 
 
 def register_gate(name: str) -> Callable[[GateFactory], GateFactory]:
     """Register a factory ``(task, **kwargs) -> Gate`` under ``name`` (usable in the ``gates`` config list)."""
 
-    def deco(factory: GateFactory) -> GateFactory:
-        GATES[name] = factory
-        return factory
-
-    return deco
+    return GATES.decorator(name)
 
 
 @register_gate("has_answer")

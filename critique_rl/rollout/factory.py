@@ -13,10 +13,45 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from critique_rl.errors import ConfigError
+from critique_rl.registry import Registry
 from critique_rl.rollout.base import Generator
 
-ROLLOUT_BACKENDS = ("hf", "vllm")
+EngineBuilder = Callable[..., Generator]
+"""``builder(model, tokenizer, *, batch_size, autocast, synced_gpus, vllm_config, seed, workdir, is_main,
+weights_fn) -> Generator`` (see :func:`build_generator` for the arguments)."""
+
+ROLLOUT_ENGINES: Registry[EngineBuilder] = Registry("rollout engine", "rollout_backend")
+ROLLOUT_BACKENDS = ROLLOUT_ENGINES  # the name earlier code used
+
+
+def register_engine(name: str) -> Callable[[EngineBuilder], EngineBuilder]:
+    """Register a rollout engine builder under ``name`` (``rollout_backend: <name>`` in a config)."""
+    return ROLLOUT_ENGINES.decorator(name)
+
+
+@register_engine("hf")
+def _build_hf(model: Any, tokenizer: Any, *, batch_size: int, autocast: Any, synced_gpus: bool,
+              **_: Any) -> Generator:
+    from critique_rl.rollout.hf import HFGenerator
+
+    return HFGenerator(model, tokenizer, batch_size=batch_size, autocast=autocast, synced_gpus=synced_gpus)
+
+
+@register_engine("vllm")
+def _build_vllm(model: Any, tokenizer: Any, *, batch_size: int, vllm_config: Any, seed: int,
+                workdir: str | Path | None, is_main: bool, weights_fn: Any, **_: Any) -> Generator:
+    from critique_rl.config import VLLMConfig
+
+    cfg = vllm_config or VLLMConfig()
+    if cfg.mode == "server":
+        from critique_rl.rollout.vllm import VLLMServerGenerator
+
+        sync_dir = cfg.sync_dir or (Path(workdir) / "vllm_sync" if workdir is not None else None)
+        return VLLMServerGenerator(model, tokenizer, cfg, sync_dir=sync_dir, seed=seed, is_main=is_main,
+                                   weights_fn=weights_fn, batch_size=max(1, min(batch_size, 64)))
+    from critique_rl.rollout.vllm import VLLMGenerator
+
+    return VLLMGenerator(model, tokenizer, cfg, seed=seed, workdir=workdir, weights_fn=weights_fn)
 
 
 def build_generator(
@@ -44,21 +79,6 @@ def build_generator(
     pushed weights (server, unless ``vllm.sync_dir`` is set); ``is_main``: the process that pushes weights to a
     server; ``weights_fn``: returns the full weights to load (default: the policy's, LoRA merged).
     """
-    if backend == "hf":
-        from critique_rl.rollout.hf import HFGenerator
-
-        return HFGenerator(model, tokenizer, batch_size=batch_size, autocast=autocast, synced_gpus=synced_gpus)
-    if backend == "vllm":
-        from critique_rl.config import VLLMConfig
-
-        cfg = vllm_config or VLLMConfig()
-        if cfg.mode == "server":
-            from critique_rl.rollout.vllm import VLLMServerGenerator
-
-            sync_dir = cfg.sync_dir or (Path(workdir) / "vllm_sync" if workdir is not None else None)
-            return VLLMServerGenerator(model, tokenizer, cfg, sync_dir=sync_dir, seed=seed, is_main=is_main,
-                                       weights_fn=weights_fn, batch_size=max(1, min(batch_size, 64)))
-        from critique_rl.rollout.vllm import VLLMGenerator
-
-        return VLLMGenerator(model, tokenizer, cfg, seed=seed, workdir=workdir, weights_fn=weights_fn)
-    raise ConfigError("rollout_backend", backend, f"choose one of {list(ROLLOUT_BACKENDS)}")
+    builder = ROLLOUT_ENGINES.get_or_raise(backend)
+    return builder(model, tokenizer, batch_size=batch_size, autocast=autocast, synced_gpus=synced_gpus,
+                   vllm_config=vllm_config, seed=seed, workdir=workdir, is_main=is_main, weights_fn=weights_fn)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from critique_rl.errors import UserError
+from critique_rl.registry import Registry
 from critique_rl.tasks.arithmetic import ADDITION, CARRY_ADDITION
 from critique_rl.tasks.base import Example, Task, final_answer_span, parse_number
 from critique_rl.tasks.confidence import ADDITION_CONF
@@ -16,15 +17,15 @@ from critique_rl.tasks.open_ended import DIGIT_SUM
 from critique_rl.tasks.strings import REVERSE
 from critique_rl.tasks.trap import TRAP, TRAP_HALF, TRAP_PLATEAU, TRAP_PLATEAU_ONLY
 
-TASKS: dict[str, Task] = {t.name: t for t in (ADDITION, CARRY_ADDITION, REVERSE, ADDITION_CONF, TRAP, TRAP_PLATEAU,
-                                                 TRAP_PLATEAU_ONLY, TRAP_HALF)}
-TASKS[DIGIT_SUM.name] = DIGIT_SUM  # open-ended: many valid answers, a rule judge, no reference answer
+TASKS: Registry[Task] = Registry("task", "task", {t.name: t for t in (
+    ADDITION, CARRY_ADDITION, REVERSE, ADDITION_CONF, TRAP, TRAP_PLATEAU, TRAP_PLATEAU_ONLY, TRAP_HALF)})
+TASKS.register(DIGIT_SUM.name, DIGIT_SUM)  # open-ended: many valid answers, a rule judge, no reference answer
 
 
 def register_task(task: Task) -> Task:
-    """Make ``task`` available by name (``task: <name>`` in a config) without editing the package."""
-    TASKS[task.name] = task
-    return task
+    """Make ``task`` available by name (``task: <name>`` in a config) without editing the package. A name
+    already registered to another task raises :class:`~critique_rl.registry.DuplicateNameError`."""
+    return TASKS.register(task.name, task)
 
 
 def get_task(name: str) -> Task:
