@@ -44,8 +44,11 @@ from critique_rl.config import load_config  # noqa: E402
 from critique_rl.models import format_prompt, load_policy, wants_chat_template  # noqa: E402
 from critique_rl.rollout import HFGenerator, SamplingParams  # noqa: E402
 from critique_rl.tasks import get_task  # noqa: E402
-from critique_rl.train.evaluate import pass_at_k  # noqa: E402
-from critique_rl.train.trainer import EVAL_SEED, CritiqueGRPOTrainer  # noqa: E402
+from critique_rl.train.evaluate import (
+    EVAL_SEED,  # noqa: E402
+    pass_at_k,  # noqa: E402
+)
+from critique_rl.train.trainer import CritiqueGRPOTrainer  # noqa: E402
 
 TASK = "addition_conf"
 WEIGHTS = [[1.0, 1.0], [1.0, 10.0], [10.0, 1.0]]

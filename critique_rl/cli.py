@@ -41,7 +41,8 @@ def train(
     if no_progress:
         overrides["progress"] = False
     cfg = load_config(config, **overrides)  # before the heavy imports: a bad config fails in about a second
-    from critique_rl.train.trainer import CritiqueGRPOTrainer, summary_table
+    from critique_rl.train.run_setup import summary_table
+    from critique_rl.train.trainer import CritiqueGRPOTrainer
 
     trainer = CritiqueGRPOTrainer(args=cfg)  # with an agent: section, on multi-turn episodes of its env
     summary = trainer.train(resume=resume)

@@ -7,7 +7,8 @@ import torch
 
 from critique_rl.config import TrainConfig
 from critique_rl.errors import ConfigError
-from critique_rl.train.trainer import CritiqueGRPOTrainer, resolve_mixed_precision
+from critique_rl.train.run_setup import resolve_mixed_precision
+from critique_rl.train.trainer import CritiqueGRPOTrainer
 
 
 def test_auto_precision_is_bf16_autocast_on_a_gpu_and_none_on_cpu():

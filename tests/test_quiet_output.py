@@ -10,7 +10,8 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from critique_rl.train.trainer import CritiqueGRPOTrainer, deterministic_mode, quiet_library_progress
+from critique_rl.train.run_setup import deterministic_mode, quiet_library_progress
+from critique_rl.train.trainer import CritiqueGRPOTrainer
 
 FAST_YAML = """\
 tiny_hidden_size: 64

@@ -159,7 +159,7 @@ def response_answer(request: CritiqueRequest, max_chars: int = 40) -> str:
     """The short answer a rule critique quotes: ``metadata["answer"]`` or the response's final-answer span."""
     answer = request.metadata.get("answer") if request.metadata else None
     if answer is None:
-        from critique_rl.tasks.base import final_answer_span
+        from critique_rl.primitives import final_answer_span
 
         answer = final_answer_span(request.response or "")
     answer = " ".join(str(answer).split())

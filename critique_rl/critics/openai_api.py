@@ -38,24 +38,14 @@ from urllib.parse import urlsplit
 from critique_rl.critics.base import BaseCritic, CritiqueFailure, CritiqueRequest, Generation, custom_prompt
 from critique_rl.critics.cache import CritiqueCache, cache_key
 from critique_rl.errors import UserError
+from critique_rl.primitives import DEFAULT_BASE_URL, safe_url  # noqa: F401 (re-exported)
 from critique_rl.templates import render
 
 logger = logging.getLogger("critique_rl.critics")
 
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0", "host.docker.internal"})
 DUMMY_API_KEY = "EMPTY"
 _RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
-
-
-def safe_url(url: str | None) -> str:
-    """``url`` without user info, query or fragment (safe to log and print)."""
-    parts = urlsplit(url or DEFAULT_BASE_URL)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return f"{parts.scheme}://{netloc}{parts.path}".rstrip("/")
 
 
 def resolve_api_key(api_key_env: str, base_url: str | None) -> str:

@@ -20,7 +20,6 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from critique_rl.critics.base import Critic, CritiqueRequest
 from critique_rl.registry import Registry
@@ -217,7 +216,7 @@ _ADD = re.compile(r"(-?\d+)\s*\+\s*(-?\d+)")
 
 
 def _parse_answer(response: str) -> int | None:
-    from critique_rl.tasks.base import parse_number
+    from critique_rl.primitives import parse_number
 
     got = parse_number(response)
     if got is None or got != int(got):
@@ -328,9 +327,3 @@ def reverse_lesson(failure: Failure) -> LessonDraft | None:
         return LessonDraft("When reversing a word", "only part of the word was reversed",
                            "start from the last letter and go all the way to the first", applies, tags)
     return None
-
-
-def describe(draft: LessonDraft) -> dict[str, Any]:
-    """The draft as a dict (for logs and tests)."""
-    return {"situation": draft.situation, "mistake": draft.mistake, "instead": draft.instead,
-            "applies_when": draft.applies_when, "tags": list(draft.tags)}

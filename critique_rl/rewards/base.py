@@ -39,6 +39,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from critique_rl.errors import UserError
+from critique_rl.primitives import Message, completion_text  # noqa: F401 (re-exported)
 from critique_rl.registry import Registry
 from critique_rl.tasks import Task
 from critique_rl.user_code import (
@@ -67,34 +68,6 @@ class TrainerState:
     """RL steps completed so far."""
     max_steps: int = 0
     """RL steps the run will take."""
-
-
-Message = dict[str, Any]
-
-
-def completion_text(completion: str | list[Message] | Any) -> str:
-    """The text of a completion: a string as is; a conversational completion (list of messages, TRL's
-    ``[{"role": "assistant", "content": ...}]``) -> its assistant content (the last message's when none is
-    marked assistant). Content given as parts (``[{"type": "text", "text": ...}]``) is joined."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        completion = [completion]
-    if isinstance(completion, list | tuple):
-        msgs = [m for m in completion if isinstance(m, dict)]
-        chosen = [m for m in msgs if m.get("role") == "assistant"] or msgs[-1:]
-        return "".join(_content_text(m.get("content")) for m in chosen)
-    return str(completion)
-
-
-def _content_text(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
-    return str(content)
 
 
 def reward_inputs(

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from critique_rl.errors import UserError
-from critique_rl.rewards.base import RewardFunc, completion_text, register_reward
+from critique_rl.primitives import completion_text
+from critique_rl.rewards.base import RewardFunc, register_reward
 from critique_rl.tasks import Task
 from critique_rl.tasks.confidence import CONFIDENCE_FORMAT
 
@@ -210,7 +211,7 @@ def selective_utility_factory(task: Task, reward_right: float = 1.0, penalty_wro
     on the ``answer`` column; None where ``answer`` is None. Compare with training on ``brier`` and fitting the
     threshold afterwards (``critique-rl calibrate``): benchmarks/decide_vs_learn.py.
     """
-    from critique_rl.train.decision import Utility, bayes_threshold
+    from critique_rl.primitives import Utility, bayes_threshold
 
     try:
         u = Utility(float(reward_right), float(penalty_wrong), float(abstain_value))

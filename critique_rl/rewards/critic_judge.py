@@ -33,7 +33,8 @@ from typing import Any
 
 from critique_rl.critics.base import BaseCritic, CritiqueRequest
 from critique_rl.errors import UserError
-from critique_rl.rewards.base import completion_text, register_reward
+from critique_rl.primitives import completion_text
+from critique_rl.rewards.base import register_reward
 from critique_rl.tasks import Task
 from critique_rl.templates import render
 

@@ -25,7 +25,8 @@ import threading
 from typing import Any
 
 from critique_rl.errors import UserError
-from critique_rl.rewards.base import RewardFunc, completion_text, register_reward
+from critique_rl.primitives import completion_text
+from critique_rl.rewards.base import RewardFunc, register_reward
 from critique_rl.tasks import Example, Task, register_task
 
 INSTALL_HINT = 'pip install "critique-rl[math]" (or pip install math-verify)'

@@ -57,14 +57,6 @@ def import_vllm() -> Any:
     return vllm
 
 
-def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _resolve(policy: PolicyRef) -> nn.Module:
     return policy if isinstance(policy, nn.Module) else policy()
 
@@ -304,7 +296,7 @@ class VLLMServerGenerator:
             r.raise_for_status()
             return r.json()["data"][0]["id"]
         except Exception as e:  # noqa: BLE001 - any failure means the same thing to the user
-            from critique_rl.critics.openai_api import safe_url
+            from critique_rl.primitives import safe_url
 
             raise UserError(f"vLLM server at {safe_url(self.base_url)} is not reachable or lists no model "
                             f"({type(e).__name__}); start it with `vllm serve` (README 'Scaling up') or fix "
@@ -336,7 +328,7 @@ class VLLMServerGenerator:
         self.syncs += 1
 
     def _post(self, url: str, body: dict | None, what: str) -> Any:
-        from critique_rl.critics.openai_api import safe_url
+        from critique_rl.primitives import safe_url
 
         try:
             r = self.client.post(url, json=body) if body is not None else self.client.post(url)

@@ -8,9 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from critique_rl.errors import UserError
+from critique_rl.primitives import final_answer_span, parse_number
 from critique_rl.registry import Registry
 from critique_rl.tasks.arithmetic import ADDITION, CARRY_ADDITION
-from critique_rl.tasks.base import Example, Task, final_answer_span, parse_number
+from critique_rl.tasks.base import Example, Task
 from critique_rl.tasks.confidence import ADDITION_CONF
 from critique_rl.tasks.mixture import SEPARATOR, mix_tasks
 from critique_rl.tasks.open_ended import DIGIT_SUM

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 
-from critique_rl.tasks.base import Example, Task, parse_number
+from critique_rl.primitives import parse_number
+from critique_rl.tasks.base import Example, Task
 
 _ALL_PAIRS = [(a, b) for a in range(10, 100) for b in range(10, 100)]
 _EVAL_POOL = 1000

@@ -2,44 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from critique_rl.errors import UserError
+from critique_rl.primitives import final_answer_span, parse_number  # noqa: F401 (re-exported)
 
 Example = dict[str, Any]
 """A dataset row: at least ``prompt`` (str) and ``answer`` (str, the reference); tasks may add columns."""
-
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-_ANSWER_IS = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*\**\s*([^\s*]+)", re.IGNORECASE)
-_HASHES = re.compile(r"####\s*(\S+)")
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-_CONFIDENCE = re.compile(r"<confidence>.*?</confidence>", re.DOTALL | re.IGNORECASE)
-
-
-def final_answer_span(completion: str) -> str:
-    """The part of a completion that states the final answer: ``\\boxed{}``, ``#### x``, ``answer is x``,
-    else the whole text. Confidence tags are removed first."""
-    text = _CONFIDENCE.sub(" ", completion)
-    for pattern in (_BOXED, _HASHES, _ANSWER_IS):
-        found = pattern.findall(text)
-        if found:
-            return found[-1]
-    return text
-
-
-def parse_number(completion: str) -> float | None:
-    """Last number in the final-answer span (commas allowed as thousands separators), else None."""
-    nums = _NUMBER.findall(final_answer_span(completion))
-    if not nums:
-        return None
-    try:
-        return float(nums[-1].replace(",", ""))
-    except ValueError:
-        return None
-
 
 @dataclass
 class Task:

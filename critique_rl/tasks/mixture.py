@@ -54,7 +54,7 @@ def mix_tasks(tasks: list[Task]) -> Task:
         return rows
 
     def verify(completions: list[Any], answer: list[str], task: list[str] | None = None, **_: Any) -> list[bool]:
-        from critique_rl.rewards.base import completion_text
+        from critique_rl.primitives import completion_text
 
         judges = mixture.for_rows(len(completions), task)
         return [bool(j.verify(completion_text(c), a)) for j, c, a in zip(judges, completions, answer, strict=True)]

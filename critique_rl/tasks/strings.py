@@ -6,7 +6,8 @@ import random
 import re
 import string
 
-from critique_rl.tasks.base import Example, Task, final_answer_span
+from critique_rl.primitives import final_answer_span
+from critique_rl.tasks.base import Example, Task
 
 _WORD = re.compile(r"[a-z]+")
 

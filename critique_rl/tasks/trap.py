@@ -26,8 +26,9 @@ import re
 import string
 
 from critique_rl.memory.abstraction import Failure, LessonDraft, register_abstraction
+from critique_rl.primitives import final_answer_span
 from critique_rl.tasks.arithmetic import _split_pairs
-from critique_rl.tasks.base import Example, Task, final_answer_span
+from critique_rl.tasks.base import Example, Task
 from critique_rl.templates import render
 
 KNOWN_TAGS: dict[str, str] = {"bam": "sum", "dek": "sum", "fip": "sum", "gor": "rev", "hux": "rev", "jel": "rev"}

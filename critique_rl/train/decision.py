@@ -25,31 +25,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from critique_rl.primitives import Utility, bayes_threshold  # noqa: F401 (re-exported)
+
 RULE_FILE = "decision_rule.json"
 """File name of the rule, saved beside the model (``final/decision_rule.json``)."""
 EPS = 1e-6
-
-
-@dataclass(frozen=True)
-class Utility:
-    """The user's utility: reward for a right answer, penalty (a positive number) for a wrong one, value of
-    abstaining."""
-
-    reward_right: float = 1.0
-    penalty_wrong: float = 1.0
-    abstain_value: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("reward_right", "penalty_wrong", "abstain_value"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number")
-        if self.reward_right + self.penalty_wrong <= 0:
-            raise ValueError("reward_right + penalty_wrong must be > 0 (a right answer must beat a wrong one)")
-
-
-def bayes_threshold(u: Utility) -> float:
-    """Answer iff ``q r - (1 - q) p >= a``, i.e. ``q >= (a + p) / (r + p)`` (for a calibrated ``q``)."""
-    return (u.abstain_value + u.penalty_wrong) / (u.reward_right + u.penalty_wrong)
 
 
 def selective_scores(conf: Sequence[float], correct: Sequence[bool], threshold: float | None,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 
@@ -185,8 +184,3 @@ def dynamic_fill(first: RolloutBatch, draw: Callable[[], RolloutBatch], max_refi
                                 for p in range(len(parts)) if any(q == p for q, _ in order)])
     dropped, padded, total_samples = all_reduce_sum([float(len(spare) - len(pad)), float(len(pad)), float(samples)])
     return FillResult(batch, frac, refills, int(dropped), int(padded), int(total_samples))
-
-
-def selection_state(samples_total: int, measured: dict[str, Any] | None) -> dict[str, Any]:
-    """Checkpointed selection state (cumulative samples, the last pass-rate measurement's counts)."""
-    return {"samples_total": samples_total, "pass_rate": measured}

@@ -72,32 +72,24 @@ from critique_rl.train.prompt_selection import PromptSelectionMixin
 from critique_rl.train.prompt_source import PromptSource, RolloutSource
 from critique_rl.train.records import RecordsMixin
 from critique_rl.train.rollout_batch import RolloutBatch
-from critique_rl.train.run_setup import (  # noqa: F401  (the names trainer.py always had)
-    CRITIC_MIN_REQUESTS,
+from critique_rl.train.run_setup import (
     LORA_BASE_DIR,
-    _critic_counts,
     _eval_metrics,
     _progress,
-    _restore_critic_counts,
     _Timer,
     cfg_bs,
-    check_device,
-    check_output_dir,
     console,
     deterministic_mode,
     lr_schedule,
     quiet_library_progress,
-    resolve_mixed_precision,
-    seed_everything,
     start_run,
-    summary_table,
 )
 from critique_rl.train.sampler import MixtureSampler, PromptSampler
 from critique_rl.train.sft import refine_added_steps, sft_warmup
 from critique_rl.train.trackers import flat_config, resolve_trackers, tracker_init_kwargs
 from critique_rl.train.update import NonFiniteGuard, Normalisation, UpdateBatch, policy_update
 
-__all__ = ["EVAL_SEED", "CritiqueGRPOTrainer", "resolve_mixed_precision", "summary_table"]
+__all__ = ["CritiqueGRPOTrainer"]
 
 class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin):
     """GRPO with optional critiques, refinements, directive distillation and memory.
