@@ -88,6 +88,29 @@ class EpisodeSource:
     # ------------------------------------------------------------------------------------------------------
     # setup
     # ------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def check_config(cfg: Any, world: int) -> None:
+        """What episode training refuses (each with the field and the fix)."""
+        if world > 1 and cfg.memory.enabled:
+            raise ConfigError("memory.enabled", True, "episode memory is read and written by one process; train on "
+                              "episodes with memory in one process, or set memory.enabled: false")
+        for name, on in (("pass_rate_filter.enabled", cfg.pass_rate_filter.enabled),
+                         ("dynamic_sampling.enabled", cfg.dynamic_sampling.enabled),
+                         ("low_variance_filter.enabled", cfg.low_variance_filter.enabled)):
+            if on:
+                raise ConfigError(name, True, "the difficulty filters select single-turn prompts; set it to false "
+                                  "for episode training (agent.env)")
+        if cfg.tasks:
+            raise ConfigError("tasks", cfg.tasks, "episode training draws tasks from the environment; leave tasks out")
+        if cfg.refinement_source == "reference":
+            raise ConfigError("refinement_source", "reference", "episodes have no reference answer; use critic")
+        for i, ph in enumerate(cfg.phases):
+            if ph.train_file or ph.reward_funcs is not None or ph.reward_weights is not None or ph.tasks:
+                raise ConfigError(f"phases[{i}]", ph.name or ph.kind, "on episodes a phase sets its kind, steps and "
+                                  "learning_rate (the environment gives the data and the reward); remove train_file, "
+                                  "reward_funcs, reward_weights and tasks")
+
+    # ------------------------------------------------------------------------------------------------------
     def setup_data(self, t: CritiqueGRPOTrainer) -> None:
         cfg, a = t.cfg, t.cfg.agent
         self.t = t
@@ -181,10 +204,9 @@ class EpisodeSource:
                             top_p=cfg.top_p, greedy=greedy, threaded=cfg.agent.threaded_envs,
                             context_fn=self.memory.context_fn if self.memory is not None else None)
 
-    def evaluate(self, generator: Any) -> dict[str, Any]:
+    def evaluate(self, t: CritiqueGRPOTrainer, generator: Any) -> dict[str, Any]:
         """Greedy episodes on the held-out tasks (memory read, nothing written), each process its share:
         ``accuracy`` (success rate), ``mean_turns``, ``mean_return``."""
-        t = self.t
         n = len(self.eval_tasks)
         mine = self.eval_tasks[t.rank * n // t.world: (t.rank + 1) * n // t.world]
         trajs: list[Trajectory] = []

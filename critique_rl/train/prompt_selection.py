@@ -9,7 +9,10 @@ import json
 import time
 from typing import Any
 
-from critique_rl.rollout import SamplingParams
+import torch
+
+from critique_rl.rewards import TrainerState, evaluate_gates, reward_inputs, score_rewards
+from critique_rl.rollout import Completion, SamplingParams
 from critique_rl.train import distributed as dist
 from critique_rl.train import selection, task_mix
 from critique_rl.train.rollout_batch import RolloutBatch
@@ -18,6 +21,46 @@ from critique_rl.train.run_setup import _Timer, cfg_bs, console
 
 class PromptSelectionMixin:
     """The prompt-drawing and data-selection stages of a step (see the module docstring)."""
+
+    def _sample_groups(self, rows: list[dict[str, Any]],
+                       contexts: list[str] | None) -> tuple[list[dict[str, Any]], list[str], list[Completion]]:
+        """Sample n completions per prompt. Returns flat ``(rows, prompts, completions)`` of length B*n."""
+        cfg = self.cfg
+        prompts = [self.prompt_text(r, contexts[i] if contexts else None) for i, r in enumerate(rows)]
+        params = SamplingParams(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
+                                max_new_tokens=self.max_new_tokens)
+        groups = self.generator.generate(prompts, params)
+        n = cfg.num_generations
+        return ([r for r in rows for _ in range(n)], [p for p in prompts for _ in range(n)],
+                [c for g in groups for c in g])
+
+    def _reward_inputs(self, rows: list[dict[str, Any]], completions: list[Completion]) -> tuple[list, list, dict]:
+        """``(prompts, completions, columns)`` as TRL passes them to reward functions, gates and verifiers:
+        messages when a chat template is in use, else strings; every dataset column, ``completion_ids``,
+        ``trainer_state``, plus ``completion_lengths`` and ``truncated``."""
+        return reward_inputs(
+            rows, [c.text for c in completions], [c.token_ids for c in completions], conversational=self.use_chat,
+            trainer_state=TrainerState(global_step=self.step, max_steps=self.cfg.max_steps),
+            extra={"completion_lengths": [len(c.token_ids) for c in completions],
+                   "truncated": [not c.finished for c in completions]})
+
+    def _score(self, rows: list[dict[str, Any]], completions: list[Completion]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Reward matrix ``[N, K]`` (NaN = not applicable), gate pass mask ``[N]`` and gate pass rates."""
+        prompts, comps, columns = self._reward_inputs(rows, completions)
+        R = score_rewards(self.reward_funcs, prompts, comps, columns)
+        if not self.gates:
+            return R, torch.ones(len(rows), dtype=torch.bool), {}
+        passed, rates = evaluate_gates(self.gates, prompts, comps, columns)
+        return R, passed, rates
+
+    def _correct(self, rows: list[dict[str, Any]], completions: list[Completion]) -> list[bool]:
+        return self.verify.check(*self._reward_inputs(rows, completions)) if completions else []
+
+    def _score_batch(self, rows: list[dict[str, Any]], prompts: list[str], completions: list[Completion]) -> RolloutBatch:
+        R, passed, rates = self._score(rows, completions)
+        correct = self._correct(rows, completions)
+        return RolloutBatch(rows=rows, prompts=prompts, completions=completions, group_size=self.cfg.num_generations,
+                            rewards=R, passed=passed, correct=correct, gate_rates=rates)
 
     def _next_prompts(self) -> tuple[list[dict[str, Any]], list[str] | None]:
         """This process's shard of the global prompt batch, and the memory context of each (or None)."""

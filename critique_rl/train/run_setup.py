@@ -232,3 +232,22 @@ def summary_table(summary: dict[str, Any]) -> Table:
                   f"{summary['memory_demonstrations']} / {summary['memory_lessons']}")
     t.add_row("wall time", f"{summary.get('wall_seconds', 0):.0f} s")
     return t
+
+
+def phase_lr(schedule: Callable[[int], float], phases: list[Any], learning_rate: float) -> Callable[[int], float]:
+    """The run's LR schedule, scaled inside each rl phase by its ``learning_rate / learning_rate`` (the
+    schedule itself runs over all RL steps). Unchanged when no phase sets a rate."""
+    ends, factors, end = [], [], 0
+    for ph in phases:
+        if ph.kind == "rl":
+            end += ph.steps or 0
+            ends.append(end)
+            factors.append(1.0 if ph.learning_rate is None else ph.learning_rate / learning_rate)
+    if all(f == 1.0 for f in factors):
+        return schedule
+
+    def scaled(s: int) -> float:
+        i = next((j for j, e in enumerate(ends) if s < e), len(ends) - 1)
+        return schedule(s) * factors[i]
+
+    return scaled

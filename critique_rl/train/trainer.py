@@ -18,7 +18,6 @@ writes metrics, rollouts, checkpoints, the summary, plots and the memory bank.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import random
 import time
@@ -33,45 +32,28 @@ from rich.progress import (
 )
 
 from critique_rl.config import TrainConfig
-from critique_rl.data import load_rows, validate_rows
+from critique_rl.data import load_rows
 from critique_rl.errors import ConfigError, UserError
 from critique_rl.models import (
-    build_tiny_model,
-    build_tiny_tokenizer,
     format_prompt,
     load_policy,
-    wants_chat_template,
 )
 from critique_rl.rewards import (
-    TrainerState,
-    Verifier,
-    build_gates,
     build_reward_funcs,
-    evaluate_gates,
     func_name,
-    reward_inputs,
-    score_rewards,
 )
-from critique_rl.rewards.builtin import parse_confidence
-from critique_rl.rollout import Completion, SamplingParams, engine_is_separate, engine_sleep
+from critique_rl.rollout import engine_is_separate, engine_sleep
 from critique_rl.rollout.factory import build_generator
-from critique_rl.tasks import Task, get_task, load_callable
-from critique_rl.templates import check_templates
 from critique_rl.train import checkpoint as ckpt
 from critique_rl.train import distributed as dist
-from critique_rl.train import task_mix
+from critique_rl.train import prompt_setup, task_mix
 from critique_rl.train.batching import enable_fused_head, fused_head_supported
 from critique_rl.train.critique_path import CritiquePathMixin
-from critique_rl.train.critique_step import (
-    refinement_demos,
-)
 from critique_rl.train.ema import EmaTeacher
-from critique_rl.train.evaluate import EVAL_SEED, greedy_records, summarise_records
 from critique_rl.train.metrics import JsonlWriter, plot_curves
 from critique_rl.train.prompt_selection import PromptSelectionMixin
 from critique_rl.train.prompt_source import PromptSource, RolloutSource
 from critique_rl.train.records import RecordsMixin
-from critique_rl.train.rollout_batch import RolloutBatch
 from critique_rl.train.run_setup import (
     LORA_BASE_DIR,
     _eval_metrics,
@@ -81,11 +63,12 @@ from critique_rl.train.run_setup import (
     console,
     deterministic_mode,
     lr_schedule,
+    phase_lr,
     quiet_library_progress,
     start_run,
 )
-from critique_rl.train.sampler import MixtureSampler, PromptSampler
-from critique_rl.train.sft import refine_added_steps, sft_warmup
+from critique_rl.train.sampler import PromptSampler
+from critique_rl.train.sft import sft_warmup
 from critique_rl.train.trackers import flat_config, resolve_trackers, tracker_init_kwargs
 from critique_rl.train.update import NonFiniteGuard, Normalisation, UpdateBatch, policy_update
 
@@ -149,16 +132,16 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         self.is_main = self.accelerator.is_main_process
         dist.validate_world(cfg.generation_batch_size, cfg.num_generations, cfg.mini_batch_size, self.world)
         if self.episodes is not None:
-            self._check_episode_config()
+            self.episodes.check_config(cfg, self.world)
             self.episodes.setup_data(self)
         else:
-            self._setup_prompt_data()
+            prompt_setup.setup_prompt_data(self)
         self._nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps)
         self._critic_errors_seen = 0.0
         resume_from = self._resume_point(resume)
         self.model, self.tokenizer = self._load_model(resume_from)
         if self.episodes is None:
-            self._setup_prompt_objectives()
+            prompt_setup.setup_prompt_objectives(self)
         else:
             self.reward_funcs, self.reward_names, self.reward_weights = [], ["return"], torch.ones(1)
         self._task_blocks: list[tuple[str, int, int]] = []
@@ -173,54 +156,13 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
             self.memory_on = self.episodes.bank is not None
             self._refines = self.critic is not None
         else:
-            self._setup_prompt_critic_memory(resume_from)
+            prompt_setup.setup_prompt_critic_memory(self, resume_from)
         if self.is_main:
             cfg.save_yaml(self.out / "config.yaml")
         if self.trackers:  # accelerate starts them on the main process only
             self.accelerator.init_trackers(cfg.tracker_project, config=flat_config(cfg.to_dict()),
                                            init_kwargs=tracker_init_kwargs(self.trackers, self.out, self.out.name))
         return resume_from
-
-    def _check_episode_config(self) -> None:
-        cfg = self.cfg
-        if self.world > 1 and cfg.memory.enabled:
-            raise ConfigError("memory.enabled", True, "episode memory is read and written by one process; train on "
-                              "episodes with memory in one process, or set memory.enabled: false")
-        for name, on in (("pass_rate_filter.enabled", cfg.pass_rate_filter.enabled),
-                         ("dynamic_sampling.enabled", cfg.dynamic_sampling.enabled),
-                         ("low_variance_filter.enabled", cfg.low_variance_filter.enabled)):
-            if on:
-                raise ConfigError(name, True, "the difficulty filters select single-turn prompts; set it to false "
-                                  "for episode training (agent.env)")
-        if cfg.tasks:
-            raise ConfigError("tasks", cfg.tasks, "episode training draws tasks from the environment; leave tasks out")
-        if cfg.refinement_source == "reference":
-            raise ConfigError("refinement_source", "reference", "episodes have no reference answer; use critic")
-        for i, ph in enumerate(cfg.phases):
-            if ph.train_file or ph.reward_funcs is not None or ph.reward_weights is not None or ph.tasks:
-                raise ConfigError(f"phases[{i}]", ph.name or ph.kind, "on episodes a phase sets its kind, steps and "
-                                  "learning_rate (the environment gives the data and the reward); remove train_file, "
-                                  "reward_funcs, reward_weights and tasks")
-
-    def _setup_prompt_data(self) -> None:
-        """Single-turn prompts: the task, its verifier, the training and held-out rows."""
-        cfg = self.cfg
-        self.task: Task = get_task(cfg.task)
-        self.verify = Verifier(load_callable(cfg.verifier) if cfg.verifier else self.task.verify, cfg.reward_threshold)
-        if cfg.verifier:  # built-in rewards, gates and critiques judge by the user's verifier too
-            self.task = copy.copy(self.task)
-            self.task.verify = self.verify
-            self.task.parts = {k: dataclasses.replace(t, verify=self.verify) for k, t in self.task.parts.items()}
-        self.train_rows = self._rows(self._train_arg, cfg.train_file, "train", cfg.sft_examples)
-        self.eval_rows = self._rows(self._eval_arg, cfg.eval_file, "eval", cfg.eval_n)[: cfg.eval_n]
-        for split, rows in (("training", self.train_rows), ("held-out", self.eval_rows)) if cfg.tasks else ():
-            i = next((i for i, r in enumerate(rows) if r.get("task") not in cfg.tasks), None)
-            if i is not None:
-                raise ConfigError("tasks", cfg.tasks, f"{split} row {i + 1} has task {rows[i].get('task')!r}; with "
-                                  "`tasks` every row needs a `task` column naming one of them")
-        # task-specific SFT helpers (the task's mistake, its completion format) only on the task's own rows
-        self._task_rows = self._train_arg is None and not cfg.train_file
-        check_templates(cfg.critic.template_dir)
 
     def _resume_point(self, resume: bool) -> Path | None:
         """The checkpoint to resume from (or None); a fresh run's logs are cleared by the main process."""
@@ -239,44 +181,6 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
                 for name in ("metrics.jsonl", "rollouts.jsonl"):
                     (self.out / name).unlink(missing_ok=True)
         return resume_from
-
-    def _setup_prompt_objectives(self) -> None:
-        """Single-turn: chat template, lengths, reward functions, gates, the prompt sampler."""
-        cfg = self.cfg
-        self.use_chat = wants_chat_template(self.tokenizer, cfg.use_chat_template)
-        self.verify.conversational = self.use_chat
-        self.max_new_tokens = cfg.max_new_tokens or self.task.max_new_tokens
-        self._check_lengths()
-        funcs = self._reward_arg if self._reward_arg is not None else cfg.reward_funcs
-        self.reward_funcs = [
-            f if callable(f) else build_reward_funcs([f], self.task, cfg.reward_kwargs)[0] for f in funcs
-        ]
-        self.reward_names = [func_name(f) for f in self.reward_funcs]
-        self.gates = build_gates(cfg.gates, self.task, cfg.gate_kwargs)
-        weights = cfg.reward_weights or [1.0] * len(self.reward_funcs)
-        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
-
-        # same state on every rank: global batches
-        try:
-            self.sampler = MixtureSampler(self.train_rows, cfg.tasks, cfg.seed) if cfg.tasks else \
-                PromptSampler(self.train_rows, cfg.seed)
-        except ValueError as exc:  # a task without training rows
-            raise ConfigError("tasks", cfg.tasks, f"{exc}; give every task some rows, or leave it out") from None
-
-    def _setup_prompt_critic_memory(self, resume_from: Path | None) -> None:
-        cfg = self.cfg
-        if cfg.refinement_source == "reference":  # the control arm: reference answers, no critic at all
-            self.critic = None
-        elif self.critic is None and cfg.critic.backend != "none" and cfg.critique_on != "none":
-            from critique_rl.critics import build_critic
-
-            self.critic = build_critic(cfg.critic, policy=self.model, tokenizer=self.tokenizer, output_dir=self.out)
-        if cfg.critique_on == "none":
-            self.critic = None
-        # groups get an off-policy sample: a refinement from a critique, or (control) the reference answer
-        self._refines = self.critic is not None or (cfg.refinement_source == "reference" and cfg.critique_on != "none")
-        self.memory_on = self.memory is not None or cfg.memory.enabled
-        self.memory_hook = self._build_memory(resume_from) if self.is_main else None
 
     def _setup_phases(self) -> None:
         """The schedule (``phases``, or sft + rl), each phase's own data (a sampler per ``train_file``, seeded
@@ -332,17 +236,9 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         elif self.episodes is not None:  # scripted episodes of the environment
             pairs = self.episodes.sft_pairs(cfg)
         else:
-            pairs = [(self.prompt_text(r), self._demonstration(r)) for r in self.train_rows]
-            if cfg.sft_refine_fraction > 0:
-                plain = len(pairs)
-                pairs += [(self.prompt_text({"prompt": p}), c) for p, c in refinement_demos(
-                    self._sft_task(), self.train_rows, cfg.sft_refine_fraction, cfg.seed, self._sft_completion,
-                    cfg.critic.template_dir)]
-                if cfg.sft_refine_steps == "added" and first:  # batches are drawn in proportion to the pairs
-                    steps = refine_added_steps(steps, plain, len(pairs) - plain)
-                    if progress:
-                        progress.update(task_id, total=steps)
-                    self.summary["sft_steps_run"] = steps
+            pairs, steps = prompt_setup.sft_pairs(self, steps, first)
+            if progress:
+                progress.update(task_id, total=steps)
         losses = sft_warmup(
             model, self.tokenizer, pairs,
             steps=steps, batch_size=cfg.sft_batch_size, lr=lr, seed=seed,
@@ -355,40 +251,6 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
             self.summary.setdefault("phases", []).append(
                 {"phase": index, "name": self._phase_name(index), "kind": "sft", "steps": steps,
                  "at_rl_step": self.step, "final_loss": losses[-1]})
-
-    def _build_memory(self, resume_from: Path | None) -> Any:
-        cfg = self.cfg
-        if not self.memory_on:
-            return None
-        from critique_rl.memory import MemoryBank
-        from critique_rl.train.memory_hook import MemoryHook
-
-        bank_path = Path(cfg.memory.bank_path or self.out / "memory.sqlite")
-        given = self.memory is not None
-        if resume_from is not None and not given:  # bank and model go back to the same step
-            MemoryHook.restore(resume_from / "memory.sqlite", bank_path)
-        elif not given and MemoryHook.begin_fresh_run(bank_path, self.out):
-            console.print(f"[bold yellow]warning: {self.out} was started before and has no checkpoint to resume; "
-                          f"the memory bank {bank_path} was put back to how it was when the run first started[/]",
-                          soft_wrap=True)
-        if not given:
-            self.memory = MemoryBank(bank_path, config=cfg.memory, critic=self.critic)
-        mem_cfg = cfg.memory if cfg.memory.enabled else dataclasses.replace(cfg.memory, enabled=True)  # memory= given
-        hook = MemoryHook(self.memory, mem_cfg, self.task.name, run_name=self.out.name, critic=self.critic)
-        if resume_from is not None and given:
-            hook.restore_open(resume_from)
-        return hook
-
-    def _rows(self, given: Any, path: str | None, split: str, n: int) -> list[dict[str, Any]]:
-        if given is not None:
-            rows = validate_rows(list(given), f"{split}_dataset")
-            if not rows:
-                raise UserError(f"{split}_dataset is empty; pass rows with 'prompt' and 'answer'")
-            return rows
-        if path:
-            return load_rows(path, field=f"{split}_file")
-        seed = EVAL_SEED if split == "eval" else self.cfg.seed
-        return self.task.make_examples(split, n, seed)
 
     def _weights_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.cfg.weights_dtype == "bfloat16" else torch.float32
@@ -407,15 +269,8 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
             if self._tokenizer_arg is None:
                 raise UserError("pass tokenizer= together with a loaded model object")
             return self._model_arg.to(self.accelerator.device), self._tokenizer_arg
-        if self._model_arg == "tiny" and self.episodes is not None:
-            model, tok = self.episodes.build_tiny(self)
-            return model.to(self._weights_dtype()).to(self.accelerator.device), tok
         if self._model_arg == "tiny":
-            texts = [r["prompt"] + self._sft_completion(r) for r in self.train_rows[:4000]]
-            texts += [p + c for p, c in refinement_demos(self._sft_task(), self.train_rows[:500], 1.0, cfg.seed,
-                                                         self._sft_completion, cfg.critic.template_dir)]
-            tok = build_tiny_tokenizer(texts, cfg.tiny_vocab_size)
-            model = build_tiny_model(tok, cfg.tiny_hidden_size, cfg.tiny_layers, cfg.tiny_heads, seed=cfg.seed)
+            model, tok = (self.episodes or prompt_setup).build_tiny(self)
             return model.to(self._weights_dtype()).to(self.accelerator.device), tok
         return load_policy(self._model_arg, device=dev, dtype=self._weights_dtype())
 
@@ -463,68 +318,16 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
     def _eval_metrics(self, result: dict[str, Any]) -> dict[str, Any]:
         return self.episodes.eval_metrics(result) if self.episodes is not None else _eval_metrics(result)
 
-    def _demonstration(self, row: dict[str, Any]) -> str:
-        """SFT target: the task's completion, or its typical mistake at ``sft_mistake_rate`` (seeded per row)."""
-        rate, mistake = self.cfg.sft_mistake_rate, self._sft_task().mistake
-        if rate > 0 and mistake is not None:
-            wrong = mistake(row)
-            if wrong is not None and random.Random(f"{self.cfg.seed}:{row['prompt']}").random() < rate:
-                return wrong
-        return self._sft_completion(row)
-
-    def _sft_task(self) -> Task:
-        """The task for SFT helpers: itself on its own generated rows; without its typical mistake on user rows
-        (a train_file or train_dataset need not hold the columns the mistake reads, e.g. addition's `a`, `b`)."""
-        if self._task_rows:
-            return self.task
-        parts = {k: dataclasses.replace(t, mistake=None) for k, t in self.task.parts.items()}  # a mixture's too
-        return dataclasses.replace(self.task, mistake=None, parts=parts)
-
     def _sft_completion(self, row: dict[str, Any]) -> str:
         """SFT target of a row: the task's completion format on its own rows, the reference answer on user rows."""
         return self.task.sft_completion(row) if self._task_rows else row["answer"]
-
-    def _check_lengths(self) -> None:
-        """Every prompt plus ``max_new_tokens`` must fit the model's positions (a 1 MB prompt is a one-line error,
-        not an allocator failure in the middle of a step)."""
-        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
-        if not isinstance(limit, int) or limit <= 0:
-            return
-        field = "max_new_tokens" if self.cfg.max_new_tokens else "task"
-        if self.max_new_tokens >= limit:
-            raise ConfigError(field, self.cfg.max_new_tokens or self.cfg.task,
-                              f"completions of {self.max_new_tokens} tokens do not fit the model's {limit} positions; "
-                              f"use max_new_tokens < {limit}")
-        for split, rows, source in (("train", self.train_rows, self.cfg.train_file or "train_dataset"),
-                                    ("eval", self.eval_rows, self.cfg.eval_file or "eval_dataset")):
-            for start in range(0, len(rows), 1024):
-                chunk = rows[start:start + 1024]
-                ids = self.tokenizer([self.prompt_text(r) for r in chunk], add_special_tokens=False)["input_ids"]
-                for i, x in enumerate(ids):
-                    if len(x) + self.max_new_tokens > limit:
-                        raise UserError(
-                            f"{split} data ({source}) row {start + i + 1}: the prompt is {len(x)} tokens; with "
-                            f"max_new_tokens {self.max_new_tokens} it does not fit the model's {limit} positions; "
-                            "shorten or drop the row (or lower max_new_tokens)")
 
     def _evaluate(self) -> dict[str, Any]:
         """Greedy held-out accuracy; with a ``brier`` reward in use, also calibration (ECE, Brier score, AUROC).
         Each process decodes its share of the held-out rows; the records are gathered before summarising."""
         gen = self._vllm_engine() if self.cfg.rollout_backend == "vllm" else build_generator(
             "hf", self._policy(), self.tokenizer, batch_size=cfg_bs(self.cfg), autocast=self.accelerator.autocast)
-        if self.episodes is not None:
-            return self.episodes.evaluate(gen)
-        conf = parse_confidence if "brier" in self.reward_names else None
-        n = len(self.eval_rows)
-        mine = self.eval_rows[self.rank * n // self.world : (self.rank + 1) * n // self.world]
-        records = greedy_records(gen, mine, self.prompt_text, self.verify, self.max_new_tokens,
-                                 batch_size=self.cfg.eval_batch_size, confidence_fn=conf)
-        records = [r for part in dist.gather_objects(records) for r in part]  # rank order = eval_rows order
-        result = summarise_records(records, conf is not None)
-        by_task = task_mix.accuracy_by_task(self.eval_rows, [r[0] for r in records])
-        if by_task:
-            result["by_task"] = by_task
-        return result
+        return (self.episodes or prompt_setup).evaluate(self, gen)
 
     def _build_optim(self) -> None:
         cfg = self.cfg
@@ -547,7 +350,7 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
                 self._policy_module().enable_input_require_grads()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._phase_lr(lr_schedule(cfg)))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, phase_lr(lr_schedule(cfg), self.phases, cfg.learning_rate))
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, self.optimizer, self.scheduler)
         self.ref_model = None
         if cfg.kl_beta > 0 and not cfg.lora.enabled:  # with LoRA the reference is the base, adapter disabled
@@ -573,24 +376,6 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         if self.world > 1:  # ranks sample different completions (the same seed would correlate them)
             torch.manual_seed(cfg.seed + 1000 * self.rank)
 
-    def _phase_lr(self, schedule: Any) -> Any:
-        """The run's LR schedule, scaled inside each rl phase by its ``learning_rate / learning_rate`` (the
-        schedule itself runs over all RL steps). Unchanged when no phase sets a rate."""
-        ends, factors, end = [], [], 0
-        for ph in self.phases:
-            if ph.kind == "rl":
-                end += ph.steps or 0
-                ends.append(end)
-                factors.append(1.0 if ph.learning_rate is None else ph.learning_rate / self.cfg.learning_rate)
-        if all(f == 1.0 for f in factors):
-            return schedule
-
-        def scaled(s: int) -> float:
-            i = next((j for j, e in enumerate(ends) if s < e), len(ends) - 1)
-            return schedule(s) * factors[i]
-
-        return scaled
-
     def _vllm_engine(self) -> Any:
         """The vLLM engine (``rollout_backend: vllm``), built on first use (after the SFT warm-up) and kept: it
         serves rollouts, refinements and evaluation, and gets the weights after every optimizer step. It reads
@@ -608,45 +393,6 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
     # ------------------------------------------------------------------------------------------------------
     # one RL step: the stages
     # ------------------------------------------------------------------------------------------------------
-    def _sample_groups(self, rows: list[dict[str, Any]],
-                       contexts: list[str] | None) -> tuple[list[dict[str, Any]], list[str], list[Completion]]:
-        """Sample n completions per prompt. Returns flat ``(rows, prompts, completions)`` of length B*n."""
-        cfg = self.cfg
-        prompts = [self.prompt_text(r, contexts[i] if contexts else None) for i, r in enumerate(rows)]
-        params = SamplingParams(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
-                                max_new_tokens=self.max_new_tokens)
-        groups = self.generator.generate(prompts, params)
-        n = cfg.num_generations
-        return ([r for r in rows for _ in range(n)], [p for p in prompts for _ in range(n)],
-                [c for g in groups for c in g])
-
-    def _reward_inputs(self, rows: list[dict[str, Any]], completions: list[Completion]) -> tuple[list, list, dict]:
-        """``(prompts, completions, columns)`` as TRL passes them to reward functions, gates and verifiers:
-        messages when a chat template is in use, else strings; every dataset column, ``completion_ids``,
-        ``trainer_state``, plus ``completion_lengths`` and ``truncated``."""
-        return reward_inputs(
-            rows, [c.text for c in completions], [c.token_ids for c in completions], conversational=self.use_chat,
-            trainer_state=TrainerState(global_step=self.step, max_steps=self.cfg.max_steps),
-            extra={"completion_lengths": [len(c.token_ids) for c in completions],
-                   "truncated": [not c.finished for c in completions]})
-
-    def _score(self, rows: list[dict[str, Any]], completions: list[Completion]) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Reward matrix ``[N, K]`` (NaN = not applicable), gate pass mask ``[N]`` and gate pass rates."""
-        prompts, comps, columns = self._reward_inputs(rows, completions)
-        R = score_rewards(self.reward_funcs, prompts, comps, columns)
-        if not self.gates:
-            return R, torch.ones(len(rows), dtype=torch.bool), {}
-        passed, rates = evaluate_gates(self.gates, prompts, comps, columns)
-        return R, passed, rates
-
-    def _correct(self, rows: list[dict[str, Any]], completions: list[Completion]) -> list[bool]:
-        return self.verify.check(*self._reward_inputs(rows, completions)) if completions else []
-
-    def _score_batch(self, rows: list[dict[str, Any]], prompts: list[str], completions: list[Completion]) -> RolloutBatch:
-        R, passed, rates = self._score(rows, completions)
-        correct = self._correct(rows, completions)
-        return RolloutBatch(rows=rows, prompts=prompts, completions=completions, group_size=self.cfg.num_generations,
-                            rewards=R, passed=passed, correct=correct, gate_rates=rates)
 
     def _normalisation(self, ub: UpdateBatch) -> Normalisation:
         """Global loss-aggregation counts over the processes (see :class:`Normalisation`)."""
@@ -778,7 +524,7 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
             self.summary.update(self.episodes.final_summary(final, len(self.episodes.eval_tasks)))
             self.summary.update({"steps": self.step, "wall_seconds": self._wall_prior + time.perf_counter() - t_start})
         else:
-            self._prompt_summary(final, t_start)
+            prompt_setup.prompt_summary(self, final, t_start)
         if self.world > 1:
             self.summary["num_processes"] = self.world
         cfg = self.cfg
@@ -800,18 +546,6 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         self.summary = dist.broadcast_object(self.summary)
         self.accelerator.wait_for_everyone()
         return self.summary
-
-    def _prompt_summary(self, final: dict[str, Any], t_start: float) -> None:
-        self.summary.update({
-            "eval_accuracy_after_rl": final["accuracy"],
-            **({"eval_accuracy_after_rl_by_task": final["by_task"]} if final.get("by_task") else {}),
-            "eval_mean_length_after_rl": final["mean_length"],
-            **({"eval_ece_after_rl": final["ece"]} if "ece" in final else {}),
-            "eval_n": len(self.eval_rows),
-            "steps": self.step,
-            "task": self.cfg.task,
-            "wall_seconds": self._wall_prior + time.perf_counter() - t_start,
-        })
 
     def _save_final(self, final_dir: Path) -> None:
         """``final/``: the trained model (LoRA: merged into the base, or the adapter alone) + tokenizer."""
