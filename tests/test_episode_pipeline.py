@@ -141,3 +141,20 @@ def test_two_processes_on_episodes_shard_write_once_and_track_one_process(tmp_pa
     assert {r["rank"] for r in roll} == {0, 1}
     for a, b in zip((r for r in rows1 if "loss/total" in r), (r for r in rows2 if "loss/total" in r), strict=True):
         assert abs(a["train/accuracy"] - b["train/accuracy"]) <= 0.5
+
+
+@pytest.mark.vllm
+def test_episodes_with_the_vllm_engine(tmp_path):
+    """``rollout_backend: vllm`` on episodes: contexts go to the engine as token ids (``generate_ids``), the
+    engine's log-probs reach the update (TIS applies: the engine samples separately), weights sync each step."""
+    pytest.importorskip("vllm")
+    from critique_rl.rollout import engine_is_separate
+
+    cfg = config(tmp_path, rollout_backend="vllm", tis_cap=2.0, critique_on="wrong",
+                 vllm={"enforce_eager": True, "kv_cache_gb": 0.25})
+    tr = EpisodeTrainer(cfg)
+    tr.train()
+    assert engine_is_separate(tr.generator) and hasattr(tr.generator, "generate_ids")
+    assert tr.generator.syncs >= 1 + cfg.max_steps
+    steps = _rl(tmp_path / "run")
+    assert [r["step"] for r in steps] == [1, 2] and all("mismatch/tis_weight" in r for r in steps)

@@ -122,7 +122,6 @@ class _RNGGuard:
 
 
 class VLLMGenerator:
-    separate_sampler = True  # its own weights copy and kernels: truncated importance sampling applies
     """A colocated ``vllm.LLM`` sampling for the trainer (see the module docstring).
 
     Args:
@@ -135,6 +134,8 @@ class VLLMGenerator:
         weights_fn: returns the weights to load (default :func:`policy_weights` of ``policy``); a distributed
             trainer passes one that gathers full weights.
     """
+
+    separate_sampler = True  # its own weights copy and kernels: truncated importance sampling applies
 
     def __init__(self, policy: PolicyRef, tokenizer: Any, config: VLLMConfig | None = None, *, seed: int = 0,
                  workdir: str | Path | None = None,
@@ -221,12 +222,18 @@ class VLLMGenerator:
                    logprobs=0, stop_token_ids=[eos] if eos is not None else None, detokenize=False)
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
-        from vllm.inputs import TokensPrompt
-
         if not prompts:
             return []
+        return self.generate_ids(self.tokenizer(prompts, add_special_tokens=False)["input_ids"], params)
+
+    def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """:meth:`generate` from token ids (multi-turn episodes keep their contexts as ids: never re-tokenized)."""
+        from vllm.inputs import TokensPrompt
+
+        if not prompt_ids:
+            return []
         self.wake_up()
-        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        ids = [list(p) for p in prompt_ids]
         # in this process vLLM samples from the global torch generator, as transformers generate does: seeded
         # runs repeat, and successive calls draw fresh numbers
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], self.sampling_params(params),
@@ -250,7 +257,6 @@ def _sampled_logprob(entry: Any, token: int) -> float:
 
 
 class VLLMServerGenerator:
-    separate_sampler = True
     """Rollouts from an OpenAI-compatible ``vllm serve`` (see the module docstring and README "Scaling up").
 
     Args:
@@ -264,6 +270,8 @@ class VLLMServerGenerator:
             (FSDP, ZeRO-3) pass a gather that every process calls.
         batch_size: prompts per HTTP request.
     """
+
+    separate_sampler = True  # a server with its own weights: truncated importance sampling applies
 
     def __init__(self, policy: PolicyRef, tokenizer: Any, config: VLLMConfig, *, sync_dir: str | Path | None = None,
                  seed: int = 0, is_main: bool = True, weights_fn: Callable[[], dict[str, torch.Tensor]] | None = None,
