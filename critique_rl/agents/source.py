@@ -240,7 +240,7 @@ class EpisodeSource:
         with timer("generate"):
             tasks = dist.shard(t.sampler.next_batch(t.cfg.prompts_per_step), t.rank, t.world)
             trajs = self.run(t.generator, tasks, n)
-        t._selection["samples_total"] += len(trajs) * t.world
+        t._selection.samples_total += len(trajs) * t.world
         return self.episode_batch(trajs, n), {}
 
     def episode_batch(self, trajs: list[Trajectory], n: int) -> RolloutBatch:

@@ -91,10 +91,10 @@ class PromptSelectionMixin:
         ds = self.cfg.dynamic_sampling
         fill = selection.dynamic_fill(self._draw_batch(timer), lambda: self._draw_batch(timer),
                                       ds.max_refill_batches, dist.all_reduce_sum, enabled=ds.enabled)
-        self._selection["samples_total"] += fill.samples
+        self._selection.samples_total += fill.samples
         out: dict[str, Any] = {"train/zero_spread_groups": fill.first_zero_spread,
                                "selection/samples": fill.samples,
-                               "selection/samples_total": self._selection["samples_total"]}
+                               "selection/samples_total": self._selection.samples_total}
         if ds.enabled:
             out.update({"selection/refills": fill.refills, "selection/zero_spread_dropped": fill.dropped,
                         "selection/zero_spread_padded": fill.padded})
@@ -132,7 +132,7 @@ class PromptSelectionMixin:
             console.print(f"[bold yellow]warning: pass_rate_filter would leave {total - len(hard | easy)} of {total} "
                           f"prompts ({len(hard)} too hard, {len(easy)} too easy), fewer than one batch "
                           f"({self.cfg.prompts_per_step}); the pool is left as it was[/]", soft_wrap=True)
-        self._selection["samples_total"] += len(measured) * pf.samples
+        self._selection.samples_total += len(measured) * pf.samples
         if self.is_main:  # what the filter removed, prompt by prompt (rewritten if a resumed run measures again)
             folder = self.out / "selection"
             folder.mkdir(parents=True, exist_ok=True)
@@ -146,7 +146,7 @@ class PromptSelectionMixin:
                 "selection/pass_rate_applied": int(applied), "selection/pool_size": total - len(self.sampler.excluded),
                 "selection/pass_rate_samples": len(measured) * pf.samples,
                 "time/pass_rate": time.perf_counter() - t0}
-        self._selection["pass_rate"] = info
+        self._selection.pass_rate = info
         return info
 
     def _order_tasks(self) -> dict[str, Any]:
@@ -178,14 +178,14 @@ class PromptSelectionMixin:
             entropy = {n: task_mix.token_entropy(sum(p[n][0] for p in parts), int(sum(p[n][1] for p in parts)))
                        for n in order}
             order = task_mix.entropy_order(entropy)
-            self._selection["task_entropy"] = entropy
+            self._selection.task_entropy = entropy
             info.update({f"order/entropy/{n}": h for n, h in entropy.items()})
             info["time/task_order"] = time.perf_counter() - t0
-        self._selection["task_order"] = order
+        self._selection.task_order = order
         self._task_blocks = task_mix.task_blocks(order, cfg.tasks, cfg.max_steps)
         self.summary["task_order"] = [{"task": n, "first_step": a + 1, "last_step": b} for n, a, b in self._task_blocks]
-        if "task_entropy" in self._selection:
-            self.summary["task_entropy"] = self._selection["task_entropy"]
+        if self._selection.task_entropy is not None:
+            self.summary["task_entropy"] = self._selection.task_entropy
         if self.is_main:
             console.print("task order: " + ", ".join(f"{n} (steps {a + 1}-{b})" for n, a, b in self._task_blocks))
         return info

@@ -20,6 +20,7 @@ from critique_rl.train import task_mix
 from critique_rl.train.metrics import read_jsonl
 from critique_rl.train.rollout_batch import AdvantagePlan, CritiqueResult, RolloutBatch
 from critique_rl.train.run_setup import CRITIC_MIN_REQUESTS, _critic_counts, _restore_critic_counts, console
+from critique_rl.train.selection import SelectionState
 from critique_rl.train.trackers import scalars
 
 
@@ -133,7 +134,7 @@ class RecordsMixin:
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "sampler": self.sampler.state_dict(), "summary": self.summary, "refine_rng": refine_states,
                      "rng_per_rank": rng_states, "world_size": self.world, "critic_stats": critic_states,
-                     "selection": self._selection, "phases_done": self._phases_done,
+                     "selection": self._selection.to_dict(), "phases_done": self._phases_done,
                      "phase_samplers": {k: v.state_dict() for k, v in self._phase_samplers.items()}}
             if self._ema_teacher is not None:
                 state["distill_teacher_ema"] = self._ema_teacher.state_dict()
@@ -153,7 +154,7 @@ class RecordsMixin:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
-        self._selection = state.get("selection", self._selection)
+        self._selection = SelectionState.from_dict(state.get("selection"))
         leading_sft = next((i for i, ph in enumerate(self.phases) if ph.kind != "sft"), len(self.phases))
         self._phases_done = state.get("phases_done", leading_sft)  # older checkpoints: the warm-up was done
         for key, sampler_state in state.get("phase_samplers", {}).items():

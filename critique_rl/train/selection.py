@@ -22,9 +22,11 @@ leaves the pool.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -184,3 +186,23 @@ def dynamic_fill(first: RolloutBatch, draw: Callable[[], RolloutBatch], max_refi
                                 for p in range(len(parts)) if any(q == p for q, _ in order)])
     dropped, padded, total_samples = all_reduce_sum([float(len(spare) - len(pad)), float(len(pad)), float(samples)])
     return FillResult(batch, frac, refills, int(dropped), int(padded), int(total_samples))
+
+
+@dataclass
+class SelectionState:
+    """The data-selection state of a run (checkpointed as a dict): samples generated so far, the pass-rate
+    filter's last measurement, the task order and the task entropies it came from."""
+
+    samples_total: int = 0
+    pass_rate: dict[str, Any] | None = None
+    task_order: list[str] | None = None
+    task_entropy: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k == "pass_rate"}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> SelectionState:
+        """From a checkpoint's ``selection`` entry (older checkpoints: a dict with some of the keys)."""
+        data = data or {}
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})

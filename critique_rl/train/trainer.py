@@ -68,6 +68,7 @@ from critique_rl.train.run_setup import (
     start_run,
 )
 from critique_rl.train.sampler import PromptSampler
+from critique_rl.train.selection import SelectionState
 from critique_rl.train.sft import sft_warmup
 from critique_rl.train.trackers import flat_config, resolve_trackers, tracker_init_kwargs
 from critique_rl.train.update import NonFiniteGuard, Normalisation, UpdateBatch, policy_update
@@ -147,7 +148,7 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         self._task_blocks: list[tuple[str, int, int]] = []
         self._setup_phases()
         self.rng = random.Random(cfg.seed + 1 + 7919 * self.rank)  # refinement choice; checkpointed
-        self._selection: dict[str, Any] = {"samples_total": 0, "pass_rate": None}  # data selection; checkpointed
+        self._selection = SelectionState()  # data selection; checkpointed
         if self.episodes is not None:
             self.sampler = PromptSampler(self.episodes.train_tasks, cfg.seed)
             self.episodes.setup_model(self, resume_from)
@@ -469,8 +470,8 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
                 self._write_metrics({"step": 0, **self._eval_row0})
             if resume_from is not None:
                 self._restore(resume_from)
-                if self._selection.get("task_order"):
-                    self._task_blocks = task_mix.task_blocks(self._selection["task_order"], self.cfg.tasks,
+                if self._selection.task_order:
+                    self._task_blocks = task_mix.task_blocks(self._selection.task_order, self.cfg.tasks,
                                                              self.cfg.max_steps)
                 if self.is_main:
                     self.metrics_log.truncate_after_step(self.step)
@@ -497,8 +498,8 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         """RL steps until the run's step reaches ``end`` (the end of the current rl phase)."""
         budget = self.cfg.sample_budget
         while self.step < end:
-            if budget is not None and self._selection["samples_total"] >= budget:
-                self.summary["stopped_at_sample_budget"] = self._selection["samples_total"]
+            if budget is not None and self._selection.samples_total >= budget:
+                self.summary["stopped_at_sample_budget"] = self._selection.samples_total
                 return
             refresh = self.cfg.pass_rate_filter.refresh_every
             measured = self._measure_pass_rates() if (self.cfg.pass_rate_filter.enabled and refresh
@@ -530,9 +531,9 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         cfg = self.cfg
         if (cfg.dynamic_sampling.enabled or cfg.pass_rate_filter.enabled or cfg.low_variance_filter.enabled
                 or cfg.sample_budget is not None):
-            self.summary["samples_generated"] = self._selection["samples_total"]
-            if self._selection.get("pass_rate"):
-                self.summary["pass_rate_filter"] = self._selection["pass_rate"]
+            self.summary["samples_generated"] = self._selection.samples_total
+            if self._selection.pass_rate:
+                self.summary["pass_rate_filter"] = self._selection.pass_rate
         if self.step % self.cfg.checkpoint_every != 0 and self.step > 0:
             self._save()
         if self.is_main:
