@@ -110,7 +110,7 @@ def test_episode_weights_dtype_phases_and_trackers(tmp_path):
 def test_episode_refusals_name_the_field(tmp_path):
     for kw, field in (({"pass_rate_filter": {"enabled": True}}, "pass_rate_filter.enabled"),
                       ({"refinement_source": "reference"}, "refinement_source"),
-                      ({"phases": [{"kind": "rl", "steps": 1, "train_file": "x.jsonl"}]}, r"phases\[0\]")):
+                      ({"phases": [{"kind": "rl", "steps": 2, "train_file": "x.jsonl"}]}, r"phases\[0\]")):
         with pytest.raises(ConfigError, match=field):
             EpisodeTrainer(config(tmp_path, "bad", **kw)).train()
 
