@@ -83,8 +83,9 @@ def eval_cmd(
     from critique_rl.models import format_prompt, load_policy, wants_chat_template
     from critique_rl.rollout.factory import build_generator
     from critique_rl.tasks import get_task
-    from critique_rl.train.evaluate import EVAL_SEED, evaluate
+    from critique_rl.train.evaluate import EVAL_SEED, check_model_dir, evaluate
     path = checkpoint / "model" if (checkpoint / "model" / "config.json").is_file() else checkpoint
+    check_model_dir(path, "checkpoint")  # config.json and weights, or one line and exit 2
     t = get_task(task)
     model, tok = load_policy(path, device=device)
     use_chat = wants_chat_template(tok)
@@ -135,6 +136,9 @@ def _register_optional() -> None:
     from critique_rl.cli_estimate import estimate_memory_command
 
     app.command("estimate-memory")(estimate_memory_command)
+    from critique_rl.cli_push import push_command
+
+    app.command("push")(push_command)
     from critique_rl.cli_critic import critic_app  # critique-rl critic train | distill
 
     app.add_typer(critic_app, name="critic")

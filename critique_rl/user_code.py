@@ -68,7 +68,7 @@ def defined_at(fn: Callable[..., Any]) -> str | None:
         target = target.func
     target = inspect.unwrap(target) if callable(target) else target
     if not (inspect.isfunction(target) or inspect.ismethod(target)):
-        call = getattr(type(target), "__call__", None)
+        call = type(target).__call__ if callable(target) else None
         target = call if inspect.isfunction(call) else target
     code = getattr(getattr(target, "__func__", target), "__code__", None)
     if code is None:
