@@ -205,7 +205,11 @@ def test_extra_columns_reach_critic_templates(tmp_path):
     folder.mkdir()
     (folder / "critique_cot.j2").write_text("Grade by the rubric: {{ rubric }}\nQ: {{ question }}\nA: {{ response }}")
     (folder / "critique_indicative.j2").write_text("{{ answer }} misses the rubric ({{ rubric }}).")
-    check_templates(str(folder))  # columns only the data has pass the up-front check
+    check_templates(str(folder))  # the columns of the rows loaded pass the up-front check
+    check_templates(str(folder), columns=["rubric"])
+    with pytest.raises(UserError) as info:  # a name that is no column stays an error before training
+        check_templates(str(folder), columns=["difficulty"])
+    one_line(info.value, "critique_cot.j2", "undefined variable", "rubric")
     text = render("critique_cot.j2", str(folder), question=row["prompt"], response="An old pond", reference=None)
     assert text == "Grade by the rubric: three lines, 5-7-5\nQ: Write a haiku.\nA: An old pond"
     request = CritiqueRequest(question=row["prompt"], response="An old pond", verdict=False)
