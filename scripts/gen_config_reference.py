@@ -183,7 +183,7 @@ def _cell(text: str) -> str:
 def _section_table(cls: type, prefix: str, hints: dict[str, Any], fields: list[str]) -> list[str]:
     docs = field_docs(cls)
     by_name = {f.name: f for f in dataclasses.fields(cls)}
-    out = ["| key | type | default | what it does |", "|---|---|---|---|"]
+    out = ['<div class="config-ref" markdown>', "", "| key | type, default | what it does |", "|---|---|---|"]
     for name in fields:
         f = by_name[name]
         tp = hints.get(name, f.type)
@@ -192,7 +192,8 @@ def _section_table(cls: type, prefix: str, hints: dict[str, Any], fields: list[s
             doc = f"{doc} See [`{prefix}{name}:`](#{_anchor(prefix + name)})."
         else:
             doc = docs.get(name) or FALLBACK_DOCS.get(prefix.replace("[i]", "") + name, "")
-        out.append(f"| `{prefix}{name}` | {_cell(_type_name(tp))} | {_cell(_default(f))} | {_cell(doc) or '-'} |")
+        out.append(f"| `{prefix}{name}` | {_cell(_type_name(tp))}<br>{_cell(_default(f))} | {_cell(doc) or '-'} |")
+    out += ["", "</div>"]
     return out
 
 

@@ -101,7 +101,7 @@ def test_config_reference_lists_every_field_with_its_default():
         for f in dataclasses.fields(cls):
             assert f"| `{prefix}{f.name}` |" in page, f"{prefix}{f.name} missing from the configuration reference"
     # a field's default is shown as the code has it
-    assert "| `num_generations` | int | `8` |" in page
+    assert "| `num_generations` | int<br>`8` |" in page
     # every field has a description (its docstring, or the generator's fallback for undocumented fields)
     undocumented_rows = [line for line in page.splitlines() if line.startswith("| `") and line.endswith("| - |")]
     assert undocumented_rows == []
