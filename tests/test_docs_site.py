@@ -152,5 +152,15 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "quick" / "metrics.jsonl").stat().st_size > 0
 
 
+def test_rst_roles_are_stripped_from_rendered_docstrings():
+    spec = importlib.util.spec_from_file_location("docs_rst_roles", ROOT / "scripts" / "docs_rst_roles.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    html = "see :func:<code>parse_verdict</code> and :meth:<code>BaseCritic.metrics</code>; a:b:<code>x</code>"
+    assert module.strip_roles(html) == ("see <code>parse_verdict</code> and <code>BaseCritic.metrics</code>; "
+                                        "a:b:<code>x</code>")
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
