@@ -162,5 +162,29 @@ def test_rst_roles_are_stripped_from_rendered_docstrings():
                                         "a:b:<code>x</code>")
 
 
+def test_trl_mapping_names_real_fields():
+    """Every critique-rl key that the TRL mapping page names (first code span of its second column) is a field."""
+    from critique_rl.config import TrainConfig
+
+    gen = _load_generator()
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for section, cls in gen._nested(TrainConfig):
+        names |= {f"{section}.{f.name}" for f in dataclasses.fields(cls)}
+    checked, unknown = 0, []
+    for line in (ROOT / "docs" / "trl.md").read_text(encoding="utf-8").splitlines():
+        if not line.startswith("| ") or line.startswith("|---"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        spans = re.findall(r"`([^`]+)`", cells[1]) if len(cells) > 1 else []
+        if not spans or spans[0].endswith("="):  # a Python argument (tokenizer=), not a config key
+            continue
+        key = re.split(r"[: =]", spans[0])[0]
+        if re.fullmatch(r"[a-z_]+(\.[a-z_]+)?", key):
+            checked += 1
+            if key not in names:
+                unknown.append(key)
+    assert checked > 30 and unknown == []
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
