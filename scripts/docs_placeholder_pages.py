@@ -20,8 +20,9 @@ dataset folder with `prompt` and `answer` columns) and scores completions with `
 """,
     "gpu-memory.md": """# GPU memory
 
-*This page is being written.* Until it lands, see [Scaling up](scaling.md) for what the trainer keeps in
-memory and the per-recipe estimates in `examples/`.
+*This page is being written.* Until it lands: `critique-rl estimate-memory CONFIG.yaml --gpu-gb 80` estimates
+the peak GPU memory of one training step by part, without a GPU (see `critique-rl estimate-memory --help`), and
+[Scaling up](scaling.md) says what the trainer keeps in memory.
 """,
 }
 
