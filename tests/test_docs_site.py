@@ -186,5 +186,11 @@ def test_trl_mapping_names_real_fields():
     assert checked > 30 and unknown == []
 
 
+def test_training_page_shows_the_tested_example():
+    readme = _code_blocks(README.read_text(encoding="utf-8"), "python")[0]
+    page = _code_blocks((ROOT / "docs" / "training.md").read_text(encoding="utf-8"), "python")[0]
+    assert page == readme, "docs/training.md's first Python example must be the README's (the one the test runs)"
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
