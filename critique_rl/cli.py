@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from critique_rl.errors import UserError
-from critique_rl.user_code import UserCodeError
+from critique_rl.user_code import UserCodeError, user_code_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="RL post-training of language models with language feedback.")
@@ -178,6 +178,9 @@ def main() -> None:
             message = one_line(exc.format_message())
             if message:  # no-args help has already been shown; there is no error text to add
                 print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
+        if (block := user_code_error(exc)) is not None:  # raised inside the user's reward function / verifier
+            print(f"error: {block}", file=sys.stderr)
             sys.exit(2)
         raise
     sys.exit(code if isinstance(code, int) else 0)
