@@ -17,7 +17,6 @@ from critique_rl.critics.base import CritiqueRequest, verdict_scores
 from critique_rl.critics.cache import CritiqueCache
 from critique_rl.errors import ConfigError
 
-
 # ---------------------------------------------------------------------------------------------------------
 # defaults and the paper preset
 
