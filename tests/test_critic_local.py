@@ -181,3 +181,20 @@ def test_hidden_reference_critic_logs_verdict_accuracy_every_step(fast_config, t
         assert "critique/verdict_recall_wrong" in r or r["train/accuracy"] == 1.0
     # every critiqued response had its first-try verdict checked against the verifier
     assert rows[-1]["critic/verdicts_checked"] == sum(r["critique/critiqued"] for r in rows)
+
+
+def test_critic_train_cli_writes_a_model_and_its_report(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from critique_rl.cli import app
+
+    out = tmp_path / "critic"
+    result = CliRunner().invoke(app, ["critic", "train", "--task", "addition", "--examples", "60", "--steps", "3",
+                                      "--batch-size", "8", "--eval-examples", "6", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["reference"] == "hidden" and report["held_out_pairs"] == 6
+    assert report["verdict_vs_verifier"]["n"] == 6 and (out / "config.json").is_file()
+    assert json.loads((out / "critic_report.json").read_text()) == report
+    bad = CliRunner().invoke(app, ["critic", "train", "--kind", "cot", "--out", str(out)])
+    assert bad.exit_code != 0
