@@ -103,6 +103,13 @@ def test_group_judge_scores_in_one_call_in_shuffled_orders():
         judge = CriticJudge(get_task("digit_sum"), critic=critic, group=True, seed=3)
         rewards = judge(prompts=prompts, completions=texts)
         assert srv.requests == 5  # one call per group of 4
+        # the group reply's lines are the critiques of the critique stage: no further call
+        from critique_rl.critics.base import CritiqueRequest
+
+        crits = critic.critique([CritiqueRequest(question=q1, response="999", verdict=False),
+                                 CritiqueRequest(question=q1, response="180", verdict=True)])
+        assert srv.requests == 5 and [c.verdict for c in crits] == [False, True]
+        assert crits[0].text.startswith("checked") and not crits[0].fallback
     expected = [0.0 if violations(t, _spec(q)) else 1.0 for q, t in zip(prompts, texts, strict=True)]
     assert rewards == expected  # scores mapped back to the right responses whatever the order shown
     assert len({tuple(o) for o in judge.positions}) > 1 and any(o != sorted(o) for o in judge.positions)
