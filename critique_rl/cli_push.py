@@ -16,7 +16,7 @@ from typing import Any
 import typer
 
 from critique_rl.errors import UserError
-from critique_rl.model_card import CARD_FILE, write_model_card
+from critique_rl.model_card import CARD_FILE, REPO_PLACEHOLDER, write_model_card
 
 TOKEN_ENV = "HF_TOKEN"
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -71,8 +71,11 @@ def push_run(
     if not token:
         raise UserError(f"${TOKEN_ENV} is not set; export a Hugging Face write token "
                         "(https://huggingface.co/settings/tokens) in HF_TOKEN and run push again")
-    if card or not (final / CARD_FILE).is_file():
+    card_path = final / CARD_FILE
+    if card or not card_path.is_file():
         write_model_card(run_dir, base_model=base_model, repo_id=repo_id)
+    elif REPO_PLACEHOLDER in (text := card_path.read_text(encoding="utf-8", errors="replace")):
+        card_path.write_text(text.replace(REPO_PLACEHOLDER, f'"{repo_id}"'), encoding="utf-8")  # usage example
     endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or DEFAULT_ENDPOINT
     api = api if api is not None else HfApi(endpoint=endpoint, token=token)
     message = commit_message or f"critique-rl: upload {run_dir.name}"

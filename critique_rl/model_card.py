@@ -27,6 +27,8 @@ from critique_rl.errors import UserError
 
 CARD_FILE = "README.md"
 LIBRARY_NAME = "transformers"
+REPO_PLACEHOLDER = '"REPO_ID"'
+"""Stands for the Hub repo id in the card's usage example until ``critique-rl push`` knows it."""
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -333,9 +335,14 @@ def render_model_card(run_dir: str | Path, base_model: str | None = None, name: 
     lines += [f"| `{k}` | `{json.dumps(v)}` |" for k, v in rows if v not in (None, [], {}, "")]
     lines += ["", "<details><summary>Full run config (config.yaml)</summary>", "", "```yaml",
               yaml.safe_dump(cfg, sort_keys=False).rstrip(), "```", "", "</details>", ""]
-    lines += ["## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              'model = AutoModelForCausalLM.from_pretrained("REPO_ID")',
-              'tokenizer = AutoTokenizer.from_pretrained("REPO_ID")', "```", ""]
+    if meta["library_name"] == "peft":  # the adapter alone (lora.merge_final: false)
+        load = ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
+                f"model = AutoPeftModelForCausalLM.from_pretrained({REPO_PLACEHOLDER})"]
+    else:
+        load = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                f"model = AutoModelForCausalLM.from_pretrained({REPO_PLACEHOLDER})"]
+    lines += ["## Usage", "", "```python", *load, f"tokenizer = AutoTokenizer.from_pretrained({REPO_PLACEHOLDER})",
+              "```", ""]
     cited = [m for m in methods if m.arxiv]
     lines += ["## Citations", ""]
     if cited:
@@ -355,7 +362,7 @@ def write_model_card(run_dir: str | Path, base_model: str | None = None, repo_id
                         "not final/ itself)")
     text = render_model_card(run, base_model=base_model)
     if repo_id:
-        text = text.replace('"REPO_ID"', json.dumps(repo_id))
+        text = text.replace(REPO_PLACEHOLDER, json.dumps(repo_id))
     path = final / CARD_FILE
     path.write_text(text, encoding="utf-8")
     return path

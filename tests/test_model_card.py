@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer
 import yaml
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
@@ -104,6 +105,7 @@ def test_card_names_the_base_model_and_hides_url_secrets(tmp_path: Path):
     assert meta["base_model"] == "Qwen/Qwen2.5-0.5B-Instruct" and meta["library_name"] == "peft"
     assert "s3cret" not in text and "key=abc" not in text and "http://127.0.0.1:8000/v1" in text
     assert "No evaluation was recorded" in text and "arXiv:2106.09685" in text
+    assert 'AutoPeftModelForCausalLM.from_pretrained("REPO_ID")' in text  # an adapter loads through peft
     cache = tmp_path / "hub" / "models--Org--Some-Model" / "snapshots" / "0123abc"
     cache.mkdir(parents=True)
     cfg["model"] = str(cache)
@@ -195,21 +197,42 @@ class FakeHub:
 
 
 def _push(run: Path, hub_url: str, *args: str, token: str | None = TOKEN) -> subprocess.CompletedProcess:
+    """`critique-rl push` in a real subprocess (the console script's exit code, all of its output)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_ENDPOINT=hub_url, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_TELEMETRY="1",
                HF_HOME=str(run.parent / "hf_home"), NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
     if token is not None:
         env["HF_TOKEN"] = token
     return subprocess.run([sys.executable, "-m", "critique_rl.cli", "push", str(run), *args], capture_output=True,
-                          text=True, timeout=120, env=env)
+                          text=True, timeout=300, env=env)
 
 
-def test_push_uploads_final_and_the_card(run_dir: Path):
+@pytest.fixture
+def push_here(monkeypatch, tmp_path):
+    """`critique-rl push` through CliRunner in this process (no interpreter start-up per call)."""
+    import huggingface_hub.constants as hub_constants
+    from typer.testing import CliRunner
+
+    from critique_rl.cli_push import push_command
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False, raising=False)
+    app = typer.Typer()
+    app.command()(push_command)
+
+    def invoke(run: Path, hub_url: str, *args: str, token: str | None = TOKEN):
+        env = {"HF_ENDPOINT": hub_url, "HF_TOKEN": token, "HF_HOME": str(tmp_path / "hf_home")}
+        return CliRunner().invoke(app, [str(run), *args], env=env)
+
+    return invoke
+
+
+def test_push_uploads_final_and_the_card(run_dir: Path, push_here):
     card = run_dir / "final" / "README.md"
     card.unlink(missing_ok=True)  # push writes the card when the run has none
     with FakeHub() as hub:
         res = _push(run_dir, hub.url, "--repo-id", "me/critique-model", "--private")
     assert res.returncode == 0, res.stderr[-2000:]
+    assert card.is_file() and 'from_pretrained("me/critique-model")' in card.read_text()
     assert TOKEN not in res.stdout + res.stderr
     assert len(hub.created) == 1 and hub.created[0]["name"] == "critique-model"
     assert hub.created[0]["organization"] == "me" and hub.created[0]["visibility"] == "private"
@@ -219,22 +242,29 @@ def test_push_uploads_final_and_the_card(run_dir: Path):
     assert set(on_disk) >= {"README.md", "config.json", "model.safetensors"}
     assert hub.files == on_disk  # every file of final/, byte for byte
     assert hub.validated == [on_disk["README.md"].decode()]  # the card's metadata passed the Hub's check
-    assert b'"REPO_ID"' not in hub.files["README.md"] and b"me/critique-model" in hub.files["README.md"]
     assert "commit/abc123" in res.stdout
+    write_model_card(run_dir)  # a card the trainer wrote: its usage example gets the repo id on push
+    assert '"REPO_ID"' in card.read_text()
+    with FakeHub() as hub:
+        res = push_here(run_dir / "final", hub.url, "--repo-id", "org/second")
+    assert res.exit_code == 0, res.output
+    assert b'from_pretrained("org/second")' in hub.files["README.md"] and b"REPO_ID" not in hub.files["README.md"]
+    assert "visibility" not in hub.created[0]  # not --private: the Hub's default
 
 
-def test_push_errors_are_one_line_and_never_show_the_token(run_dir: Path, tmp_path: Path):
+def test_push_errors_are_one_line_and_never_show_the_token(run_dir: Path, tmp_path: Path, push_here):
     with FakeHub(fail_status=401) as hub:
         res = _push(run_dir, hub.url, "--repo-id", "me/critique-model")
     assert res.returncode == 2 and TOKEN not in res.stdout + res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: push to me/critique-model") and "401" in lines[0], lines
     with FakeHub() as hub:
-        res = _push(run_dir, hub.url, "--repo-id", "me/x", token=None)
-        assert res.returncode == 2 and "HF_TOKEN is not set" in res.stderr and not hub.calls
-        res = _push(run_dir, hub.url, "--repo-id", "no namespace")
-        assert res.returncode == 2 and "--repo-id" in res.stderr and not hub.calls
+        res = push_here(run_dir, hub.url, "--repo-id", "me/x", token=None)
+        assert res.exit_code == 2 and "HF_TOKEN is not set" in res.stderr and not hub.calls
+        res = push_here(run_dir, hub.url, "--repo-id", "no namespace")
+        assert res.exit_code == 2 and "--repo-id" in res.stderr and not hub.calls
         (tmp_path / "final").mkdir()
         (tmp_path / "config.yaml").write_text("model: tiny\n")
-        res = _push(tmp_path, hub.url, "--repo-id", "me/x")
-        assert res.returncode == 2 and "no config.json" in res.stderr and not hub.calls
+        res = push_here(tmp_path, hub.url, "--repo-id", "me/x")
+        assert res.exit_code == 2 and "no config.json" in res.stderr and not hub.calls
+        assert all(len(r.stderr.strip().splitlines()) == 1 for r in [res])
