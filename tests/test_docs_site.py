@@ -192,5 +192,16 @@ def test_training_page_shows_the_tested_example():
     assert page == readme, "docs/training.md's first Python example must be the README's (the one the test runs)"
 
 
+def test_files_the_docs_name_exist():
+    """Every script, config, template or test that README.md or a docs page names (the commands behind the
+    claims) is a file in the repository."""
+    pattern = re.compile(r"(?<![\w./-])((?:examples|benchmarks|scripts|tests|critique_rl|prompts|memory)/[\w./-]+"
+                         r"\.(?:py|yaml|sh|j2|jsonl))")
+    pages = [README, *sorted((ROOT / "docs").rglob("*.md"))]
+    named = {(page.name, m) for page in pages for m in pattern.findall(page.read_text(encoding="utf-8"))}
+    assert len(named) > 50
+    assert sorted((page, m) for page, m in named if not (ROOT / m).is_file()) == []
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
