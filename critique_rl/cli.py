@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from critique_rl.errors import UserError
-from critique_rl.user_code import UserCodeError
+from critique_rl.user_code import UserCodeError, user_code_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="RL post-training of language models with language feedback.")
@@ -79,8 +79,9 @@ def eval_cmd(
     from critique_rl.models import format_prompt, load_policy, wants_chat_template
     from critique_rl.rollout.factory import build_generator
     from critique_rl.tasks import get_task
-    from critique_rl.train.evaluate import EVAL_SEED, evaluate
+    from critique_rl.train.evaluate import EVAL_SEED, check_model_dir, evaluate
     path = checkpoint / "model" if (checkpoint / "model" / "config.json").is_file() else checkpoint
+    check_model_dir(path, "checkpoint")  # config.json and weights, or one line and exit 2
     t = get_task(task)
     model, tok = load_policy(path, device=device)
     use_chat = wants_chat_template(tok)
@@ -128,6 +129,12 @@ def _register_optional() -> None:
         pass
     else:
         app.add_typer(memory_app, name="memory")
+    from critique_rl.cli_estimate import estimate_memory_command
+
+    app.command("estimate-memory")(estimate_memory_command)
+    from critique_rl.cli_push import push_command
+
+    app.command("push")(push_command)
     from critique_rl.cli_critic import critic_app  # critique-rl critic train | distill
 
     app.add_typer(critic_app, name="critic")
@@ -167,6 +174,9 @@ def main() -> None:
             message = one_line(exc.format_message())
             if message:  # no-args help has already been shown; there is no error text to add
                 print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
+        if (block := user_code_error(exc)) is not None:  # raised inside the user's reward function / verifier
+            print(f"error: {block}", file=sys.stderr)
             sys.exit(2)
         raise
     sys.exit(code if isinstance(code, int) else 0)

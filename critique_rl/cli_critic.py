@@ -78,6 +78,7 @@ def distill_command(
     learning_rate: float = typer.Option(1e-3, "--learning-rate"),
     reference: str | None = typer.Option(None, "--reference",
                                          help="hidden|visible; default: as the cached critic saw it."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", help="Critique length when scoring held-out pairs."),
     price_input: float | None = typer.Option(None, "--price-input", help="$ per 1M prompt tokens (for the cost)."),
     price_output: float | None = typer.Option(None, "--price-output", help="$ per 1M completion tokens."),
     seed: int = typer.Option(0, "--seed"),
@@ -95,6 +96,7 @@ def distill_command(
     bar, on_step = _progress(steps, "distil critic") if not no_progress else (None, None)
     with quiet_library_progress(), bar or nullcontext():
         report = distill(cache, out, held_out=held_out, seed=seed, steps=steps, batch_size=batch_size,
-                         learning_rate=learning_rate, reference=reference, price_input=price_input,
+                         learning_rate=learning_rate, reference=reference, max_new_tokens=max_new_tokens,
+                         price_input=price_input,
                          price_output=price_output, on_step=on_step)
     typer.echo(json.dumps(report))

@@ -109,6 +109,14 @@ class DataOptions:
 
 DEFAULT_OPTIONS = DataOptions()
 
+_SEEN_COLUMNS: set[str] = set()
+
+
+def seen_columns() -> frozenset[str]:
+    """Names of the columns of every row checked in this process (what critic templates may read besides their
+    own variables; :func:`critique_rl.templates.check_templates` accepts them)."""
+    return frozenset(_SEEN_COLUMNS)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # reading files and datasets
@@ -288,6 +296,7 @@ def check_row(row: Any, where: str, options: DataOptions = DEFAULT_OPTIONS) -> d
     answer = _reference(row[rc], where, rc) if rc is not None else None
     out = {**row, "answer": answer}
     columns = {k: v for k, v in out.items() if k not in ("prompt", pc)}
+    _SEEN_COLUMNS.update(k for k in columns if isinstance(k, str))
     out["prompt"] = Prompt(text, messages, columns, feedback.strip() or None if feedback else None, where)
     return out
 

@@ -14,6 +14,7 @@ with the policy tokenizer's chat template.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -110,29 +111,24 @@ def template_error(name: str, template_dir: str | None, exc: Exception) -> UserE
     return UserError(f"template {at} ({folder}): {kind}: {message}; fix or remove the file{known}")
 
 
-def check_templates(template_dir: str | None) -> None:
+def check_templates(template_dir: str | None, columns: Iterable[str] | None = None) -> None:
     """Render every template of ``template_dir`` that overrides a packaged one, with sample variables, so a
-    broken user template is a one-line error before training starts rather than in the middle of a step."""
+    broken user template is a one-line error before training starts rather than in the middle of a step.
+
+    A template may also read dataset columns by name (``{{ rubric }}``): ``columns`` (default: the columns of
+    the rows this process has loaded, :func:`critique_rl.data.seen_columns`) get sample values; any other
+    unknown name is an undefined-variable error naming the file."""
     if not template_dir:
         return
+    if columns is None:
+        from critique_rl.data import seen_columns
+
+        columns = seen_columns()
+    samples = {c: f"<{c}>" for c in columns if isinstance(c, str) and c.isidentifier()}
     folder = Path(template_dir).expanduser()
     for name, variables in TEMPLATE_VARIABLES.items():
         if (folder / name).is_file():
-            render(name, template_dir, **variables, **_column_samples(name, template_dir, variables))
-
-
-def _column_samples(name: str, template_dir: str, variables: dict[str, Any]) -> dict[str, str]:
-    """Sample values for the names a user template reads beyond its own variables: dataset columns (a row's
-    ``rubric``, ``solution``...), which only the data has; a missing one is an error naming it when rendered."""
-    from jinja2 import meta
-
-    env = template_env(template_dir)
-    try:
-        source = env.loader.get_source(env, name)[0] if env.loader else ""
-        names = meta.find_undeclared_variables(env.parse(source))
-    except TemplateError:
-        return {}  # render() reports the syntax error with its file and line
-    return {n: f"<{n}>" for n in names if n not in variables and n not in env.globals}
+            render(name, template_dir, **{**samples, **variables})
 
 
 def render_conversation(tokenizer: Any, prompt: Any, use_chat: bool, system: str | None = None) -> str:

@@ -1,8 +1,10 @@
 """Errors raised by code the user brings (reward functions, verifiers, gates): one block, the user's frames only.
 
-A user's ``file.py:fn`` that fails to import (a syntax error, an exception at import time), has a signature the
-trainer cannot call, or raises while scoring becomes a :class:`UserCodeError`: a :class:`UserError` whose
-message is one block::
+A user's ``file.py:fn`` that fails to import (a syntax error, an exception at import time) or has a signature the
+trainer cannot call is a :class:`UserCodeError`: a :class:`UserError` whose message is one block. An exception
+the user's function raises while scoring propagates unchanged (Python callers keep their own exception and
+traceback), marked with the function that raised it (:func:`mark_user_exception`); the CLI prints it as the same
+kind of block (:func:`user_code_error`)::
 
     reward function 'bad_reward' (/path/rewards.py:4) raised ZeroDivisionError: division by zero
       File "/path/rewards.py", line 5, in bad_reward
@@ -53,11 +55,15 @@ def is_user_file(filename: str) -> bool:
     package, not a frozen/internal module."""
     if not filename or filename.startswith("<"):
         return False
-    try:
-        resolved = str(Path(filename).resolve())
-    except (OSError, RuntimeError):
-        resolved = filename
+    resolved = _resolved(filename)
     return not resolved.startswith(_PACKAGE_DIR) and not resolved.startswith(_LIBRARY_DIRS)
+
+
+def _resolved(filename: str) -> str:
+    try:
+        return str(Path(filename).resolve())
+    except (OSError, RuntimeError):
+        return filename
 
 
 def defined_at(fn: Callable[..., Any]) -> str | None:
@@ -68,7 +74,7 @@ def defined_at(fn: Callable[..., Any]) -> str | None:
         target = target.func
     target = inspect.unwrap(target) if callable(target) else target
     if not (inspect.isfunction(target) or inspect.ismethod(target)):
-        call = getattr(type(target), "__call__", None)
+        call = type(target).__call__ if callable(target) else None
         target = call if inspect.isfunction(call) else target
     code = getattr(getattr(target, "__func__", target), "__code__", None)
     if code is None:
@@ -83,9 +89,13 @@ def is_user_callable(fn: Callable[..., Any]) -> bool:
 
 
 def user_frames(exc: BaseException) -> list[str]:
-    """The traceback lines of ``exc`` that lie in the user's files (innermost :data:`MAX_FRAMES`), formatted
-    like Python's own ``File "...", line N, in fn`` + source line."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if is_user_file(f.filename)]
+    """The traceback lines of ``exc`` that lie in the user's files below our innermost frame (innermost
+    :data:`MAX_FRAMES`), formatted like Python's own ``File "...", line N, in fn`` + source line."""
+    frames = list(traceback.extract_tb(exc.__traceback__))
+    ours = [i for i, f in enumerate(frames) if _resolved(f.filename).startswith(_PACKAGE_DIR)]
+    if ours:  # only what ran inside the user's code (not the user script that called us, further out)
+        frames = frames[ours[-1] + 1:]
+    frames = [f for f in frames if is_user_file(f.filename)]
     lines = []
     for f in frames[-MAX_FRAMES:]:
         lines.append(f'  File "{f.filename}", line {f.lineno}, in {f.name}')
@@ -95,8 +105,11 @@ def user_frames(exc: BaseException) -> list[str]:
 
 
 def _exception_line(exc: BaseException) -> str:
-    text = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()
-    return text[-1] if text else type(exc).__name__
+    """``Type: message`` on one line (as the last line of a traceback, without notes)."""
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    message = " ".join(str(exc).split())
+    return f"{name}: {message}" if message else name
 
 
 class UserCodeError(UserError):
@@ -118,6 +131,29 @@ def _label(what: str, name: str, where: str | None) -> str:
 def call_error(what: str, name: str, fn: Callable[..., Any], exc: BaseException) -> UserCodeError:
     """A :class:`UserCodeError` for ``exc`` raised by the user's ``fn`` while it was called."""
     return UserCodeError(f"{_label(what, name, defined_at(fn))} raised {_exception_line(exc)}", user_frames(exc))
+
+
+_MARK = "__critique_rl_user_code__"
+
+
+def mark_user_exception(exc: BaseException, what: str, name: str, fn: Callable[..., Any]) -> None:
+    """Record on ``exc`` (raised by the user's ``fn``) which function raised it. The exception itself propagates
+    unchanged (a Python caller sees their own exception and traceback); the CLI turns a marked exception into
+    one block with :func:`user_code_error`."""
+    try:
+        setattr(exc, _MARK, (what, name, defined_at(fn)))
+    except AttributeError:  # an exception type with __slots__: the note alone names the function
+        pass
+
+
+def user_code_error(exc: BaseException) -> UserCodeError | None:
+    """The :class:`UserCodeError` block for an exception marked by :func:`mark_user_exception`; None for any
+    other exception (a bug of ours keeps its traceback)."""
+    mark = getattr(exc, _MARK, None)
+    if not (isinstance(mark, tuple) and len(mark) == 3):
+        return None
+    what, name, where = mark
+    return UserCodeError(f"{_label(what, name, where)} raised {_exception_line(exc)}", user_frames(exc))
 
 
 def signature_error(what: str, name: str, fn: Callable[..., Any], problem: str, fix: str) -> UserCodeError:
@@ -163,4 +199,5 @@ def load_user_callable(spec: str, what: str = "verifier") -> Callable[..., Any]:
 
 
 __all__ = ["MAX_FRAMES", "UserCodeError", "call_error", "defined_at", "import_error", "is_user_callable",
-           "is_user_file", "load_user_callable", "signature_error", "user_frames"]
+           "is_user_file", "load_user_callable", "mark_user_exception", "signature_error", "user_code_error",
+           "user_frames"]

@@ -17,7 +17,6 @@ from critique_rl.critics.base import CritiqueRequest, verdict_scores
 from critique_rl.critics.cache import CritiqueCache
 from critique_rl.errors import ConfigError
 
-
 # ---------------------------------------------------------------------------------------------------------
 # defaults and the paper preset
 
@@ -113,7 +112,8 @@ def test_first_try_verdicts_are_scored_against_the_verifier():
     assert m["critique/verdict_precision_wrong"] == 0.5 and m["critique/verdict_recall_wrong"] == 0.5
     assert m["critic/verdicts_checked"] == 4 and m["critic/regenerations"] == 4
     again = critic.metrics()  # per-step values cover the critiques since the previous read
-    assert again["critique/verdict_accuracy"] is None and again["critic/verdict_accuracy"] == 0.5
+    assert again["critique/verdict_accuracy"] is None and again["critique/verdicts_checked"] == 0
+    assert again["critic/verdicts_agreed"] == 2  # the cumulative counters stay
 
 
 def test_cache_stores_the_request_and_upgrades_old_files(tmp_path: Path):
@@ -182,3 +182,20 @@ def test_hidden_reference_critic_logs_verdict_accuracy_every_step(fast_config, t
         assert "critique/verdict_recall_wrong" in r or r["train/accuracy"] == 1.0
     # every critiqued response had its first-try verdict checked against the verifier
     assert rows[-1]["critic/verdicts_checked"] == sum(r["critique/critiqued"] for r in rows)
+
+
+def test_critic_train_cli_writes_a_model_and_its_report(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from critique_rl.cli import app
+
+    out = tmp_path / "critic"
+    result = CliRunner().invoke(app, ["critic", "train", "--task", "addition", "--examples", "60", "--steps", "3",
+                                      "--batch-size", "8", "--eval-examples", "6", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["reference"] == "hidden" and report["held_out_pairs"] == 6
+    assert report["verdict_vs_verifier"]["n"] == 6 and (out / "config.json").is_file()
+    assert json.loads((out / "critic_report.json").read_text()) == report
+    bad = CliRunner().invoke(app, ["critic", "train", "--kind", "cot", "--out", str(out)])
+    assert bad.exit_code != 0

@@ -205,7 +205,11 @@ def test_extra_columns_reach_critic_templates(tmp_path):
     folder.mkdir()
     (folder / "critique_cot.j2").write_text("Grade by the rubric: {{ rubric }}\nQ: {{ question }}\nA: {{ response }}")
     (folder / "critique_indicative.j2").write_text("{{ answer }} misses the rubric ({{ rubric }}).")
-    check_templates(str(folder))  # columns only the data has pass the up-front check
+    check_templates(str(folder))  # the columns of the rows loaded pass the up-front check
+    check_templates(str(folder), columns=["rubric"])
+    with pytest.raises(UserError) as info:  # a name that is no column stays an error before training
+        check_templates(str(folder), columns=["difficulty"])
+    one_line(info.value, "critique_cot.j2", "undefined variable", "rubric")
     text = render("critique_cot.j2", str(folder), question=row["prompt"], response="An old pond", reference=None)
     assert text == "Grade by the rubric: three lines, 5-7-5\nQ: Write a haiku.\nA: An old pond"
     request = CritiqueRequest(question=row["prompt"], response="An old pond", verdict=False)
@@ -344,3 +348,28 @@ def test_reference_free_config_is_accepted(tmp_path):
         critic: {{backend: openai, kind: cot, model: grader}}
     """))
     assert cfg.reference_column is None and cfg.critic.kind == "cot"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# docs/data.md: its snippets run and its configs are valid
+
+
+def test_docs_data_page_snippets(tmp_path, monkeypatch):
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "data.md").read_text(encoding="utf-8")
+    monkeypatch.chdir(root)
+    pythons = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    assert len(pythons) >= 3
+    for block in pythons:
+        exec(compile(block, "docs/data.md", "exec"), {})
+    yamls = re.findall(r"^```yaml\n(.*?)^```", text, flags=re.S | re.M)
+    assert len(yamls) >= 4
+    for block in yamls:
+        data = yaml.safe_load(block)
+        if "model" in data:
+            data["model"] = str(tmp_path)  # a local directory that exists only where the user trains
+        if "template_dir" in data.get("critic", {}):
+            data["critic"]["template_dir"] = str(tmp_path)
+        from_dict(TrainConfig, data)

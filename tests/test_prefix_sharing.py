@@ -83,6 +83,9 @@ def _compare(plain, shared, batch, *, keep_logits=False, with_grad=True):
     ((b.logp * w + 0.3 * b.entropy) * m).sum().backward()
     n = 0
     for (name, p), q in zip(plain.named_parameters(), shared.parameters(), strict=True):
+        if not p.requires_grad:  # frozen (LoRA base weights)
+            assert p.grad is None and q.grad is None, name
+            continue
         assert p.grad is not None and q.grad is not None, name
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=ATOL, msg=name)
         n += int(p.grad.abs().sum() > 0)
@@ -294,3 +297,28 @@ def test_prefill_cache_covers_all_but_the_last_prompt_token(tok):
         torch.testing.assert_close(layer.keys * m, ref_layer.keys * m, rtol=0, atol=ATOL)
         torch.testing.assert_close(layer.values * m, ref_layer.values * m, rtol=0, atol=ATOL)
     assert prefill_shared_prompts(model, ids[:2], attn[:2]) is None  # nothing shared
+
+
+def test_lora_policy_and_its_reference_pass_with_the_adapter_disabled():
+    """peft wraps the model: the keywords pass through to the patched forward; the LoRA gradients and the
+    reference log-probs (adapter disabled) match the unshared ones."""
+    from critique_rl.config import LoraConfig
+    from critique_rl.lora import adapter_disabled, apply_lora
+
+    prompts, comps = _rows(seed=5)
+    batch = pack(prompts, comps, pad_id=0)
+    base = _model("qwen2", "sdpa")
+    plain = apply_lora(base, LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():  # non-zero B matrices: the adapter changes the scores
+        for name, p in plain.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    shared = copy.deepcopy(plain)
+    _compare(plain, shared, batch)
+    m = batch.completion_mask.float()
+    with adapter_disabled(plain), adapter_disabled(shared), torch.no_grad():
+        a = completion_logprobs(plain, batch).logp
+        b = completion_logprobs(shared, batch).logp
+        plain_base = completion_logprobs(base, batch).logp  # base is the same module as plain's inner model
+    torch.testing.assert_close(b * m, a * m, rtol=0, atol=ATOL)
+    torch.testing.assert_close(a * m, plain_base * m, rtol=0, atol=ATOL)

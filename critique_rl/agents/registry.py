@@ -102,3 +102,14 @@ def _guess_spec() -> EnvSpec:
 
 
 register_env(_guess_spec())
+
+
+def _price_lookup_spec() -> EnvSpec:
+    from critique_rl.agents import lookup_env
+
+    return EnvSpec(name="price_lookup", make_env=lookup_env.PriceLookupEnv, make_tasks=lookup_env.make_tasks,
+                   demonstrator=lookup_env.ScriptedPlayer(p_skip=lookup_env.DEMONSTRATOR_P_SKIP),
+                   expert=lookup_env.ScriptedPlayer(p_skip=0.0), critic=lookup_env.PriceCritic)
+
+
+register_env(_price_lookup_spec())

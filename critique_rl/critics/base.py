@@ -367,18 +367,18 @@ class BaseCritic:
     def metrics(self, reset: bool = False) -> dict[str, float]:
         """``critic/requests, errors, fallbacks, cache_hits, latency_p50, latency_p95, verdict_disagreements,
         regenerations, prompt_tokens, completion_tokens`` (plus ``retries``, ``unparsable_verdicts``),
-        cumulative since construction or the last ``reset``; ``critic/verdict_accuracy``,
-        ``critic/verdict_precision_wrong``, ``critic/verdict_recall_wrong`` (first-try cot verdicts against the
-        verifier's, cumulative; None before any) and the same as ``critique/verdict_*`` over the critiques since
-        the previous call (the trainer calls it once per step: per-step values)."""
+        cumulative since construction or the last ``reset``, with the verdict counters ``critic/verdicts_checked,
+        verdicts_agreed, wrong_flagged, right_flagged, wrong_missed``; and over the critiques since the previous
+        call (the trainer calls it once per step: per-step values) ``critique/verdict_accuracy``,
+        ``critique/verdict_precision_wrong``, ``critique/verdict_recall_wrong`` (first-try cot verdicts against
+        the verifier's, see :func:`verdict_scores`; None when there were none) and ``critique/verdicts_checked``."""
         out = self.stats.as_dict()
         counts = {k: int(out[f"critic/{k}"]) for k in VERDICT_COUNTERS}
-        for name, value in verdict_scores(*(counts[k] for k in VERDICT_COUNTERS)).items():
-            out[f"critic/verdict_{name}"] = value  # type: ignore[assignment]  # None: nothing checked yet
         window = {k: counts[k] - self._verdict_window.get(k, 0) for k in VERDICT_COUNTERS}
         self._verdict_window = counts
         for name, value in verdict_scores(*(window[k] for k in VERDICT_COUNTERS)).items():
             out[f"critique/verdict_{name}"] = value  # type: ignore[assignment]  # since the previous read
+        out["critique/verdicts_checked"] = float(window["verdicts_checked"])
         if reset:
             self.stats.reset()
             self._verdict_window = dict.fromkeys(VERDICT_COUNTERS, 0)

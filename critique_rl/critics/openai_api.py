@@ -339,8 +339,10 @@ class OpenAICritic(BaseCritic):
             else:
                 self._record_outcome(True)
                 if self._cache is not None:
-                    self._cache.put(key, self.model, text, p_tok, c_tok, request=request, regeneration=regen,
-                                    reference_shown=self.critic_reference(request) is not None)
+                    critique_req = custom_prompt(request) is None  # a free-form prompt is no critique pair
+                    self._cache.put(key, self.model, text, p_tok, c_tok, request=request if critique_req else None,
+                                    regeneration=regen if critique_req else None,
+                                    reference_shown=(self.critic_reference(request) is not None) if critique_req else None)
                 return Generation(text, p_tok, c_tok, latency_s=time.perf_counter() - t0)
             logger.info("critic request to %s failed (attempt %d): %s", self.url, attempt + 1, last.reason)
             if not last.retryable:

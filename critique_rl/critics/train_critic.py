@@ -204,25 +204,27 @@ def train_critic_model(examples: list[dict[str, Any]], out_dir: str | Path, *, r
     return out
 
 
-def score_critic(model_dir: str | Path, examples: list[dict[str, Any]], *, reference: str = "hidden",
-                 target: str = "verdict", max_new_tokens: int = 48, batch_size: int = 64) -> dict[str, Any]:
-    """First-try verdicts of the critic in ``model_dir`` (greedy) on ``examples`` against ``target``
-    (``verdict``: the example's critique verdict, e.g. the source critic's; ``verifier``: the verifier's).
-    Returns ``n``, ``agreement`` (accuracy), ``precision_wrong``, ``recall_wrong``, ``unparsable``."""
+def critic_verdicts(model_dir: str | Path, examples: list[dict[str, Any]], *, reference: str = "hidden",
+                    max_new_tokens: int = 48, batch_size: int = 64) -> list[bool | None]:
+    """First-try verdicts (greedy, no regeneration) of the critic in ``model_dir`` on ``examples``."""
     from critique_rl.critics.hf import HFCritic
 
     critic = HFCritic(model_dir, kind="cot", max_new_tokens=max_new_tokens, batch_size=batch_size,
                       max_regenerations=0, reference=reference, device="cpu")
     requests = [CritiqueRequest(question=e["question"], response=e["response"], reference=e.get("reference"))
                 for e in examples]
-    critiques = critic.critique(requests)  # verdict None on the request: no regeneration, the raw first try
-    truth = [e["verdict"] if target == "verdict" else e.get("verifier_verdict") for e in examples]
+    return [c.verdict for c in critic.critique(requests)]  # verdict None on the request: the raw first try
+
+
+def agreement_report(verdicts: list[bool | None], truth: list[bool | None]) -> dict[str, Any]:
+    """``verdicts`` against ``truth`` (pairs whose truth is None are skipped): ``n``, ``agreement``,
+    ``precision_wrong``, ``recall_wrong`` (wrong answers as the positive class, see :func:`verdict_scores`),
+    ``unparsable`` and ``majority_baseline`` (the agreement of always giving the commoner verdict)."""
     checked = agreed = tp = fp = fn = unparsable = 0
-    for c, t in zip(critiques, truth, strict=True):
+    for v, t in zip(verdicts, truth, strict=True):
         if t is None:
             continue
         checked += 1
-        v = c.verdict
         unparsable += v is None
         agreed += v == t
         tp += v is False and not t
@@ -232,6 +234,16 @@ def score_critic(model_dir: str | Path, examples: list[dict[str, Any]], *, refer
     return {"n": checked, "agreement": scores["accuracy"], "precision_wrong": scores["precision_wrong"],
             "recall_wrong": scores["recall_wrong"], "unparsable": unparsable / checked if checked else None,
             "majority_baseline": _majority(truth)}
+
+
+def score_critic(model_dir: str | Path, examples: list[dict[str, Any]], *, reference: str = "hidden",
+                 target: str = "verdict", max_new_tokens: int = 48, batch_size: int = 64) -> dict[str, Any]:
+    """:func:`agreement_report` of the critic in ``model_dir`` on ``examples`` against ``target`` (``verdict``:
+    the example's critique verdict, e.g. the source critic's; ``verifier``: the verifier's)."""
+    verdicts = critic_verdicts(model_dir, examples, reference=reference, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size)
+    key = "verdict" if target == "verdict" else "verifier_verdict"
+    return agreement_report(verdicts, [e.get(key) for e in examples])
 
 
 def _majority(truth: list[bool | None]) -> float | None:
@@ -248,13 +260,13 @@ def api_cost(totals: dict[str, Any], price_input: float | None, price_output: fl
            "completion_tokens": totals["completion_tokens"],
            "total_tokens": totals["prompt_tokens"] + totals["completion_tokens"]}
     if price_input is not None and price_output is not None:
-        out["usd"] = round(totals["prompt_tokens"] * price_input / 1e6 + totals["completion_tokens"] * price_output / 1e6, 6)
+        out["usd"] = totals["prompt_tokens"] * price_input / 1e6 + totals["completion_tokens"] * price_output / 1e6
     return out
 
 
 def distill(cache_path: str | Path, out_dir: str | Path, *, held_out: float = 0.2, seed: int = 0,
             steps: int = 600, batch_size: int = 32, learning_rate: float = 1e-3, reference: str | None = None,
-            price_input: float | None = None, price_output: float | None = None,
+            max_new_tokens: int = 48, price_input: float | None = None, price_output: float | None = None,
             on_step: Callable[[int, float], None] | None = None, **model_kw: Any) -> dict[str, Any]:
     """Critic cache -> SFT pairs -> a local critic in ``out_dir``; its agreement with the cached critic on held-out
     pairs and the API cost the cache holds. ``reference`` None: as the source critic saw it (hidden unless every
@@ -271,8 +283,9 @@ def distill(cache_path: str | Path, out_dir: str | Path, *, held_out: float = 0.
     card = {"source": "distilled", "cache": str(cache_path), "source_models": totals["models"]}
     train_critic_model(train, out_dir, reference=reference, steps=steps, batch_size=batch_size,
                        learning_rate=learning_rate, seed=seed, on_step=on_step, card=card, **model_kw)
-    held = score_critic(out_dir, test, reference=reference, target="verdict")
-    vs_verifier = score_critic(out_dir, test, reference=reference, target="verifier")
+    verdicts = critic_verdicts(out_dir, test, reference=reference, max_new_tokens=max_new_tokens)
+    held = agreement_report(verdicts, [e["verdict"] for e in test])
+    vs_verifier = agreement_report(verdicts, [e["verifier_verdict"] for e in test])
     source_vs_verifier = [e["verdict"] == e["verifier_verdict"] for e in test if e["verifier_verdict"] is not None]
     report = {"cache": str(cache_path), "out": str(out_dir), "reference": reference, "train_pairs": len(train),
               "held_out_pairs": len(test), "agreement_with_source": held, "local_vs_verifier": vs_verifier,

@@ -67,6 +67,29 @@ _COLUMNS = ("seq, id, kind, key_text, dedup_hash, payload, tags, source_run, sou
             "merged, created_at, updated_at")
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+"""The first 16 bytes of every SQLite 3 database file."""
+
+
+def sqlite_file_problem(path: str | Path) -> str | None:
+    """Why the existing file ``path`` cannot be a memory bank (a folder, unreadable, not SQLite), or None when it
+    is an SQLite file or empty (SQLite treats an empty file as a new database). A missing path is None too."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        return None
+    if p.is_dir():
+        return "is a folder; give a .sqlite file path"
+    try:
+        with p.open("rb") as fh:
+            head = fh.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if head and head != SQLITE_HEADER:
+        return ("is not a readable SQLite bank (the file does not start with the SQLite header); point it at a "
+                "memory bank (.sqlite) or at a new path, where one is created")
+    return None
+
+
 def _is_lock_error(exc: BaseException) -> bool:
     msg = str(exc).lower()
     return isinstance(exc, sqlite3.OperationalError) and ("locked" in msg or "busy" in msg)
@@ -117,6 +140,8 @@ class MemoryStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         elif self.path.is_dir():
             raise UserError(f"memory bank '{self.path}' is a directory; pass a .sqlite file path")
+        elif (problem := sqlite_file_problem(self.path)) is not None:
+            raise UserError(f"memory bank '{self.path}' {problem}")
         try:
             self.conn = sqlite3.connect(str(self.path), timeout=busy_timeout_ms / 1000, isolation_level=None,
                                         check_same_thread=False)

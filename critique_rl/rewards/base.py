@@ -43,10 +43,10 @@ from critique_rl.primitives import Message, completion_text  # noqa: F401 (re-ex
 from critique_rl.registry import Registry
 from critique_rl.tasks import Task
 from critique_rl.user_code import (
-    call_error,
     defined_at,
     is_user_callable,
     load_user_callable,
+    mark_user_exception,
     signature_error,
 )
 
@@ -286,12 +286,12 @@ async def _invoke(
         out = fn(*args, **kwargs)
         if inspect.isawaitable(out):
             out = await out
-    except (UserError, KeyboardInterrupt):
+    except UserError:
         raise
     except Exception as exc:
-        if user:  # the user's code failed: one block with their frames only (exit 2 from the CLI)
-            raise call_error(f"{what} function", func_name(fn), fn, exc) from None
         exc.add_note(f"(raised by {what} function {func_name(fn)!r})")
+        if user:  # the CLI prints it as one block with the user's frames only, exit 2
+            mark_user_exception(exc, f"{what} function", func_name(fn), fn)
         raise
     return out
 
@@ -420,10 +420,11 @@ class Verifier:
         return [v is not None and v > self.threshold for v in values]
 
     def _one(self, text: str, answer: Any) -> bool:
-        """The per-sample form ``fn(text, answer)``; a user's function that fails is a :class:`UserCodeError`."""
+        """The per-sample form ``fn(text, answer)``. A user's function that cannot take two arguments is a
+        :class:`~critique_rl.user_code.UserCodeError`; one that raises is marked for the CLI's block."""
         try:
             return bool(self.fn(text, answer))
-        except (UserError, KeyboardInterrupt):
+        except UserError:
             raise
         except Exception as exc:
             if not is_user_callable(self.fn):
@@ -432,7 +433,9 @@ class Verifier:
                 raise signature_error("verifier", self.__name__, self.fn, f"{exc}",
                                       f"write it as def {self.__name__}(completion, answer) -> bool, or TRL-style "
                                       f"def {self.__name__}(completions, answer, **kwargs)") from None
-            raise call_error("verifier", self.__name__, self.fn, exc) from None
+            exc.add_note(f"(raised by verifier {self.__name__!r})")
+            mark_user_exception(exc, "verifier", self.__name__, self.fn)
+            raise
 
     def check_rows(self, rows: list[dict[str, Any]], texts: list[str], **inputs: Any) -> list[bool]:
         """:meth:`check` for dataset rows and completion texts (``inputs`` go to :func:`reward_inputs`)."""

@@ -17,8 +17,9 @@ critiques.
 
 ``group: true``: group-relative judging, as ART's RULER does: the n responses to one question (consecutive rows
 with the same prompt) are scored in one call (``judge_group.j2``), in a shuffled order (position-bias guard; with
-``orders: k`` the group is scored k times in different orders and the scores averaged). Its reply has no
-per-response critique for the critique stage, which then makes its own calls.
+``orders: k`` the group is scored k times in different orders and the scores averaged). Each response's line
+(``Response K: <sentence> Score: S``) is kept as its critique, with verdict correct when the score is above half
+the scale, so the critique stage reuses it too (no second call).
 
 The judge uses the run's own critic object (the one the trainer builds after its reward functions), so judge and
 critique stage share one critic, one cache and one set of ``critic/*`` counters; pass ``critic=`` to use another.
@@ -31,7 +32,7 @@ import re
 import weakref
 from typing import Any
 
-from critique_rl.critics.base import BaseCritic, CritiqueRequest
+from critique_rl.critics.base import BaseCritic, Critique, CritiqueRequest
 from critique_rl.errors import UserError
 from critique_rl.primitives import completion_text
 from critique_rl.rewards.base import register_reward
@@ -59,13 +60,19 @@ def parse_score(text: str, max_score: float) -> float | None:
 def parse_group_scores(text: str, n: int, max_score: float) -> list[float | None]:
     """Per displayed position 1..n, the score on its ``Response K: ... Score: S`` line as a fraction of
     ``max_score`` (clipped to [0, 1]); None where a position has no line (the last line for a K wins)."""
-    out: list[float | None] = [None] * n
+    return [s for s, _ in parse_group_lines(text, n, max_score)]
+
+
+def parse_group_lines(text: str, n: int, max_score: float) -> list[tuple[float | None, str]]:
+    """Per displayed position 1..n: (score as in :func:`parse_group_scores`, the line's critique sentence)."""
+    out: list[tuple[float | None, str]] = [(None, "")] * n
     for line in (text or "").splitlines():
         m = _GROUP_LINE.search(line)
         if m:
             k = int(m.group(1))
             if 1 <= k <= n:
-                out[k - 1] = min(1.0, max(0.0, float(m.group(2)) / float(max_score)))
+                sentence = line[m.end(1):].split("Score", 1)[0].split("score", 1)[0].strip(" :-*.")
+                out[k - 1] = (min(1.0, max(0.0, float(m.group(2)) / float(max_score))), sentence)
     return out
 
 
@@ -136,7 +143,7 @@ class CriticJudge:
         answers = list(answer) if answer is not None else [None] * len(texts)
         critic = self.resolve_critic()
         if self.group:
-            rewards = self._judge_groups(critic, questions, texts)
+            rewards = self._judge_groups(critic, questions, texts, answers)
         else:
             rewards = self._judge_each(critic, questions, texts, answers, columns.get("task"))
         if len(self.scores) > 100_000:
@@ -168,7 +175,8 @@ class CriticJudge:
             return parse_score(text, self.max_score)
         return None if verdict is None else float(verdict)
 
-    def _judge_groups(self, critic: BaseCritic, questions: list[str], texts: list[str]) -> list[float | None]:
+    def _judge_groups(self, critic: BaseCritic, questions: list[str], texts: list[str],
+                      answers: list[Any]) -> list[float | None]:
         spans: list[tuple[int, int]] = []
         start = 0
         for i in range(1, len(questions) + 1):
@@ -190,11 +198,23 @@ class CriticJudge:
         replies = critic.critique(requests)
         self.judged += len(requests)
         sums: list[list[float]] = [[] for _ in texts]
+        notes: list[str] = [""] * len(texts)
         for (s, order), reply in zip(plan, replies, strict=True):
-            for pos, score in enumerate(parse_group_scores(reply.text, len(order), self.max_score)):
+            for pos, (score, sentence) in enumerate(parse_group_lines(reply.text, len(order), self.max_score)):
                 if score is not None:
                     sums[s + order[pos]].append(score)
-        return [sum(v) / len(v) if v else None for v in sums]
+                    notes[s + order[pos]] = notes[s + order[pos]] or sentence
+        rewards = [sum(v) / len(v) if v else None for v in sums]
+        for q, t, a, r, note in zip(questions, texts, answers, rewards, notes, strict=True):
+            if r is None:
+                continue
+            # the group reply's line on this response becomes its critique (verdict: above half the scale), so
+            # the critique stage refines it without a second call
+            verdict = r > 0.5
+            text = f"{note or 'Judged against the other responses'}.\nVerdict: {'correct' if verdict else 'incorrect'}"
+            request = CritiqueRequest(question=q, response=t, reference=None if a in (None, "") else str(a))
+            critic.remember(request, Critique(text=text, verdict=verdict, kind="cot"))
+        return rewards
 
 
 @register_reward("critic")

@@ -12,7 +12,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, 
 
 from critique_rl.algos.logprobs import selective_log_softmax
 from critique_rl.rollout.base import Completion, SamplingParams
-from critique_rl.train.prefix_sharing import prefix_sharing_mode
+from critique_rl.train.prefix_sharing import innermost_module, prefix_sharing_mode
 
 
 class SampledLogprobRecorder(LogitsProcessor):
@@ -193,7 +193,8 @@ def prefill_shared_prompts(model: PreTrainedModel, input_ids: torch.Tensor,
     first = torch.full((uniq.shape[0],), B, device=input_ids.device).scatter_reduce_(0, inverse, rows, "amin")
     ids, mask = input_ids[first], attention_mask[first]
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    inner = innermost_module(model)  # wrappers (peft) pass the keyword through to the causal LM's forward
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
     out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], use_cache=True,
                 **extra)
     cache = out["cache"] if "cache" in out else out.get("past_key_values")

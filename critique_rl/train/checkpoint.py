@@ -190,5 +190,25 @@ def latest_valid_checkpoint(root: str | Path, warn: Callable[[str], None] | None
     return None
 
 
+def resume_checkpoint(root: str | Path, warn: Callable[[str], None] | None = None) -> Path:
+    """The checkpoint ``--resume`` continues from: :func:`latest_valid_checkpoint`, or a one-line
+    :class:`UserError` when there is none (no checkpoint yet, or every one damaged) that says how to start over,
+    instead of silently training from scratch."""
+    root = Path(root)
+    found = latest_valid_checkpoint(root, warn=warn)
+    if found is not None:
+        return found
+    run_dir = root.parent
+    damaged = list_checkpoints(root)
+    if damaged:
+        names = ", ".join(cp.name for cp in damaged[-3:])
+        raise UserError(f"--resume: every checkpoint under {root} is damaged ({names}), so there is nothing to "
+                        f"continue; to start over, delete {root} and run again without --resume, or train into "
+                        "another --output-dir")
+    where = "does not exist" if not run_dir.is_dir() else f"holds no checkpoint under {root.name}/"
+    raise UserError(f"--resume: the run directory {run_dir} {where}, so there is nothing to continue; to start "
+                    "over, run the same command without --resume (or check --output-dir / output_dir)")
+
+
 def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)

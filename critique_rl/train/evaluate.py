@@ -108,6 +108,35 @@ def evaluate(
     return result
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+"""Files of which a saved model directory holds at least one (``save_pretrained``'s names, sharded or not)."""
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+"""The weights of a LoRA adapter saved alone (``lora.merge_final: false``), beside ``adapter_config.json``."""
+
+
+def check_model_dir(path: str | Path, what: str = "model directory", allow_adapter: bool = False) -> Path:
+    """``path`` must be a folder saved with ``save_pretrained``: a ``config.json`` and weights (with
+    ``allow_adapter``, an ``adapter_config.json`` and adapter weights also do). Otherwise a one-line
+    :class:`UserError` naming what is missing. Returns the path."""
+    from critique_rl.errors import UserError
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{what} '{path}' does not exist; pass a run's final/ folder or a checkpoint-*/model folder")
+    if not p.is_dir():
+        raise UserError(f"{what} '{path}' is a file; pass the folder saved with save_pretrained (e.g. RUN/final)")
+    if allow_adapter and (p / "adapter_config.json").is_file() and any((p / n).is_file() for n in ADAPTER_FILES):
+        return p
+    if not (p / "config.json").is_file():
+        hint = " (a run directory: pass RUN/final)" if (p / "final").is_dir() else ""
+        raise UserError(f"{what} '{path}' has no config.json{hint}; pass a folder saved with save_pretrained")
+    if not any((p / name).is_file() for name in WEIGHT_FILES):
+        raise UserError(f"{what} '{path}' has a config.json but no weights (none of {', '.join(WEIGHT_FILES[:3])}, "
+                        "...); the save did not finish or the weights were moved: pass a folder that holds them")
+    return p
+
+
 def evaluate_saved(
     model_dir: str | Path,
     task: str,
@@ -130,6 +159,7 @@ def evaluate_saved(
 
     t = get_task(task)
     rows = rows if rows is not None else t.make_examples("eval", n, EVAL_SEED)[:n]
+    check_model_dir(model_dir)
     model, tok = load_policy(model_dir, device=device)
     use_chat = wants_chat_template(tok, "auto")
     gen = build_generator("hf", model, tok, batch_size=batch_size)

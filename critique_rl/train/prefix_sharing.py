@@ -37,10 +37,14 @@ _MODE_ATTR = "_critique_rl_prefix_sharing"
 MASKABLE_ATTENTION = ("sdpa", "eager")
 
 
-def _innermost(model: torch.nn.Module) -> torch.nn.Module:
-    from critique_rl.train.batching import _innermost as inner
+def innermost_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model below DDP/FSDP, torch.compile and peft wrappers."""
+    from critique_rl.train.batching import _innermost
 
-    return inner(model)
+    return _innermost(model)
+
+
+_innermost = innermost_module
 
 
 def set_prefix_sharing(model: torch.nn.Module, mode: str) -> torch.nn.Module:

@@ -101,6 +101,7 @@ def start_run(cfg: TrainConfig, out: Path, **accelerator_kwargs: Any) -> Acceler
     Accelerator with the resolved mixed precision (CPU when no GPU is asked for or present)."""
     check_device(cfg.device)
     check_output_dir(out)
+    check_memory_bank(cfg)
     seed_everything(cfg.seed)
     precision = resolve_mixed_precision(cfg.mixed_precision, cfg.device)
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
@@ -148,6 +149,20 @@ def check_output_dir(out: Path) -> None:
         if not os.access(path, os.W_OK | os.X_OK):
             raise ConfigError("output_dir", str(out), f"'{path}' is not writable; choose another --output-dir")
         return
+
+
+def check_memory_bank(cfg: TrainConfig) -> None:
+    """``memory.bank_path``, when memory is on and the file exists, must be an SQLite bank (one line naming the
+    field, before anything in the run directory is written)."""
+    memory = getattr(cfg, "memory", None)
+    path = getattr(memory, "bank_path", None)
+    if not getattr(memory, "enabled", False) or not path:
+        return
+    from critique_rl.memory.store import sqlite_file_problem
+
+    problem = sqlite_file_problem(path)
+    if problem is not None:
+        raise ConfigError("memory.bank_path", str(path), f"'{path}' {problem}")
 
 
 CRITIC_MIN_REQUESTS = 16
