@@ -32,15 +32,10 @@ from rich.progress import (
 )
 
 from critique_rl.config import TrainConfig
-from critique_rl.data import load_rows
 from critique_rl.errors import ConfigError, UserError
 from critique_rl.models import (
     format_prompt,
     load_policy,
-)
-from critique_rl.rewards import (
-    build_reward_funcs,
-    func_name,
 )
 from critique_rl.rollout import engine_is_separate, engine_sleep
 from critique_rl.rollout.factory import build_generator
@@ -51,6 +46,8 @@ from critique_rl.train.batching import enable_fused_head, fused_head_supported
 from critique_rl.train.critique_path import CritiquePathMixin
 from critique_rl.train.ema import EmaTeacher
 from critique_rl.train.metrics import JsonlWriter, plot_curves
+from critique_rl.train.phase_state import enter_phase, phase_name, setup_phases
+from critique_rl.train.policy_setup import prepare_policy, save_final
 from critique_rl.train.prompt_selection import PromptSelectionMixin
 from critique_rl.train.prompt_source import PromptSource, RolloutSource
 from critique_rl.train.records import RecordsMixin
@@ -146,7 +143,7 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         else:
             self.reward_funcs, self.reward_names, self.reward_weights = [], ["return"], torch.ones(1)
         self._task_blocks: list[tuple[str, int, int]] = []
-        self._setup_phases()
+        setup_phases(self)
         self.rng = random.Random(cfg.seed + 1 + 7919 * self.rank)  # refinement choice; checkpointed
         self._selection = SelectionState()  # data selection; checkpointed
         if self.episodes is not None:
@@ -183,41 +180,6 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
                     (self.out / name).unlink(missing_ok=True)
         return resume_from
 
-    def _setup_phases(self) -> None:
-        """The schedule (``phases``, or sft + rl), each phase's own data (a sampler per ``train_file``, seeded
-        like the run's) and objectives (reward functions and weights)."""
-        cfg = self.cfg
-        self.phases = cfg.schedule()
-        self._phases_done = 0
-        self._phase_sampler: PromptSampler | None = None
-        self._phase_task_weights: dict[str, float] | None = None
-        self._phase_rows: dict[str, list[dict[str, Any]]] = {}
-        self._phase_samplers: dict[str, PromptSampler] = {}
-        for i, ph in enumerate(self.phases):
-            if ph.train_file and ph.train_file not in self._phase_rows:
-                self._phase_rows[ph.train_file] = load_rows(ph.train_file, field=f"phases[{i}].train_file")
-                self._phase_samplers[ph.train_file] = PromptSampler(self._phase_rows[ph.train_file], cfg.seed)
-        self._run_rewards = (self.reward_funcs, self.reward_names, self.reward_weights)
-
-    def _enter_phase(self, index: int) -> None:
-        """Make phase ``index``'s data and objectives current (rl phases)."""
-        ph = self.phases[index]
-        self._phase_sampler = self._phase_samplers.get(ph.train_file) if ph.train_file else None
-        self._phase_task_weights = ph.tasks  # a phase's own mix of the run's tasks (None = the run's weights)
-        if ph.reward_funcs is None and ph.reward_weights is None:
-            self.reward_funcs, self.reward_names, self.reward_weights = self._run_rewards
-            return
-        funcs = (self._run_rewards[0] if ph.reward_funcs is None else
-                 build_reward_funcs(list(ph.reward_funcs), self.task, self.cfg.reward_kwargs))
-        weights = ph.reward_weights or (self.cfg.reward_weights if ph.reward_funcs is None else None) \
-            or [1.0] * len(funcs)
-        self.reward_funcs, self.reward_names = funcs, [func_name(f) for f in funcs]
-        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
-
-    def _phase_name(self, index: int) -> str:
-        ph = self.phases[index]
-        return ph.name or f"{ph.kind}{index}"
-
     def _run_sft(self, index: int, model: torch.nn.Module, progress: Progress | None) -> None:
         """SFT phase ``index`` on ``model``: the run's rows (with the task's demonstrations, mistakes and
         refinement demos) or the phase's ``train_file`` (prompt -> answer). Seeded: the first phase by the run
@@ -229,7 +191,7 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         first = index == 0
         lr = ph.learning_rate if ph.learning_rate is not None else cfg.sft_learning_rate
         seed = cfg.seed if first else cfg.seed + 1000 * index
-        label = "SFT warm-up" if first else f"SFT {self._phase_name(index)}"
+        label = "SFT warm-up" if first else f"SFT {phase_name(self.phases, index)}"
         task_id = progress.add_task(label, total=steps) if progress else None
         t0 = time.perf_counter()
         if ph.train_file:
@@ -250,7 +212,7 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         self.summary["sft_seconds"] = self.summary.get("sft_seconds", 0.0) * (not first) + time.perf_counter() - t0
         if cfg.phases:
             self.summary.setdefault("phases", []).append(
-                {"phase": index, "name": self._phase_name(index), "kind": "sft", "steps": steps,
+                {"phase": index, "name": phase_name(self.phases, index), "kind": "sft", "steps": steps,
                  "at_rl_step": self.step, "final_loss": losses[-1]})
 
     def _weights_dtype(self) -> torch.dtype:
@@ -332,23 +294,7 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
 
     def _build_optim(self) -> None:
         cfg = self.cfg
-        if cfg.lora.enabled:
-            from critique_rl.lora import apply_lora, is_lora, trainable_parameter_summary
-
-            if not is_lora(self.model):  # a fresh run: freeze the (warmed-up) base, train an adapter on it
-                if self.is_main:
-                    self.model.save_pretrained(self.out / LORA_BASE_DIR)
-                    self.tokenizer.save_pretrained(self.out / LORA_BASE_DIR)
-                self.model = apply_lora(self.model, cfg.lora)
-            self.summary["lora_trainable_parameters"] = trainable_parameter_summary(self.model)["trainable"]
-        if cfg.gradient_checkpointing:
-            m = self._policy_module()
-            if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.20 name
-                m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if cfg.lora.enabled:  # frozen embeddings: the checkpointed blocks still need an input with grad
-                self._policy_module().enable_input_require_grads()
+        prepare_policy(self)  # LoRA adapter on the warmed-up base, gradient checkpointing
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, phase_lr(lr_schedule(cfg), self.phases, cfg.learning_rate))
@@ -487,7 +433,7 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
                     self._run_sft(index, self._policy(), progress)
                     self.generator.sync_weights()
                 else:
-                    self._enter_phase(index)
+                    enter_phase(self, index)
                     self._rl_until(rl_end, progress, task_id)
                 self._phases_done = index + 1
                 if index < len(self.phases) - 1 and (phase.kind == "sft" or self.step % self.cfg.checkpoint_every):
@@ -541,25 +487,11 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
             self._write_metrics({"step": self.step, **self._eval_metrics(final), "final": True})
             self.metrics_log.close()
             self.rollout_log.close()
-            self._save_final(self.out / "final")
+            save_final(self, self.out / "final")
             plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
             (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2))
         self.summary = dist.broadcast_object(self.summary)
         self.accelerator.wait_for_everyone()
         return self.summary
-
-    def _save_final(self, final_dir: Path) -> None:
-        """``final/``: the trained model (LoRA: merged into the base, or the adapter alone) + tokenizer."""
-        policy = self._policy()
-        bad = ckpt.nonfinite_parameters(policy)
-        if bad:
-            raise UserError(f"the policy weights hold NaN/inf after step {self.step} ({len(bad)} tensor(s), e.g. "
-                            f"{bad[0]}); final/ was not written (the checkpoints hold the last finite weights)")
-        if self.cfg.lora.enabled and self.cfg.lora.merge_final:
-            from critique_rl.lora import merged_copy
-
-            policy = merged_copy(policy)
-        policy.save_pretrained(final_dir)
-        self.tokenizer.save_pretrained(final_dir)
 
 
