@@ -125,7 +125,8 @@ def test_two_processes_on_episodes_shard_write_once_and_track_one_process(tmp_pa
 
     def run(name: str, nproc: int) -> tuple[list[dict], list[dict]]:
         path = tmp_path / f"{name}.json"
-        data = dict(TINY, output_dir=str(tmp_path / name), agent=AGENT, max_steps=3, critique_on="wrong")
+        data = dict(TINY, output_dir=str(tmp_path / name), agent=AGENT, max_steps=3, critique_on="wrong",
+                    mini_batch_size=4)
         path.write_text(json.dumps(data))
         launch(["train", str(path), str(tmp_path / f"{name}.out")], nproc)
         return read_jsonl(tmp_path / name / "metrics.jsonl"), _ranks(tmp_path / f"{name}.out", nproc)
