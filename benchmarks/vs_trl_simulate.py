@@ -45,6 +45,8 @@ H100 = {"trl_256_gb": 9.4, "old_256_gb": 58.9, "old_512": "out of memory (> ~79 
 PROMPT_TOKENS = 6
 PROMPTS, GENERATIONS, MICRO_BATCH = 16, 8, 32
 GB = 1e9
+GIB = 2**30
+WHAT_IF = "ours, what-if lean fused backward"
 
 
 def _train_cfg(tokens: int, gc: bool) -> Any:
@@ -59,7 +61,49 @@ def _train_cfg(tokens: int, gc: bool) -> Any:
         critique_on="none", critic=CriticConfig(backend="none"), gradient_checkpointing=gc)
 
 
-def arm_ours(tokens: int, gc: bool, chunk_rows: int | None = None) -> dict[str, Any]:
+def lean_fused_backward(ctx: Any, g_logp: Any, g_ent: Any) -> tuple:
+    """What-if (not the shipped code): ``critique_rl.algos.logprobs._LinearLogProb.backward`` with one float32
+    ``[chunk_rows, V]`` buffer per chunk instead of about five: the chunk's logits are turned into
+    ``d logp / dz`` in place (``z - lse``, ``exp``, ``* -g``, scatter ``+g``), the entropy term only when its
+    gradient is not all zero, and ``grad_w`` accumulated with ``addmm_`` (no ``[V, H]`` product temporary).
+    Same formulas: d logp_a/dz = onehot(a) - p, dH/dz_j = -p_j (log p_j + H)."""
+    import torch
+
+    hidden, weight, ids, lse, ent = ctx.saved_tensors
+    tau, rows = ctx.temperature, ctx.chunk_rows
+    dev, enabled, dtype = ctx.autocast
+    grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+    use_ent = ctx.with_entropy and g_ent is not None and g_ent.numel() > 0 and bool(g_ent.ne(0).any())
+    w32 = weight.float()
+    for s in range(0, hidden.shape[0], rows):
+        h = hidden[s : s + rows]
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            z = torch.nn.functional.linear(h, weight)
+        z = z.float()
+        if tau != 1.0:
+            z.div_(tau)
+        z.sub_(lse[s : s + rows].unsqueeze(-1))  # log p
+        g = g_logp[s : s + rows].float().unsqueeze(-1)
+        if use_ent:
+            p = z.exp()
+            z.add_(ent[s : s + rows].unsqueeze(-1)).mul_(g_ent[s : s + rows].float().unsqueeze(-1)).add_(g)
+            dz = p.mul_(z).neg_()
+            del z
+        else:
+            dz = z.exp_().mul_(-g)
+        dz.scatter_add_(-1, ids[s : s + rows].unsqueeze(-1), g)
+        if tau != 1.0:
+            dz.div_(tau)
+        if grad_h is not None:
+            grad_h[s : s + rows] = (dz @ w32).to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w.addmm_(dz.t(), h.float())
+        del dz
+    return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None, None
+
+
+def arm_ours(tokens: int, gc: bool, chunk_rows: int | None = None, lean: bool = False) -> dict[str, Any]:
     from transformers import AutoConfig
 
     from critique_rl.gpu_memory_step import step_shape, target_for, trace_step
@@ -67,6 +111,10 @@ def arm_ours(tokens: int, gc: bool, chunk_rows: int | None = None) -> dict[str, 
 
     if chunk_rows is not None:  # what-if: the log-prob row chunk policy_update's completion_logprobs uses
         batching.completion_logprobs.__kwdefaults__["chunk_rows"] = chunk_rows
+    if lean:  # what-if: the leaner fused-head backward above
+        from critique_rl.algos import logprobs
+
+        logprobs._LinearLogProb.backward = staticmethod(lean_fused_backward)
 
     cfg = _train_cfg(tokens, gc)
     mc = AutoConfig.from_pretrained(str(CONFIG_DIR), local_files_only=True)
@@ -88,11 +136,19 @@ def arm_trl(tokens: int, gc: bool) -> dict[str, Any]:
 
     import torch
     from trl import GRPOTrainer
+    from trl.kernels import chunked_logprob
     from trl.trainer.utils import add_fused_lm_head
 
     from critique_rl.gpu_memory import LiveTensorTracker, fake_mode, materialize_fake
     from critique_rl.gpu_memory_step import Target, _Accelerator, _backbone
 
+    # TRL's fused head on CUDA folds each [4096, chunk] logits tile in place with Triton kernels and accumulates
+    # the gradients with addmm(out_dtype=float32, out=acc): none of it allocates. Off CUDA it runs torch
+    # stand-ins that allocate tile-sized float32 temporaries; fake tensors carry no values, so the CUDA path's
+    # memory is traced by making those three in-place steps no-ops.
+    chunked_logprob._forward_tile = lambda *a, **k: None
+    chunked_logprob._backward_tile = lambda *a, **k: None
+    chunked_logprob._addmm_fp32 = lambda acc, a, b: None
     target = Target("cuda", torch.bfloat16, True, False)
     tracker = LiveTensorTracker(fake=True)
     model = _meta_model(torch.float32)
@@ -197,7 +253,7 @@ ARMS = {"ours": arm_ours, "trl": arm_trl, "old": arm_old}
 
 
 def _run(python: str, arm: str, tokens: int, gc: bool, extra_path: str | None = None,
-         chunk_rows: int | None = None) -> dict[str, Any]:
+         chunk_rows: int | None = None, lean: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vs_trl_sim_") as tmp:
         out = Path(tmp) / "r.json"
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore",
@@ -208,6 +264,8 @@ def _run(python: str, arm: str, tokens: int, gc: bool, extra_path: str | None = 
                "--result-file", str(out)] + (["--gc"] if gc else [])
         if chunk_rows is not None:
             cmd += ["--chunk-rows", str(chunk_rows)]
+        if lean:
+            cmd += ["--lean"]
         proc = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True)
         if proc.returncode != 0 or not out.is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
@@ -229,35 +287,45 @@ def _gb(r: dict[str, Any]) -> float | None:
 
 
 def simulate(trl_python: str, tokens_list: list[int], with_old: bool = True, results_dir: Path | None = None,
-             what_if_chunk_rows: int | None = 256) -> dict[str, Any]:
-    rows: list[dict[str, Any]] = []
+             what_if_chunk_rows: int | None = 256, jobs: int = 3) -> dict[str, Any]:
+    """Trace every arm (``jobs`` subprocesses at a time), print the ratios and the calibration, write the JSON."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    def run(label: str, python: str, arm: str, tokens: int, gc: bool, extra: str | None = None,
-            chunk_rows: int | None = None) -> None:
-        print(f"  tracing {label} at {tokens} new tokens (gradient checkpointing {'on' if gc else 'off'}) ...",
-              flush=True)
-        r = _run(python, arm, tokens, gc, extra, chunk_rows)
-        r.update({"arm": label, "tokens": tokens, "gradient_checkpointing": gc, "chunk_rows": chunk_rows})
-        rows.append(r)
-        msg = r["error"] if r.get("error") else f"{_gb(r):.2f} GB " + ", ".join(
-            f"{k} {v / GB:.2f}" for k, v in sorted(r["peak_parts"].items(), key=lambda kv: -kv[1]))
-        print(f"    {label}: {msg}", flush=True)
+    specs: list[dict[str, Any]] = []
+
+    def add(label: str, python: str, arm: str, tokens: int, gc: bool, extra: str | None = None,
+            chunk_rows: int | None = None, lean: bool = False) -> None:
+        specs.append(dict(label=label, python=python, arm=arm, tokens=tokens, gc=gc, extra=extra,
+                          chunk_rows=chunk_rows, lean=lean))
 
     for T in tokens_list:
-        run("ours", sys.executable, "ours", T, False)
-        run("trl", trl_python, "trl", T, False)
+        add("ours", sys.executable, "ours", T, False)
+        add("trl", trl_python, "trl", T, False)
         if what_if_chunk_rows:
-            run(f"ours, chunk_rows {what_if_chunk_rows}", sys.executable, "ours", T, False, None, what_if_chunk_rows)
-    for T in tokens_list:
+            add(WHAT_IF, sys.executable, "ours", T, False, None, what_if_chunk_rows, True)
         if T >= 1024:
-            run("ours", sys.executable, "ours", T, True)
-            run("trl", trl_python, "trl", T, True)
+            add("ours", sys.executable, "ours", T, True)
+            add("trl", trl_python, "trl", T, True)
     if 256 in tokens_list:
-        run("trl", trl_python, "trl", 256, True)
+        add("trl", trl_python, "trl", 256, True)
     if with_old:
         wt = str(old_worktree())
         for T in (256, 512):
-            run(f"trainer@{OLD_COMMIT}", sys.executable, "old", T, False, wt)
+            add(f"trainer@{OLD_COMMIT}", sys.executable, "old", T, False, wt)
+
+    def one(sp: dict[str, Any]) -> dict[str, Any]:
+        r = _run(sp["python"], sp["arm"], sp["tokens"], sp["gc"], sp["extra"], sp["chunk_rows"], sp["lean"])
+        r.update({"arm": sp["label"], "tokens": sp["tokens"], "gradient_checkpointing": sp["gc"],
+                  "chunk_rows": sp["chunk_rows"], "lean_fused_backward": sp["lean"]})
+        msg = r["error"] if r.get("error") else f"{_gb(r):.2f} GB " + ", ".join(
+            f"{k} {v / GB:.2f}" for k, v in sorted(r["peak_parts"].items(), key=lambda kv: -kv[1]))
+        print(f"  {sp['label']}, {sp['tokens']} new tokens, checkpointing {'on' if sp['gc'] else 'off'}: {msg}",
+              flush=True)
+        return r
+
+    print(f"tracing {len(specs)} steps on fake tensors, {jobs} at a time ...", flush=True)
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        rows = list(pool.map(one, specs))
 
     def find(arm: str, T: int, gc: bool) -> float | None:
         return next((_gb(r) for r in rows if r["arm"] == arm and r["tokens"] == T and r["gradient_checkpointing"] == gc), None)
@@ -271,24 +339,33 @@ def simulate(trl_python: str, tokens_list: list[int], with_old: bool = True, res
         print(f"  {T} new tokens: ours {_fmt(o)} GB, TRL {_fmt(t)} GB")
         print(f"memory ratio (ours/TRL, simulated): {_fmt(ratio, '.3f')}   [{T} new tokens]")
         if what_if_chunk_rows:
-            w = find(f"ours, chunk_rows {what_if_chunk_rows}", T, False)
-            print(f"  (what-if: log-prob chunks of {what_if_chunk_rows} rows instead of 1024: ours {_fmt(w)} GB, "
-                  f"ratio {_fmt(None if w is None or t is None else w / t, '.3f')})")
+            w = find(WHAT_IF, T, False)
+            print(f"  (what-if, not shipped: the lean fused-head backward of lean_fused_backward with "
+                  f"{what_if_chunk_rows}-row chunks: ours {_fmt(w)} GB, ratio "
+                  f"{_fmt(None if w is None or t is None else w / t, '.3f')})")
     for T in tokens_list:
         if T >= 1024:
             o, t = find("ours", T, True), find("trl", T, True)
             print(f"  {T} new tokens with gradient checkpointing: ours {_fmt(o)} GB, TRL {_fmt(t)} GB; "
                   f"ratio {_fmt(None if o is None or t is None else o / t, '.3f')}; fits 80 GB: "
                   f"{o is not None and o <= 80}")
-    calib = {"h100": H100, "trl_256_sim_gb": find("trl", 256, False), "trl_256_gc_sim_gb": find("trl", 256, True),
-             "old_256_sim_gb": find(f"trainer@{OLD_COMMIT}", 256, False),
-             "old_512_sim_gb": find(f"trainer@{OLD_COMMIT}", 512, False)}
-    print("\ncalibration against the H100 measurements:")
-    print(f"  TRL 1.16, 256 tokens: measured {H100['trl_256_gb']} GB; simulated {_fmt(calib['trl_256_sim_gb'])} GB "
-          f"(checkpointing off), {_fmt(calib['trl_256_gc_sim_gb'])} GB (on)")
-    print(f"  trainer@{OLD_COMMIT}, 256 tokens: measured {H100['old_256_gb']} GB; simulated "
-          f"{_fmt(calib['old_256_sim_gb'])} GB")
-    print(f"  trainer@{OLD_COMMIT}, 512 tokens: measured {H100['old_512']}; simulated {_fmt(calib['old_512_sim_gb'])} GB")
+    old_gen = {T: old_generation_bytes(T) / GB for T in (256, 512)}
+    calib = {"h100_as_reported": H100, "trl_256_sim_gb": find("trl", 256, False),
+             "trl_256_gc_sim_gb": find("trl", 256, True),
+             "old_update_256_sim_gb": find(f"trainer@{OLD_COMMIT}", 256, False),
+             "old_update_512_sim_gb": find(f"trainer@{OLD_COMMIT}", 512, False),
+             "old_generation_256_gb": old_gen[256], "old_generation_512_gb": old_gen[512]}
+    gib = lambda x: None if x is None else x * GB / GIB  # noqa: E731
+    print("\ncalibration against the H100 measurements (their unit was not recorded: torch's bytes / 2**30 make "
+          "GiB; simulated figures in GB and GiB):")
+    print(f"  TRL 1.16, 256 tokens: measured {H100['trl_256_gb']}; simulated {_fmt(calib['trl_256_sim_gb'])} GB = "
+          f"{_fmt(gib(calib['trl_256_sim_gb']))} GiB (checkpointing off), {_fmt(calib['trl_256_gc_sim_gb'])} GB = "
+          f"{_fmt(gib(calib['trl_256_gc_sim_gb']))} GiB (on, TRL's default)")
+    print(f"  trainer@{OLD_COMMIT}, 256 tokens: measured {H100['old_256_gb']}; simulated update "
+          f"{_fmt(calib['old_update_256_sim_gb'])} GB, generation {old_gen[256]:.2f} GB = {gib(old_gen[256]):.2f} GiB "
+          "(its generate kept every step's float32 logits: output_logits, stack, log_softmax)")
+    print(f"  trainer@{OLD_COMMIT}, 512 tokens: measured {H100['old_512']}; simulated update "
+          f"{_fmt(calib['old_update_512_sim_gb'])} GB, generation {old_gen[512]:.2f} GB")
     record = {"settings": {"prompts": PROMPTS, "num_generations": GENERATIONS, "micro_batch": MICRO_BATCH,
                            "prompt_tokens": PROMPT_TOKENS, "config": str(CONFIG_DIR.relative_to(REPO))},
               "rows": rows, "ratios": ratios, "calibration": calib}
@@ -297,6 +374,21 @@ def simulate(trl_python: str, tokens_list: list[int], with_old: bool = True, res
     (out_dir / "vs_trl_simulated_gpu-0.5b.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out_dir / 'vs_trl_simulated_gpu-0.5b.json'}")
     return record
+
+
+def old_generation_bytes(tokens: int) -> int:
+    """Peak of generation at 545b089 (``rollout/hf.py`` then): ``generate(output_logits=True)`` keeps each step's
+    float32 ``[B, V]`` logits (transformers copies them to float32), then ``torch.stack(...).float()`` and
+    ``log_softmax`` make two more ``[B, T, V]`` float32 tensors, all alive at once; plus bf16 weights, bf16 AdamW
+    state (two copies) and the bf16 KV cache."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(str(CONFIG_DIR), local_files_only=True)
+    params = 494_032_768  # Qwen2.5-0.5B, tied embeddings
+    B = PROMPTS * GENERATIONS
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * B * (
+        PROMPT_TOKENS + tokens) * 2
+    return 3 * B * tokens * c.vocab_size * 4 + params * 2 * 3 + kv
 
 
 def _fmt(x: float | None, spec: str = ".2f") -> str:
@@ -309,9 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, required=True)
     p.add_argument("--gc", action="store_true")
     p.add_argument("--chunk-rows", type=int, default=None)
+    p.add_argument("--lean", action="store_true")
     p.add_argument("--result-file", required=True)
     a = p.parse_args(argv)
-    rep = arm_ours(a.tokens, a.gc, a.chunk_rows) if a.sim_arm == "ours" else ARMS[a.sim_arm](a.tokens, a.gc)
+    rep = arm_ours(a.tokens, a.gc, a.chunk_rows, a.lean) if a.sim_arm == "ours" else ARMS[a.sim_arm](a.tokens, a.gc)
     Path(a.result_file).write_text(json.dumps(rep))
     return 0
 
