@@ -33,8 +33,9 @@ from rich.progress import (
 )
 
 from critique_rl.config import TrainConfig
-from critique_rl.data import load_rows, validate_rows
+from critique_rl.data import DataOptions, load_rows, load_split
 from critique_rl.errors import ConfigError, UserError
+from critique_rl.model_card import write_model_card
 from critique_rl.models import (
     build_tiny_model,
     build_tiny_tokenizer,
@@ -97,6 +98,13 @@ from critique_rl.train.trackers import flat_config, resolve_trackers, tracker_in
 from critique_rl.train.update import NonFiniteGuard, Normalisation, UpdateBatch, policy_update
 
 __all__ = ["EVAL_SEED", "CritiqueGRPOTrainer", "resolve_mixed_precision", "summary_table"]
+
+def _kwargs_for(names: list[Any], reward_kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The part of ``reward_kwargs`` that belongs to ``names`` (the run's kwargs may name functions a phase
+    or a single build does not include)."""
+    picked = {k: v for k, v in (reward_kwargs or {}).items() if k in names}
+    return picked or None
+
 
 class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin):
     """GRPO with optional critiques, refinements, directive distillation and memory.
@@ -161,15 +169,13 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
                 raise ConfigError("tasks", cfg.tasks, f"{split} row {i + 1} has task {rows[i].get('task')!r}; with "
                                   "`tasks` every row needs a `task` column naming one of them")
         # task-specific SFT helpers (the task's mistake, its completion format) only on the task's own rows
-        self._task_rows = self._train_arg is None and not cfg.train_file
+        self._task_rows = self._train_arg is None and not cfg.train_file and not cfg.dataset_name
         check_templates(cfg.critic.template_dir)
         self._nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps)
         self._critic_errors_seen = 0.0
         warn = (lambda msg: console.print(f"[bold yellow]warning: {msg}[/]", soft_wrap=True, markup=True)) \
             if self.accelerator.is_main_process else None
-        resume_from = ckpt.latest_valid_checkpoint(self.out / "checkpoints", warn=warn) if resume else None
-        if resume and resume_from is None and self.is_main:
-            console.print(f"[yellow]--resume: no checkpoint under {self.out / 'checkpoints'}; starting fresh[/]")
+        resume_from = ckpt.resume_checkpoint(self.out / "checkpoints", warn=warn) if resume else None
         if not resume and ckpt.latest_checkpoint(self.out / "checkpoints") is not None:
             raise UserError(f"output_dir '{self.out}' already holds checkpoints of an earlier run; pass --resume to "
                             "continue it, or choose another --output-dir (or delete the folder)")
@@ -187,7 +193,7 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         self._check_lengths()
         funcs = self._reward_arg if self._reward_arg is not None else cfg.reward_funcs
         self.reward_funcs = [
-            f if callable(f) else build_reward_funcs([f], self.task, cfg.reward_kwargs)[0] for f in funcs
+            f if callable(f) else build_reward_funcs([f], self.task, _kwargs_for([f], cfg.reward_kwargs))[0] for f in funcs
         ]
         self.reward_names = [func_name(f) for f in self.reward_funcs]
         self.gates = build_gates(cfg.gates, self.task, cfg.gate_kwargs)
@@ -235,7 +241,8 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         self._phase_samplers: dict[str, PromptSampler] = {}
         for i, ph in enumerate(self.phases):
             if ph.train_file and ph.train_file not in self._phase_rows:
-                self._phase_rows[ph.train_file] = load_rows(ph.train_file, field=f"phases[{i}].train_file")
+                self._phase_rows[ph.train_file] = load_rows(ph.train_file, field=f"phases[{i}].train_file",
+                                                            options=DataOptions.from_config(cfg))
                 self._phase_samplers[ph.train_file] = PromptSampler(self._phase_rows[ph.train_file], cfg.seed)
         self._run_rewards = (self.reward_funcs, self.reward_names, self.reward_weights)
 
@@ -248,7 +255,8 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
             self.reward_funcs, self.reward_names, self.reward_weights = self._run_rewards
             return
         funcs = (self._run_rewards[0] if ph.reward_funcs is None else
-                 build_reward_funcs(list(ph.reward_funcs), self.task, self.cfg.reward_kwargs))
+                 build_reward_funcs(list(ph.reward_funcs), self.task,
+                                    _kwargs_for(list(ph.reward_funcs), self.cfg.reward_kwargs)))
         weights = ph.reward_weights or (self.cfg.reward_weights if ph.reward_funcs is None else None) \
             or [1.0] * len(funcs)
         self.reward_funcs, self.reward_names = funcs, [func_name(f) for f in funcs]
@@ -323,13 +331,9 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         return hook
 
     def _rows(self, given: Any, path: str | None, split: str, n: int) -> list[dict[str, Any]]:
-        if given is not None:
-            rows = validate_rows(list(given), f"{split}_dataset")
-            if not rows:
-                raise UserError(f"{split}_dataset is empty; pass rows with 'prompt' and 'answer'")
+        rows = load_split(self.cfg, split, given)  # train/eval_file, dataset_name, the *_column fields
+        if rows is not None:
             return rows
-        if path:
-            return load_rows(path, field=f"{split}_file")
         seed = EVAL_SEED if split == "eval" else self.cfg.seed
         return self.task.make_examples(split, n, seed)
 
@@ -360,7 +364,9 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         return load_policy(self._model_arg, device=dev, dtype=self._weights_dtype())
 
     def prompt_text(self, row: dict[str, Any], context: str | None = None) -> str:
-        text = row["prompt"] if not context else f"{context}\n{row['prompt']}"
+        prompt = row["prompt"]
+        text = prompt if not context else (prompt.with_context(context) if hasattr(prompt, "with_context")
+                                           else f"{context}\n{prompt}")
         return format_prompt(self.tokenizer, text, self.use_chat)
 
     def _encode(self, text: str) -> list[int]:
@@ -728,6 +734,7 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
             self._save_final(self.out / "final")
             plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
             (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2))
+            write_model_card(self.out)
         self.summary = dist.broadcast_object(self.summary)
         self.accelerator.wait_for_everyone()
         return self.summary
