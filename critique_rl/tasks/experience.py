@@ -33,11 +33,12 @@ import string
 from typing import Any
 
 from critique_rl.memory.abstraction import Failure, LessonDraft, register_abstraction
+from critique_rl.memory.retrieval import STOPWORDS
 from critique_rl.tasks.base import Example, Task, final_answer_span
 from critique_rl.templates import render
 
 NAME = "experience"
-_CONSONANTS = "bcdfghjklmnpqrstvwxz"
+_CONSONANTS = "bcdghjklmnpqrtvwz"  # no f, s or x: fewer accidental English words among the names
 _VOWELS = "aeiou"
 
 
@@ -46,7 +47,7 @@ def _entity_table(seed: int, n: int, taken: set[str]) -> dict[str, int]:
     out: dict[str, int] = {}
     while len(out) < n:
         name = rng.choice(_CONSONANTS) + rng.choice(_VOWELS) + rng.choice(_CONSONANTS)
-        if name not in taken and name not in out:
+        if name not in taken and name not in out and name not in STOPWORDS:  # lexical retrieval drops stopwords
             out[name] = rng.randrange(100, 1000)
     return out
 
@@ -174,7 +175,7 @@ def fresh_entity(rng: random.Random) -> str:
     """A random three- or four-letter name that is none of the fixed entities."""
     while True:
         name = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.choice((3, 4))))
-        if name not in CODES:
+        if name not in CODES and name not in STOPWORDS:
             return name
 
 
