@@ -107,3 +107,35 @@ def test_hook_records_lessons_and_logs_hit_rate(tmp_path) -> None:
 def test_retrieval_quality_without_keys() -> None:
     q = retrieval_quality([{"prompt": "a"}], [Retrieved("a", lessons=[Lesson("s", "m", "i")], text="x y z")])
     assert q["memory/hit_rate"] is None and q["memory/context_tokens"] == 3.0
+
+
+def test_least_useful_order_and_cli(tmp_path) -> None:
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from critique_rl.cli_memory import memory_app
+
+    bank, _cfg = _bank(tmp_path)
+    ids = {}
+    for ent in sorted(EXPERIENCED)[:3]:
+        ids[ent] = bank.record(f"{ent}:12=", "00012", 0.0, reference=f"{EXPERIENCED[ent]}12",
+                               task_name="experience").id
+    a, b, c = sorted(ids)
+    for rid, (ret, helped) in {ids[a]: (9, 9), ids[b]: (10, 0), ids[c]: (1, 0)}.items():
+        bank.store.write(lambda conn, rid=rid, ret=ret, helped=helped: conn.execute(
+            "UPDATE records SET retrieved = ?, helped = ? WHERE id = ?", (ret, helped, rid)))
+    least = [r.id for r in bank.list(kind="lesson", order="least_useful")]
+    most = [r.id for r in bank.list(kind="lesson", order="useful")]
+    assert least == [ids[b], ids[c], ids[a]]  # 1/12 < 1/3 < 10/11
+    assert most[0] == ids[a] and most[-1] == ids[b]
+    bank.close()
+    app = typer.Typer()
+    app.add_typer(memory_app, name="memory")
+    out = CliRunner().invoke(app, ["memory", "list", "--bank", str(tmp_path / "m.sqlite"), "--sort", "least_useful",
+                                   "--json"])
+    assert out.exit_code == 0, out.output
+    assert [r["id"] for r in json.loads(out.output)] == least
+    bad = CliRunner().invoke(app, ["memory", "list", "--bank", str(tmp_path / "m.sqlite"), "--sort", "worst"])
+    assert bad.exit_code != 0 and "least_useful" in bad.output
