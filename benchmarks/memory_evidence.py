@@ -44,8 +44,12 @@ from critique_rl.tasks.experience import EXPERIENCE, make_experience, make_novel
 from critique_rl.train.memory_hook import MemoryHook, retrieval_quality
 from critique_rl.train.sft import sft_warmup
 
-ARMS: dict[str, tuple[int, int] | None] = {"no_memory": None, "lessons": (0, 3), "demos": (2, 0), "both": (1, 2)}
-"""Arm -> (top_k_demos, top_k_lessons); None: no retrieval."""
+ARMS: dict[str, tuple[int, int] | None] = {"no_memory": None, "lessons": (0, 3), "demos": (2, 0), "both": (1, 2),
+                                          "lessons_matched": (0, 3)}
+"""Arm -> (top_k_demos, top_k_lessons); None: no retrieval. ``lessons_matched`` was added after the first run's
+results (post hoc): the same as ``lessons`` but records that match no query word are dropped (``min_score=0``),
+so the policy's context holds only lessons about the question's entity."""
+MIN_SCORE: dict[str, float | None] = {"lessons_matched": 0.0}
 PRIMARY = "both"
 
 
@@ -126,8 +130,9 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
             if ks is None:
                 res[split] = accuracy(model, tok, rows, None)
                 continue
-            with MemoryBank(bank_path, config=mem_config(bank_path, ks), create=False) as b:
-                got = b.retrieve_many([r["prompt"] for r in rows], tags=[EXPERIENCE.name], count=False)
+            arm_cfg = mem_config(bank_path, ks)
+            with MemoryBank(bank_path, config=arm_cfg, create=False) as b:
+                got = MemoryHook(b, arm_cfg, EXPERIENCE.name, "eval", min_score=MIN_SCORE.get(arm)).retrieve(rows)
             res[split] = accuracy(model, tok, rows, [g.text for g in got])
             q = retrieval_quality(rows, got)
             res[f"{split}_hit_rate"] = q["memory/hit_rate"]
@@ -170,7 +175,8 @@ def write(results: list[dict[str, Any]], args: argparse.Namespace, t0: float) ->
              "Greedy success on held-out questions (numbers never seen in training) about entities met in earlier "
              "episodes; control: entities no earlier episode met. Frozen policy; the bank was filled by "
              f"{args.episodes} earlier episodes of the same frozen policy (batches of {args.batch}).", "", md, "",
-             f"Reading warm-up check (fresh entities, record among noise): "
+             "Reading warm-up check (400 held-out warm-up rows: fresh entities with their record among 0-2 "
+             "irrelevant ones, and known entities with noise only): "
              f"{_ms([r['reading_check'] for r in results])} %. Bank after the episodes: "
              + ", ".join(f"seed {r['seed']}: {r['bank']['lessons']} lessons, {r['bank']['demonstrations']} demos"
                          for r in results)
