@@ -3,6 +3,7 @@
     python benchmarks/vs_trl.py --preset cpu-tiny --trl-python /work/venv-trl/bin/python [--threads 1]
     python benchmarks/vs_trl.py --preset cpu-long-prompt --trl-python /work/venv-trl/bin/python
     python benchmarks/vs_trl.py --preset gpu-0.5b [--max-new-tokens 512]        # on a CUDA machine
+    python benchmarks/vs_trl.py --simulate --trl-python /work/venv-trl/bin/python  # no GPU: traced memory
 
 Presets: ``cpu-tiny`` and ``cpu-medium`` train on the bare 6-token questions; ``cpu-long-prompt`` is
 cpu-medium's model with every prompt padded to 256 tokens by a context of worked additions (4 prompts x 8
@@ -872,6 +873,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="torch intra-op threads in both arms (default: torch's own, one per core); 1 keeps the "
                         "timings steadier on a machine shared with other work")
     p.add_argument("--results-dir", default=str(RESULTS_DIR))
+    p.add_argument("--simulate", action="store_true",
+                   help="no GPU: trace our update step and TRL's on fake tensors at gpu-0.5b settings "
+                        "(benchmarks/vs_trl_simulate.py) and print the simulated memory ratios")
+    p.add_argument("--sim-tokens", default="256,512,2048", help="--simulate: comma list of new-token counts")
+    p.add_argument("--sim-no-old", action="store_true",
+                   help="--simulate: skip tracing the trainer at commit 545b089 (the H100 calibration)")
     p.add_argument("--arm", choices=ARMS, default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
@@ -885,6 +892,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.simulate:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from vs_trl_simulate import simulate
+
+        simulate(args.trl_python, [int(x) for x in args.sim_tokens.split(",") if x], with_old=not args.sim_no_old,
+                 results_dir=Path(args.results_dir))
+        return 0
     return arm_main(args) if args.arm else parent_main(args)
 
 

@@ -147,16 +147,16 @@ def list_cmd(
     bank: str = BankOpt,
     kind: str = typer.Option("all", "--kind", help="all, demo or lesson."),
     limit: int = typer.Option(20, "--limit", min=1, help="Most records shown."),
-    sort: str = typer.Option("recent", "--sort", help="recent or useful."),
+    sort: str = typer.Option("recent", "--sort", help="recent, useful or least_useful."),
     tag: str | None = typer.Option(None, "--tag", help="Only records with this tag."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """List records, newest or most useful first."""
+    """List records, newest, most useful or least useful first."""
     kinds = {"all": None, "demo": "demonstration", "demonstration": "demonstration", "lesson": "lesson"}
     if kind not in kinds:
         raise UserError(f"--kind {kind!r}: choose all, demo or lesson")
-    if sort not in ("recent", "useful"):
-        raise UserError(f"--sort {sort!r}: choose recent or useful")
+    if sort not in ("recent", "useful", "least_useful"):
+        raise UserError(f"--sort {sort!r}: choose recent, useful or least_useful")
     with _open(bank) as b:
         recs = b.list(kinds[kind], limit, sort, tag)
     if as_json:

@@ -12,7 +12,6 @@ the same step on real tensors (what the estimate is checked against).
 
 from __future__ import annotations
 
-import copy
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -104,14 +103,14 @@ class _Accelerator:
 
     num_processes = 1
 
-    def __init__(self, tracker: LiveTensorTracker, target: Target) -> None:
-        self.device = torch.device("cpu")
+    def __init__(self, tracker: LiveTensorTracker, target: Target, device: str = "cpu") -> None:
+        self.device = torch.device(device)
         self.tracker, self.target = tracker, target
 
     def autocast(self) -> AbstractContextManager[Any]:
         if self.target.autocast_dtype is None:
             return nullcontext()
-        return torch.autocast("cpu", dtype=self.target.autocast_dtype)
+        return torch.autocast(self.device.type, dtype=self.target.autocast_dtype)
 
     def no_sync(self, model: Any) -> AbstractContextManager[Any]:
         return nullcontext()
@@ -181,9 +180,15 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig, target: Target) -> t
 
 
 def _backbone(model: torch.nn.Module) -> torch.nn.Module:
-    from critique_rl.train.batching import _innermost
-
-    m = _innermost(model)
+    """The decoder stack below peft / DDP wrappers (``model.model`` of a transformers causal LM)."""
+    m = model
+    for _ in range(8):
+        if hasattr(m, "get_base_model") and callable(m.get_base_model):
+            m = m.get_base_model()
+        elif isinstance(getattr(m, "module", None), torch.nn.Module):
+            m = m.module
+        else:
+            break
     return getattr(m, m.base_model_prefix)
 
 
@@ -195,7 +200,7 @@ def _init_optimizer_state(opt: torch.optim.Optimizer, params: list[torch.nn.Para
 
 
 def run_update(model: torch.nn.Module, cfg: Any, batch: Any, tracker: LiveTensorTracker, target: Target,
-               update: Any = None) -> dict[str, Any]:
+               update: Any = None, device: str = "cpu") -> dict[str, Any]:
     """One traced ``policy_update`` of ``model`` on ``batch`` (optimizer state created before the trace).
     The tracker must be active (entered) already; returns its report of the update alone. ``update``:
     ``f(model, optimizer, scheduler, accelerator, batch, cfg)`` to trace another update function (default:
@@ -214,20 +219,31 @@ def run_update(model: torch.nn.Module, cfg: Any, batch: Any, tracker: LiveTensor
     _init_optimizer_state(opt, params)
     wrapped.label_state()
     hooks = tracker.watch_gradients(params) + tracker.watch_module(_backbone(model), "activations")
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     tracker.reset_peak()
     try:
         with tracker.phase("log-prob chunks"):
-            update(model, wrapped, _Scheduler(), _Accelerator(tracker, target), batch, cfg)
+            update(model, wrapped, _Scheduler(), _Accelerator(tracker, target, device), batch, cfg)
     finally:
         for h in hooks:
             h.remove()
-    return tracker.report()
+    out = tracker.report()
+    if cuda:
+        torch.cuda.synchronize()
+        out["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+    return out
 
 
 def trace_step(model_config: Any, cfg: TrainConfig, shape: StepShape, target: Target,
-               fake: bool = True, model: torch.nn.Module | None = None, seed: int = 0) -> dict[str, Any]:
+               fake: bool = True, model: torch.nn.Module | None = None, seed: int = 0,
+               device: str = "cpu") -> dict[str, Any]:
     """Peak of one update of ``shape``: on fake tensors from ``model_config`` (``fake=True``), or on the real
-    ``model`` given (``fake=False``; a deep copy is trained, the caller's model is untouched)."""
+    ``model`` given (``fake=False``: trained in place for one step on ``device``, where it must already be,
+    in ``weights_dtype``, so that nothing else holds memory there; on CUDA the report also has the allocator's
+    ``cuda_max_allocated_bytes`` over the update)."""
     weights_dtype = torch.bfloat16 if cfg.weights_dtype == "bfloat16" else torch.float32
     vocab = int(model_config.get_text_config().vocab_size if hasattr(model_config, "get_text_config")
                 else model_config.vocab_size)
@@ -243,9 +259,9 @@ def trace_step(model_config: Any, cfg: TrainConfig, shape: StepShape, target: Ta
     else:
         if model is None:
             raise ValueError("trace_step(fake=False) needs the real model")
-        m = prepare_model(copy.deepcopy(model).to(weights_dtype), cfg, target)
+        m = prepare_model(model.to(weights_dtype).to(device), cfg, target)
         m.train()
         with tracker:
-            report = run_update(m, cfg, batch, tracker, target)
+            report = run_update(m, cfg, batch, tracker, target, device=device)
     report["shape"] = shape.__dict__
     return report

@@ -262,7 +262,8 @@ def test_train_cli_on_price_lookup_logs_tool_calls(tmp_path):
     from critique_rl.rollout.hf import HFGenerator
 
     model, tok = load_policy(tmp_path / "run" / "final", device="cpu")
-    trajs = run_episodes(HFGenerator(model, tok), TurnRenderer(tok, use_chat=True), le.PriceLookupEnv,
+    assert cfg["use_chat_template"] == "no"  # plain-text turns, as in the run
+    trajs = run_episodes(HFGenerator(model, tok), TurnRenderer(tok, use_chat=False), le.PriceLookupEnv,
                          le.make_tasks("eval", 3, 0), n=1, limits=EpisodeLimits(max_turns=4, max_new_tokens=10))
     assert sum(t.num_turns for t in trajs) >= 3
     for t in trajs:
@@ -270,3 +271,27 @@ def test_train_cli_on_price_lookup_logs_tool_calls(tmp_path):
         assert [tok.decode(comp[a:b], skip_special_tokens=True) for a, b in spans] == [x.action_text for x in t.turns]
         inside = {i for a, b in spans for i in range(a, b)}
         assert [i in inside for i in range(len(comp))] == mask and sum(mask) == sum(len(x.action_ids) for x in t.turns)
+
+
+def test_plain_text_warm_up_contexts_equal_the_runners_token_ids():
+    """With ``use_chat_template: "no"`` (the example config), every warm-up prompt, tokenised as one string,
+    is token for token the context the runner builds from separately encoded turns."""
+    from critique_rl.agents.warmup import sft_pairs
+
+    spec = get_env_spec("price_lookup")
+    tasks = le.make_tasks("train", 60, 0)
+    probe = build_tiny_tokenizer(["0123456789"], 300)
+    pairs = sft_pairs(spec, TurnRenderer(probe, False), tasks, {}, 4, 0.0, 0)
+    tok = build_tiny_tokenizer([p + c for p, c in pairs], 400)
+    r = TurnRenderer(tok, use_chat=False)
+    warm, rng = iter(pairs), random.Random(0 + 11)  # replay sft_pairs' draws (seed 0, no context episodes)
+    for task in tasks:
+        rng.random()
+        traj = play_scripted(spec, {}, task, spec.demonstrator, rng, 4)
+        ids = r.first(traj.turns[0].observation)
+        for i, turn in enumerate(traj.turns):
+            if i:
+                ids = ids + r.observation(turn.observation, True)
+            prompt, action = next(warm)
+            assert tok(prompt, add_special_tokens=False)["input_ids"] == ids and action == turn.action_text
+            ids = ids + tok(turn.action_text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

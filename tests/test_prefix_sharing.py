@@ -322,3 +322,20 @@ def test_lora_policy_and_its_reference_pass_with_the_adapter_disabled():
         plain_base = completion_logprobs(base, batch).logp  # base is the same module as plain's inner model
     torch.testing.assert_close(b * m, a * m, rtol=0, atol=ATOL)
     torch.testing.assert_close(a * m, plain_base * m, rtol=0, atol=ATOL)
+
+
+def test_sliding_window_models_share_only_rows_inside_the_window():
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=120, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=12,
+                      max_window_layers=0, attn_implementation="sdpa")
+    model = Qwen2ForCausalLM(cfg)
+    set_prefix_sharing(model, "on")
+    inside = pack([[5, 6, 7, 8]] * 3, [[9, 10, 11], [12, 13], [14, 15, 16, 17]], pad_id=0)  # rows <= 8 tokens
+    _compare(model, copy.deepcopy(model), inside)
+    longer = pack([list(range(3, 13))] * 2, [[5, 6, 7], [8, 9]], pad_id=0)  # a 13-token row > window 12
+    set_prefix_sharing(model, "on")
+    with pytest.raises(ValueError, match="sliding window"):
+        shared_plan(model, longer)
+    set_prefix_sharing(model, "auto")
+    assert shared_plan(model, longer) is None

@@ -235,7 +235,7 @@ def test_restart_before_the_first_checkpoint_does_not_reuse_the_dead_bank(tmp_pa
     assert not ckpt.list_checkpoints(Path(cfg.output_dir) / "checkpoints")
     t = Inspect(args=cfg)
     capsys.readouterr()
-    t.train(resume=True)
+    t.train()
     err = capsys.readouterr().err
     assert "put back" in err
     start = t.bank_at_start

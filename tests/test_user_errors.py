@@ -392,3 +392,11 @@ def test_memory_list_at_80_columns_gives_the_text_the_width(tmp_path: Path):
     cells = [ln.split("│")[2].strip() for ln in rows]  # the text column
     assert min(len(c) for c in cells[:-1]) >= 30, cells  # full lines of text, not 6 characters
     assert " ".join(" ".join(cells).split()).startswith(text[:60])
+
+
+def test_cli_resume_without_a_checkpoint_exits_2(tmp_path, capfd, monkeypatch):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps(QUICK))
+    one_line(run_main(capfd, monkeypatch, "train", cfg, "--output-dir", tmp_path / "run", "--resume"),
+             "--resume", "without --resume")
+    assert not (tmp_path / "run").exists()

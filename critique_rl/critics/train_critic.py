@@ -47,11 +47,12 @@ def critic_prompt(question: str, response: str, reference: str | None, tokenizer
 
 
 def rule_critique_examples(task_name: str, n: int, seed: int = 0, kind: str = "ground_truth",
-                           correct_share: float = 0.5, split: str = "train") -> list[dict[str, Any]]:
+                           correct_share: float = 0.5, split: str = "train", working: bool = True) -> list[dict[str, Any]]:
     """``n`` (question, response, reference, verdict, critique) dicts from a built-in task's ``split``: a share
     ``correct_share`` of right responses, the rest wrong (the task's typical mistake where it applies, else a
     near miss of a number answer, else another row's answer), critiqued by the rule critic of ``kind`` with a
-    final verdict line."""
+    final verdict line. ``working``: the critique starts by working the problem out (``Check: 47+38= 85.``), so a
+    critic that does not see the reference computes it before it judges (a chain of thought, not a quote)."""
     from critique_rl.tasks import get_task
 
     task = get_task(task_name)
@@ -71,6 +72,8 @@ def rule_critique_examples(task_name: str, n: int, seed: int = 0, kind: str = "g
         request = CritiqueRequest(question=row["prompt"], response=response, reference=row["answer"],
                                   verdict=verdict, metadata={"answer": part.extract(response) or response})
         critique = render_rule(kind, request).strip() + "\n" + verdict_line(verdict)
+        if working:
+            critique = f"Check: {row['prompt']} {row['answer']}.\n" + critique
         out.append({"question": row["prompt"], "response": response, "reference": row["answer"],
                     "verdict": verdict, "critique": critique})
     return out

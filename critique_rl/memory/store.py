@@ -62,6 +62,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 USEFULNESS_SQL = "((helped + 1.0) / (retrieved + 2.0)) DESC, merged DESC, updated_at DESC"
 """Laplace-smoothed helped ratio; ties go to the most merged, then the most recent."""
+LEAST_USEFUL_SQL = "((helped + 1.0) / (retrieved + 2.0)) ASC, retrieved DESC, updated_at ASC"
+"""The reverse: lowest smoothed helped ratio first; ties go to the most retrieved (more evidence), then the oldest."""
 
 _COLUMNS = ("seq, id, kind, key_text, dedup_hash, payload, tags, source_run, source_step, retrieved, helped, "
             "merged, created_at, updated_at")
@@ -286,7 +288,8 @@ class MemoryStore:
 
     def list(self, kind: str | None = None, limit: int | None = None, order: str = "recent",
              tag: str | None = None) -> list[Record]:
-        """Records, newest first (``order='recent'``) or most useful first (``order='useful'``)."""
+        """Records, newest first (``order="recent"``), most useful first (``"useful"``) or least useful first
+        (``"least_useful"``)."""
         where, args = [], []
         if kind:
             where.append("kind = ?")
@@ -297,7 +300,7 @@ class MemoryStore:
         sql = f"SELECT {_COLUMNS} FROM records"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY " + (USEFULNESS_SQL if order == "useful" else "seq DESC")
+        sql += " ORDER BY " + {"useful": USEFULNESS_SQL, "least_useful": LEAST_USEFUL_SQL}.get(order, "seq DESC")
         if limit is not None:
             sql += " LIMIT ?"
             args.append(int(limit))

@@ -13,6 +13,7 @@ from critique_rl.registry import Registry
 from critique_rl.tasks.arithmetic import ADDITION, CARRY_ADDITION
 from critique_rl.tasks.base import Example, Task
 from critique_rl.tasks.confidence import ADDITION_CONF
+from critique_rl.tasks.experience import EXPERIENCE
 from critique_rl.tasks.mixture import SEPARATOR, mix_tasks
 from critique_rl.tasks.open_ended import DIGIT_SUM
 from critique_rl.tasks.strings import REVERSE
@@ -21,6 +22,7 @@ from critique_rl.tasks.trap import TRAP, TRAP_HALF, TRAP_PLATEAU, TRAP_PLATEAU_O
 TASKS: Registry[Task] = Registry("task", "task", {t.name: t for t in (
     ADDITION, CARRY_ADDITION, REVERSE, ADDITION_CONF, TRAP, TRAP_PLATEAU, TRAP_PLATEAU_ONLY, TRAP_HALF)})
 TASKS.register(DIGIT_SUM.name, DIGIT_SUM)  # open-ended: many valid answers, a rule judge, no reference answer
+TASKS.register(EXPERIENCE.name, EXPERIENCE)  # per-entity facts learnable only from earlier episodes (memory)
 
 
 def register_task(task: Task) -> Task:
@@ -58,6 +60,11 @@ def load_callable(spec: str, what: str = "verifier") -> Callable:
             module = importlib.import_module(mod_name)
     except ImportError as exc:
         raise UserError(f"{what} '{spec}': cannot import '{mod_name}' ({exc})") from None
+    except UserError:
+        raise
+    except (Exception, SystemExit) as exc:  # the user's module failed while importing: one block, their frames
+        from critique_rl.user_code import import_error
+        raise import_error(spec, what, exc) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise UserError(f"{what} '{spec}': '{attr}' is not a callable in '{mod_name}'")

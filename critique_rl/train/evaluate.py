@@ -123,7 +123,8 @@ def check_model_dir(path: str | Path, what: str = "model directory", allow_adapt
 
     p = Path(path).expanduser()
     if not p.exists():
-        raise UserError(f"{what} '{path}' does not exist; pass a run's final/ folder or a checkpoint-*/model folder")
+        raise UserError(f"{what} '{path}' does not exist; pass a folder saved with save_pretrained (config.json and "
+                        "weights): a run's final/ or a checkpoint-*/model")
     if not p.is_dir():
         raise UserError(f"{what} '{path}' is a file; pass the folder saved with save_pretrained (e.g. RUN/final)")
     if allow_adapter and (p / "adapter_config.json").is_file() and any((p / n).is_file() for n in ADAPTER_FILES):

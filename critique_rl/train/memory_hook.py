@@ -35,6 +35,7 @@ from critique_rl.config import MemoryConfig
 from critique_rl.critics.base import Critic
 from critique_rl.memory import Episode, MemoryBank, Retrieved
 from critique_rl.memory.abstraction import CriticAbstractor
+from critique_rl.memory.bank import count_tokens
 
 SNAPSHOT_NAME = "memory.sqlite"
 """File name of the bank copy inside a checkpoint directory."""
@@ -172,7 +173,9 @@ class MemoryHook:
             tally[(r.action, r.kind)] += 1
         n_lessons, n_demos = self._counts()
         with_ctx = sum(1 for ids in retrieved if ids)
+        quality = retrieval_quality([rows[g * group_size] for g in range(n_groups)], self._retrieved_records(rows, group_size))
         return {
+            **quality,
             "memory/size": float(n_lessons + n_demos),
             "memory/lessons": float(n_lessons),
             "memory/demonstrations": float(n_demos),
@@ -188,9 +191,18 @@ class MemoryHook:
 
     def _episode(self, row: dict, completion: str, success: bool, critique: str | None, step: int) -> Episode:
         answer = row.get("answer")
+        key = row.get("memory_key")
         return Episode(task=row["prompt"], trajectory=completion, reward=1.0 if success else 0.0,
                        critique=critique, success=success, reference=None if answer is None else str(answer),
+                       tags=(key,) if isinstance(key, str) and key else (),
                        source_run=self.run_name, step=step, task_name=self.task_name)
+
+    def _retrieved_records(self, rows: list[dict], group_size: int) -> list[Retrieved]:
+        """The :class:`Retrieved` of each group (matched like :meth:`_retrieved_for`; empty when unmatched)."""
+        n_groups = len(rows) // group_size
+        prompts = [rows[g * group_size]["prompt"] for g in range(n_groups)]
+        by_prompt = {r.question: r for r in self._last}
+        return [by_prompt.get(p, Retrieved(p)) for p in prompts]
 
     def _credit(self, counts: dict[str, list[int]]) -> None:
         now = time.time()
@@ -282,6 +294,27 @@ class MemoryHook:
         return True
 
 
+def retrieval_quality(rows: Sequence[dict], retrieved: Sequence[Retrieved]) -> dict[str, float | None]:
+    """Retrieval quality for one step, one entry per question:
+
+    - ``memory/hit_rate``: among rows with a ``memory_key`` column (the tag of the record that holds the fact
+      or solution the row needs, e.g. ``entity:qix`` on the experience task), the fraction whose retrieved
+      records include one with that tag; None when no row has a key;
+    - ``memory/context_tokens``: mean whitespace tokens of the rendered memory context per question (what
+      ``token_budget`` counts; 0 for a question that got none)."""
+    if len(rows) != len(retrieved):
+        raise ValueError(f"retrieval_quality: {len(rows)} rows but {len(retrieved)} retrieval results")
+    keyed = hits = 0
+    for row, r in zip(rows, retrieved, strict=True):
+        key = row.get("memory_key")
+        if key:
+            keyed += 1
+            hits += any(key in rec.tags for rec in r.items)
+    tokens = [count_tokens(r.text) for r in retrieved]
+    return {"memory/hit_rate": hits / keyed if keyed else None,
+            "memory/context_tokens": sum(tokens) / len(tokens) if tokens else 0.0}
+
+
 def _sidecars(bank_path: Path) -> list[Path]:
     """The bank's existing -wal/-shm/-journal files."""
     return [s for s in (bank_path.with_name(bank_path.name + x) for x in ("-wal", "-shm", "-journal")) if s.exists()]
@@ -328,4 +361,4 @@ def memory_eval_prompts(hook: MemoryHook, rows: list[dict], prompt_text: Callabl
     return out
 
 
-__all__ = ["MemoryHook", "SNAPSHOT_NAME", "memory_eval_prompts", "sft_context_fn"]
+__all__ = ["MemoryHook", "SNAPSHOT_NAME", "memory_eval_prompts", "retrieval_quality", "sft_context_fn"]

@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from critique_rl.data import load_rows
+from critique_rl.data import DataOptions, load_rows
 from critique_rl.rewards import build_reward_funcs, func_name
+from critique_rl.train.prompt_setup import kwargs_for
 from critique_rl.train.sampler import PromptSampler
 
 if TYPE_CHECKING:
@@ -27,7 +28,8 @@ def setup_phases(t: CritiqueGRPOTrainer) -> None:
     t._phase_samplers: dict[str, PromptSampler] = {}
     for i, ph in enumerate(t.phases):
         if ph.train_file and ph.train_file not in t._phase_rows:
-            t._phase_rows[ph.train_file] = load_rows(ph.train_file, field=f"phases[{i}].train_file")
+            t._phase_rows[ph.train_file] = load_rows(ph.train_file, field=f"phases[{i}].train_file",
+                                                     options=DataOptions.from_config(cfg))
             t._phase_samplers[ph.train_file] = PromptSampler(t._phase_rows[ph.train_file], cfg.seed)
     t._run_rewards = (t.reward_funcs, t.reward_names, t.reward_weights)
 
@@ -41,7 +43,7 @@ def enter_phase(t: CritiqueGRPOTrainer, index: int) -> None:
         t.reward_funcs, t.reward_names, t.reward_weights = t._run_rewards
         return
     funcs = (t._run_rewards[0] if ph.reward_funcs is None else
-             build_reward_funcs(list(ph.reward_funcs), t.task, t.cfg.reward_kwargs))
+             build_reward_funcs(list(ph.reward_funcs), t.task, kwargs_for(list(ph.reward_funcs), t.cfg.reward_kwargs)))
     weights = ph.reward_weights or (t.cfg.reward_weights if ph.reward_funcs is None else None) \
         or [1.0] * len(funcs)
     t.reward_funcs, t.reward_names = funcs, [func_name(f) for f in funcs]

@@ -218,6 +218,20 @@ def forward_costs(model: torch.nn.Module, batch: Any, packed: PackedGroups) -> t
     return float(plain), float(shared)
 
 
+def sliding_window(model: torch.nn.Module) -> int | None:
+    """The attention window of ``model``'s sliding-window layers, or None when none of its layers slide
+    (Mistral: ``sliding_window``; Qwen2: only with ``use_sliding_window`` / ``layer_types``)."""
+    cfg = getattr(_innermost(model), "config", None)
+    text = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    window = getattr(text, "sliding_window", None)
+    if window is None or getattr(text, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
+
+
 def shared_plan(model: torch.nn.Module, batch: Any) -> PackedGroups | None:
     """The packed layout to score ``batch`` with, or None for the plain forward (mode ``off``; ``auto`` when
     unsupported, not in pack's layout, or not cheaper). Mode ``on`` raises when it cannot share."""
@@ -235,6 +249,14 @@ def shared_plan(model: torch.nn.Module, batch: Any) -> PackedGroups | None:
             raise ValueError("prefix_sharing 'on': the batch is not left-padded prompts followed by right-padded "
                              "completions with non-empty prompts (build it with critique_rl.train.batching.pack)")
         return None
+    window = sliding_window(model)
+    if window is not None:  # the block mask has no window: exact only while no row is longer than it
+        longest = int(batch.attention_mask.sum(1).max())
+        if longest > window:
+            if mode == "on":
+                raise ValueError(f"prefix_sharing 'on': a row of {longest} tokens is longer than the model's "
+                                 f"sliding window ({window}); the packed mask does not apply the window")
+            return None
     if mode == "auto":
         plain, shared = forward_costs(model, batch, packed)
         if shared >= plain:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from critique_rl.data import load_rows, validate_rows
+from critique_rl.data import load_split
 from critique_rl.errors import ConfigError, UserError
 from critique_rl.models import build_tiny_model, build_tiny_tokenizer, wants_chat_template
 from critique_rl.rewards import Verifier, build_gates, build_reward_funcs, func_name
@@ -30,6 +30,13 @@ from critique_rl.train.sft import refine_added_steps
 
 if TYPE_CHECKING:
     from critique_rl.train.trainer import CritiqueGRPOTrainer
+
+
+def kwargs_for(names: list[Any], reward_kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The part of ``reward_kwargs`` that belongs to ``names`` (the run's kwargs may name functions a phase
+    or a single build does not include)."""
+    picked = {k: v for k, v in (reward_kwargs or {}).items() if k in names}
+    return picked or None
 
 
 def setup_prompt_data(t: CritiqueGRPOTrainer) -> None:
@@ -49,7 +56,7 @@ def setup_prompt_data(t: CritiqueGRPOTrainer) -> None:
             raise ConfigError("tasks", cfg.tasks, f"{split} row {i + 1} has task {rows[i].get('task')!r}; with "
                               "`tasks` every row needs a `task` column naming one of them")
     # task-specific SFT helpers (the task's mistake, its completion format) only on the task's own rows
-    t._task_rows = t._train_arg is None and not cfg.train_file
+    t._task_rows = t._train_arg is None and not cfg.train_file and not cfg.dataset_name
     check_templates(cfg.critic.template_dir)
 
 
@@ -62,7 +69,7 @@ def setup_prompt_objectives(t: CritiqueGRPOTrainer) -> None:
     check_lengths(t)
     funcs = t._reward_arg if t._reward_arg is not None else cfg.reward_funcs
     t.reward_funcs = [
-        f if callable(f) else build_reward_funcs([f], t.task, cfg.reward_kwargs)[0] for f in funcs
+        f if callable(f) else build_reward_funcs([f], t.task, kwargs_for([f], cfg.reward_kwargs))[0] for f in funcs
     ]
     t.reward_names = [func_name(f) for f in t.reward_funcs]
     t.gates = build_gates(cfg.gates, t.task, cfg.gate_kwargs)
@@ -118,13 +125,10 @@ def build_memory(t: CritiqueGRPOTrainer, resume_from: Path | None) -> Any:
 
 
 def load_split_rows(t: CritiqueGRPOTrainer, given: Any, path: str | None, split: str, n: int) -> list[dict[str, Any]]:
-    if given is not None:
-        rows = validate_rows(list(given), f"{split}_dataset")
-        if not rows:
-            raise UserError(f"{split}_dataset is empty; pass rows with 'prompt' and 'answer'")
+    """The split's rows: given rows, train/eval_file, dataset_name (the *_column fields), else the task's own."""
+    rows = load_split(t.cfg, split, given)
+    if rows is not None:
         return rows
-    if path:
-        return load_rows(path, field=f"{split}_file")
     seed = EVAL_SEED if split == "eval" else t.cfg.seed
     return t.task.make_examples(split, n, seed)
 

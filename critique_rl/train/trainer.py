@@ -33,6 +33,7 @@ from rich.progress import (
 
 from critique_rl.config import TrainConfig
 from critique_rl.errors import ConfigError, UserError
+from critique_rl.model_card import write_model_card
 from critique_rl.models import (
     format_prompt,
     load_policy,
@@ -166,9 +167,7 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         """The checkpoint to resume from (or None); a fresh run's logs are cleared by the main process."""
         warn = (lambda msg: console.print(f"[bold yellow]warning: {msg}[/]", soft_wrap=True, markup=True)) \
             if self.accelerator.is_main_process else None
-        resume_from = ckpt.latest_valid_checkpoint(self.out / "checkpoints", warn=warn) if resume else None
-        if resume and resume_from is None and self.is_main:
-            console.print(f"[yellow]--resume: no checkpoint under {self.out / 'checkpoints'}; starting fresh[/]")
+        resume_from = ckpt.resume_checkpoint(self.out / "checkpoints", warn=warn) if resume else None
         if not resume and ckpt.latest_checkpoint(self.out / "checkpoints") is not None:
             raise UserError(f"output_dir '{self.out}' already holds checkpoints of an earlier run; pass --resume to "
                             "continue it, or choose another --output-dir (or delete the folder)")
@@ -238,7 +237,9 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         return load_policy(self._model_arg, device=dev, dtype=self._weights_dtype())
 
     def prompt_text(self, row: dict[str, Any], context: str | None = None) -> str:
-        text = row["prompt"] if not context else f"{context}\n{row['prompt']}"
+        prompt = row["prompt"]
+        text = prompt if not context else (prompt.with_context(context) if hasattr(prompt, "with_context")
+                                           else f"{context}\n{prompt}")
         return format_prompt(self.tokenizer, text, self.use_chat)
 
     def _encode(self, text: str) -> list[int]:
@@ -490,6 +491,7 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
             save_final(self, self.out / "final")
             plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
             (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2))
+            write_model_card(self.out)
         self.summary = dist.broadcast_object(self.summary)
         self.accelerator.wait_for_everyone()
         return self.summary
