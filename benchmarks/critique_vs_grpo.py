@@ -22,8 +22,8 @@ import torch
 EXTRA: dict = {}  # --set key=value overrides applied to the warm-up and every arm alike
 ARMS = {
     "grpo": {"critique_on": "none", "distill_weight": 0.0},
-    "critique_grpo": {"critique_on": "all_wrong_groups", "distill_weight": 0.0},
-    "critique_grpo+distill": {"critique_on": "all_wrong_groups", "distill_weight": 0.2},
+    "critique_grpo": {"critique_on": "all_wrong_groups", "offpolicy_gamma": 0.1, "distill_weight": 0.0},
+    "critique_grpo+distill": {"critique_on": "all_wrong_groups", "offpolicy_gamma": 0.1, "distill_weight": 0.2},
 }
 
 

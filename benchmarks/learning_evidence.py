@@ -101,9 +101,10 @@ def base_config(task: str, seed: int, out: Path, max_steps: int, eval_every: int
                 extra: dict[str, Any]) -> dict[str, Any]:
     """The demo's settings (SFT mixture with refinement demos, cosine LR, rule critic on all-wrong groups), memory
     off (it has its own benchmark), then ``--set`` overrides; identical for the warm-up and every arm."""
-    from critique_rl.config import DEMO_PRESET
+    from critique_rl.config import DEMO_PRESET, PRESETS
 
     kw = {k: v for k, v in DEMO_PRESET.items() if k != "memory"}
+    kw.update(PRESETS["paper"])  # the arms below were defined (and measured) on the published form's defaults
     kw.update(task=task, seed=seed, output_dir=str(out), max_steps=max_steps, eval_every=eval_every,
               eval_n=eval_n, eval_batch_size=eval_n, progress=False, checkpoint_every=10_000,
               memory={"enabled": False})

@@ -86,6 +86,7 @@ TEMPLATE_VARIABLES: dict[str, dict[str, Any]] = {
     "lesson.j2": {"question": "12+34=", "response": "36", "reference": "46", "critique": "incorrect",
                   "task": "addition", "previous_error": None},
     "memory_context.j2": {"demos": ["12+34=46"], "lessons": ["When adding, carry the 1."]},
+    "judge_group.j2": {"question": "12+34=", "responses": ["46", "36"], "max_score": 10},
 }
 """The variables each packaged template is rendered with (sample values), for :func:`check_templates`."""
 

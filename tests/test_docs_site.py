@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
 INSTALL_AND_DEMO = ('python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && '
-                    'pip install -e ".[dev,embeddings,lora,trackers]" && critique-rl train')
+                    'pip install -e ".[dev,embeddings,lora,trackers,math]" && critique-rl train')
 TESTS = ". .venv/bin/activate && python -m pytest"
 
 

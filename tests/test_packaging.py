@@ -17,7 +17,7 @@ from critique_rl.templates import PACKAGED_PROMPTS, TEMPLATE_VARIABLES, packaged
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = {"critique_cot.j2", "critique_ground_truth.j2", "critique_indicative.j2", "lesson.j2",
-            "memory_context.j2", "refine.j2"}
+            "memory_context.j2", "refine.j2", "judge_group.j2"}
 
 
 def test_templates_live_in_the_top_level_prompts_folder():

@@ -14,7 +14,7 @@ unknown tool, a mistyped argument, an unknown item) gets an ``Error: ...`` obser
 ``answer`` ends the episode (reward 1 and ``info["success"]`` when the number is the price plus the addend);
 after ``max_calls`` actions without an answer the episode ends unsuccessfully.
 
-What a tiny model needs to learn it on CPU comes with it: a scripted **demonstrator** with a systematic
+For the SFT warm-up and critiques it comes with a scripted **demonstrator** with a systematic
 mistake (for metals it skips ``lookup`` 70% of the time and adds an assumed price of 5; fruits it always looks
 up), the **expert** (always looks up), and an episode-level **rule critic** that names the turn where a price
 was used without being looked up, a wrong ``add`` or a wrong ``answer``.
