@@ -215,7 +215,7 @@ class VLLMConfig:
 
     `colocate`: a ``vllm.LLM`` inside the trainer process (one per process), sharing the accelerator; after every
     optimizer step the trainer's weights (LoRA: merged) are loaded into it in place. `server`: a separately started
-    OpenAI-compatible ``vllm serve`` (see README "Scaling up"); rollouts are HTTP requests, and after every step the
+    OpenAI-compatible ``vllm serve`` (see docs/scaling.md); rollouts are HTTP requests, and after every step the
     weights are written to ``sync_dir`` and the server loads them (``/collective_rpc``)."""
 
     mode: Literal["colocate", "server"] = "colocate"
@@ -255,7 +255,7 @@ class VLLMConfig:
         _positive("vllm.timeout_s", self.timeout_s)
         if self.mode == "server" and not self.base_url:
             raise ConfigError("vllm.base_url", self.base_url, "server mode needs the server's URL, e.g. "
-                              "http://127.0.0.1:8000/v1 (start it with `vllm serve`, see README 'Scaling up')")
+                              "http://127.0.0.1:8000/v1 (start it with `vllm serve`, see docs/scaling.md)")
 
 
 @dataclass

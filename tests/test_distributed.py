@@ -70,6 +70,13 @@ def test_merge_metrics_sums_counts_and_averages_rates():
     assert m["memory/size"] == 7.0  # only the main process reports memory
 
 
+def test_merge_metrics_weights_verdict_accuracy_by_the_verdicts_checked():
+    a = {"critique/verdicts_checked": 1, "critique/verdict_accuracy": 0.0}
+    b = {"critique/verdicts_checked": 3, "critique/verdict_accuracy": 1.0}
+    m = dist.merge_metrics([a, b])
+    assert m["critique/verdicts_checked"] == 4 and m["critique/verdict_accuracy"] == pytest.approx(0.75)
+
+
 def test_batch_sizes_are_validated_against_the_process_count():
     dist.validate_world(32, 4, 8, 2)  # 8 prompts -> 4 per process, 16 completions per process
     with pytest.raises(ConfigError, match="generation_batch_size.*3 processes"):

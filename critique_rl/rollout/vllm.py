@@ -257,7 +257,7 @@ def _sampled_logprob(entry: Any, token: int) -> float:
 
 
 class VLLMServerGenerator:
-    """Rollouts from an OpenAI-compatible ``vllm serve`` (see the module docstring and README "Scaling up").
+    """Rollouts from an OpenAI-compatible ``vllm serve`` (see the module docstring and docs/scaling.md).
 
     Args:
         policy: the policy module (or a function returning it), read by :meth:`sync_weights`.
@@ -307,7 +307,7 @@ class VLLMServerGenerator:
             from critique_rl.primitives import safe_url
 
             raise UserError(f"vLLM server at {safe_url(self.base_url)} is not reachable or lists no model "
-                            f"({type(e).__name__}); start it with `vllm serve` (README 'Scaling up') or fix "
+                            f"({type(e).__name__}); start it with `vllm serve` (docs/scaling.md) or fix "
                             "vllm.base_url") from None
 
     # -- weights -----------------------------------------------------------------------------------------------

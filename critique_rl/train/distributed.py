@@ -83,12 +83,13 @@ def all_reduce_sum(values: Sequence[float]) -> list[float]:
 
 
 SUMMED_METRICS = ("critique/critiqued", "critique/refinements", "critique/kept", "critique/groups_rescued",
-                  "critique/all_wrong_groups", "critique/fallbacks", "distill/rows")
+                  "critique/all_wrong_groups", "critique/fallbacks", "distill/rows", "critique/verdicts_checked")
 """Per-step counts that add up over processes (so do the critic's cumulative ``critic/*`` counters, all but
 latencies); every other metric is averaged over the processes that have
 it (for ``*_rate`` metrics of counts, :func:`merge_metrics` weights by the count they are a rate of)."""
 
-WEIGHTED_RATES = {"critique/refine_success_rate": "critique/refinements"}
+WEIGHTED_RATES = {"critique/refine_success_rate": "critique/refinements",
+                  "critique/verdict_accuracy": "critique/verdicts_checked"}
 
 
 def merge_metrics(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
