@@ -61,6 +61,20 @@ def set_prefix_sharing(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     return model
 
 
+def configure_prefix_sharing(models: Any, mode: str) -> None:
+    """Set ``mode`` (config field ``prefix_sharing``) on every model the trainer scores with (policy, reference,
+    EMA teacher; None entries skipped); a model that cannot share under ``on`` is a one-line config error."""
+    from critique_rl.errors import ConfigError
+
+    for model in models:
+        if model is None:
+            continue
+        try:
+            set_prefix_sharing(model, mode)
+        except ValueError as e:
+            raise ConfigError("prefix_sharing", mode, str(e)) from None
+
+
 def prefix_sharing_mode(model: torch.nn.Module) -> str:
     """The mode set by :func:`set_prefix_sharing`, ``auto`` when none was set."""
     return getattr(_innermost(model), _MODE_ATTR, "auto")

@@ -49,6 +49,7 @@ from critique_rl.train.ema import EmaTeacher
 from critique_rl.train.metrics import JsonlWriter, plot_curves
 from critique_rl.train.phase_state import enter_phase, phase_name, setup_phases
 from critique_rl.train.policy_setup import prepare_policy, save_final
+from critique_rl.train.prefix_sharing import configure_prefix_sharing
 from critique_rl.train.prompt_selection import PromptSelectionMixin
 from critique_rl.train.prompt_source import PromptSource, RolloutSource
 from critique_rl.train.records import RecordsMixin
@@ -311,12 +312,10 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
                 raise UserError("distill_teacher: ema keeps a full copy of the policy and needs unsharded weights; "
                                 "use it on one process or with DDP, or distill_teacher: current under FSDP/ZeRO")
             self._ema_teacher = EmaTeacher(self._policy(), cfg.distill_teacher_ema)
-        if self._fused_head():  # after the reference copy: each model gets its own patched forward
-            enable_fused_head(self.model)
-            if self.ref_model is not None:
-                enable_fused_head(self.ref_model)
-            if self._ema_teacher is not None:
-                enable_fused_head(self._ema_teacher.model)
+        models = [m for m in (self.model, self.ref_model, self._ema_teacher and self._ema_teacher.model) if m]
+        for m in models if self._fused_head() else ():  # after the reference copy: each its own patched forward
+            enable_fused_head(m)
+        configure_prefix_sharing(models, cfg.prefix_sharing)  # policy, reference and teacher passes + generation
         self.generator = self._vllm_engine() if cfg.rollout_backend == "vllm" else build_generator(
             "hf", self._policy(), self.tokenizer, batch_size=cfg_bs(cfg), autocast=self.accelerator.autocast)
         if cfg.rollout_backend == "vllm" and getattr(self.critic, "shares_policy", False):
