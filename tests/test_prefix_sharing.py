@@ -339,3 +339,22 @@ def test_sliding_window_models_share_only_rows_inside_the_window():
         shared_plan(model, longer)
     set_prefix_sharing(model, "auto")
     assert shared_plan(model, longer) is None
+
+
+def test_the_trainer_applies_the_configured_mode_to_its_models(tmp_path):
+    from critique_rl.config import MemoryConfig, TrainConfig
+    from critique_rl.errors import ConfigError
+    from critique_rl.train.prefix_sharing import configure_prefix_sharing, prefix_sharing_mode
+    from critique_rl.train.trainer import CritiqueGRPOTrainer
+
+    cfg = TrainConfig(tiny_hidden_size=64, tiny_heads=2, tiny_layers=1, sft_steps=0, sft_examples=16, max_steps=1,
+                      generation_batch_size=8, num_generations=4, mini_batch_size=8, eval_n=4, eval_batch_size=4,
+                      kl_beta=0.1, prefix_sharing="off", output_dir=str(tmp_path / "run"), progress=False,
+                      memory=MemoryConfig(enabled=False))
+    t = CritiqueGRPOTrainer(args=cfg)
+    t.train()
+    assert prefix_sharing_mode(t.model) == "off" and prefix_sharing_mode(t.ref_model) == "off"
+    sliding = copy.deepcopy(t.model)
+    sliding.config._attn_implementation = "flash_attention_2"  # not sdpa or eager: cannot share exactly
+    with pytest.raises(ConfigError, match="prefix_sharing"):
+        configure_prefix_sharing([None, sliding], "on")
