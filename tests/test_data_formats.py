@@ -373,3 +373,16 @@ def test_docs_data_page_snippets(tmp_path, monkeypatch):
         if "template_dir" in data.get("critic", {}):
             data["critic"]["template_dir"] = str(tmp_path)
         from_dict(TrainConfig, data)
+
+
+def test_conversational_rows_reach_reward_functions_as_their_messages():
+    from critique_rl.data import Prompt
+    from critique_rl.rewards.base import reward_inputs
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    rows = [{"prompt": Prompt("S: Be brief.\nU: 2+2?", messages=msgs), "answer": "4"},
+            {"prompt": "3+3?", "answer": "6"}]
+    prompts, completions, _ = reward_inputs(rows, ["4", "6"], conversational=True)
+    assert prompts[0] == msgs and prompts[0] is not msgs  # TRL: the row's conversation, not the rendered text
+    assert prompts[1] == [{"role": "user", "content": "3+3?"}]
+    assert completions[0] == [{"role": "assistant", "content": "4"}]

@@ -92,7 +92,8 @@ def reward_inputs(
     prompts: list[Any] = [r.get("prompt") for r in rows]
     completions: list[Any] = list(texts)
     if conversational:
-        prompts = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
+        prompts = [p if isinstance(p, list) else list(p.messages) if getattr(p, "messages", None)
+                   else [{"role": "user", "content": p}] for p in prompts]  # a conversational row: its messages
         completions = [[{"role": "assistant", "content": t}] for t in texts]
     keys = list(dict.fromkeys(k for r in rows for k in r))
     columns: dict[str, Any] = {k: [r.get(k) for r in rows] for k in keys if k not in _RESERVED}
