@@ -140,6 +140,10 @@ class MemoryConfig:
     """A new lesson whose similarity to an existing one is above this merges into it."""
     abstraction: Literal["rule", "critic"] = "rule"
     """How failures become lessons: rule-based from verifier + critique, or by the critic with lesson.j2."""
+    min_score: float | None = None
+    """Drop retrieved records whose retrieval score is <= this (0.0 drops the records that match no word of the
+    question, which the bank otherwise adds to fill `top_k_*`: on the experience task that noise made the tiny
+    policy copy the wrong record). None keeps every record retrieval packed."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "memory.")

@@ -139,3 +139,17 @@ def test_least_useful_order_and_cli(tmp_path) -> None:
     assert [r["id"] for r in json.loads(out.output)] == least
     bad = CliRunner().invoke(app, ["memory", "list", "--bank", str(tmp_path / "m.sqlite"), "--sort", "worst"])
     assert bad.exit_code != 0 and "least_useful" in bad.output
+
+
+def test_memory_min_score_reaches_the_trainers_hook(tmp_path) -> None:
+    from critique_rl.config import TrainConfig, load_config
+    from critique_rl.train.trainer import CritiqueGRPOTrainer
+
+    cfg = TrainConfig(tiny_hidden_size=64, tiny_heads=2, tiny_layers=1, sft_steps=0, sft_examples=16, max_steps=1,
+                      num_generations=4, generation_batch_size=8, mini_batch_size=8, eval_n=4, eval_batch_size=4,
+                      progress=False, output_dir=str(tmp_path / "run"),
+                      memory=MemoryConfig(enabled=True, embeddings="lexical", min_score=0.0))
+    t = CritiqueGRPOTrainer(args=cfg)
+    t.train()
+    assert t.memory_hook.min_score == 0.0
+    assert load_config(tmp_path / "run" / "config.yaml").memory.min_score == 0.0  # the saved config keeps it

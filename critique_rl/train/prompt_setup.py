@@ -118,7 +118,8 @@ def build_memory(t: CritiqueGRPOTrainer, resume_from: Path | None) -> Any:
     if not given:
         t.memory = MemoryBank(bank_path, config=cfg.memory, critic=t.critic)
     mem_cfg = cfg.memory if cfg.memory.enabled else dataclasses.replace(cfg.memory, enabled=True)  # memory= given
-    hook = MemoryHook(t.memory, mem_cfg, t.task.name, run_name=t.out.name, critic=t.critic)
+    hook = MemoryHook(t.memory, mem_cfg, t.task.name, run_name=t.out.name, critic=t.critic,
+                      min_score=mem_cfg.min_score)
     if resume_from is not None and given:
         hook.restore_open(resume_from)
     return hook
