@@ -304,31 +304,39 @@ class _LinearLogProb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):  # type: ignore[override]
+        # One float32 [chunk_rows, V] buffer per chunk: the recomputed logits become d(out)/dz in place
+        # (d logp_a/dz = onehot(a) - p; dH/dz_j = -p_j (log p_j + H)), and dW accumulates with addmm_.
         hidden, weight, ids, lse, ent = ctx.saved_tensors
         tau, rows = ctx.temperature, ctx.chunk_rows
         dev, enabled, dtype = ctx.autocast
         grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        use_ent = ctx.with_entropy and g_ent is not None and g_ent.numel() > 0
+        use_ent = ctx.with_entropy and g_ent is not None and g_ent.numel() > 0 and bool(g_ent.ne(0).any())
+        w32 = weight.float()
         for s in range(0, hidden.shape[0], rows):
             h = hidden[s : s + rows]
             with torch.autocast(dev, dtype=dtype, enabled=enabled):
-                z = torch.nn.functional.linear(h, weight).float()
+                z = torch.nn.functional.linear(h, weight)
+            z = z.float()
             if tau != 1.0:
                 z.div_(tau)
-            logp_all = z - lse[s : s + rows].unsqueeze(-1)
-            p = logp_all.exp()
+            z.sub_(lse[s : s + rows].unsqueeze(-1))  # log p
             g = g_logp[s : s + rows].float().unsqueeze(-1)
-            dz = -p * g  # d logp_a / dz = onehot(a) - p
+            if use_ent:  # dz = -p * (g + g_ent * (log p + H))
+                p = z.exp()
+                z.add_(ent[s : s + rows].unsqueeze(-1)).mul_(g_ent[s : s + rows].float().unsqueeze(-1)).add_(g)
+                dz = p.mul_(z).neg_()
+                del z
+            else:  # dz = -p * g
+                dz = z.exp_().mul_(-g)
             dz.scatter_add_(-1, ids[s : s + rows].unsqueeze(-1), g)
-            if use_ent:  # d H / dz_j = -p_j (log p_j + H)
-                dz -= g_ent[s : s + rows].float().unsqueeze(-1) * p * (logp_all + ent[s : s + rows].unsqueeze(-1))
             if tau != 1.0:
                 dz.div_(tau)
             if grad_h is not None:
-                grad_h[s : s + rows] = (dz @ weight.float()).to(grad_h.dtype)
+                grad_h[s : s + rows] = (dz @ w32).to(grad_h.dtype)
             if grad_w is not None:
-                grad_w += dz.t() @ h.float()
+                grad_w.addmm_(dz.t(), h.float())
+            del dz
         return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None, None
 
 
