@@ -104,3 +104,18 @@ def test_plain_and_chunked_token_logprobs_agree(monkeypatch):
     (gp,) = torch.autograd.grad(plain.sum(), x)
     (gc,) = torch.autograd.grad(chunked.sum(), x)
     torch.testing.assert_close(gp, gc, rtol=0, atol=1e-6)
+
+
+def test_large_vocabularies_get_smaller_row_chunks(monkeypatch):
+    from critique_rl.algos import logprobs
+
+    seen: list[int] = []
+    real = logprobs._LinearLogProb.apply
+    monkeypatch.setattr(logprobs._LinearLogProb, "apply",
+                        lambda h, w, ids, tau, rows, ent: seen.append(rows) or real(h, w, ids, tau, rows, ent))
+    h = torch.randn(8, 4)
+    for vocab, expected in ((512, 1024), (151_936, (160 << 20) // (4 * 151_936))):
+        w = torch.randn(vocab, 4)
+        logprobs.linear_selective_log_softmax(h, w, torch.zeros(8, dtype=torch.long), 1024)
+        assert seen[-1] == expected
+    assert seen[-1] == 276  # a Qwen2.5-sized head: ~160 MiB of float32 logits per chunk

@@ -273,6 +273,10 @@ def topk_logprobs(
 # fused LM head: hidden states -> per-token log-prob (and entropy) without the [N, V] logits
 # ---------------------------------------------------------------------------------------------------------
 
+FUSED_CHUNK_BYTES = 160 << 20
+"""Largest float32 logits chunk (bytes) the fused head holds at once; ``chunk_rows`` is capped to fit it."""
+
+
 class _LinearLogProb(torch.autograd.Function):
     """``z = h W^T / tau`` in row chunks; returns ``z[a] - logsumexp(z)`` and (optionally) the entropy of
     ``softmax(z)``. Saves only ``h``, ``W``, the ids and two numbers per row; the backward recomputes each
@@ -359,6 +363,9 @@ def linear_selective_log_softmax(
     ``O(chunk_rows * V)`` float32 in the forward and the backward. Returns float32 ``(logp, entropy or None)``.
     """
     _check_temperature(temperature)
+    # a [chunk_rows, V] float32 buffer at most ~160 MiB (256 rows at a 150k vocabulary; small vocabularies keep
+    # chunk_rows): the head's forward and backward peak scales with it
+    chunk_rows = min(chunk_rows, max(64, FUSED_CHUNK_BYTES // (4 * weight.shape[0])))
     shape = ids.shape
     h = hidden.reshape(-1, hidden.shape[-1])
     logp, ent = _LinearLogProb.apply(h, weight, ids.reshape(-1), temperature, chunk_rows, with_entropy)
