@@ -61,48 +61,6 @@ def _train_cfg(tokens: int, gc: bool) -> Any:
         critique_on="none", critic=CriticConfig(backend="none"), gradient_checkpointing=gc)
 
 
-def lean_fused_backward(ctx: Any, g_logp: Any, g_ent: Any) -> tuple:
-    """What-if (not the shipped code): ``critique_rl.algos.logprobs._LinearLogProb.backward`` with one float32
-    ``[chunk_rows, V]`` buffer per chunk instead of about five: the chunk's logits are turned into
-    ``d logp / dz`` in place (``z - lse``, ``exp``, ``* -g``, scatter ``+g``), the entropy term only when its
-    gradient is not all zero, and ``grad_w`` accumulated with ``addmm_`` (no ``[V, H]`` product temporary).
-    Same formulas: d logp_a/dz = onehot(a) - p, dH/dz_j = -p_j (log p_j + H)."""
-    import torch
-
-    hidden, weight, ids, lse, ent = ctx.saved_tensors
-    tau, rows = ctx.temperature, ctx.chunk_rows
-    dev, enabled, dtype = ctx.autocast
-    grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-    use_ent = ctx.with_entropy and g_ent is not None and g_ent.numel() > 0 and bool(g_ent.ne(0).any())
-    w32 = weight.float()
-    for s in range(0, hidden.shape[0], rows):
-        h = hidden[s : s + rows]
-        with torch.autocast(dev, dtype=dtype, enabled=enabled):
-            z = torch.nn.functional.linear(h, weight)
-        z = z.float()
-        if tau != 1.0:
-            z.div_(tau)
-        z.sub_(lse[s : s + rows].unsqueeze(-1))  # log p
-        g = g_logp[s : s + rows].float().unsqueeze(-1)
-        if use_ent:
-            p = z.exp()
-            z.add_(ent[s : s + rows].unsqueeze(-1)).mul_(g_ent[s : s + rows].float().unsqueeze(-1)).add_(g)
-            dz = p.mul_(z).neg_()
-            del z
-        else:
-            dz = z.exp_().mul_(-g)
-        dz.scatter_add_(-1, ids[s : s + rows].unsqueeze(-1), g)
-        if tau != 1.0:
-            dz.div_(tau)
-        if grad_h is not None:
-            grad_h[s : s + rows] = (dz @ w32).to(grad_h.dtype)
-        if grad_w is not None:
-            grad_w.addmm_(dz.t(), h.float())
-        del dz
-    return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None, None
-
-
 def arm_ours(tokens: int, gc: bool, chunk_rows: int | None = None, lean: bool = False) -> dict[str, Any]:
     from transformers import AutoConfig
 
@@ -111,10 +69,8 @@ def arm_ours(tokens: int, gc: bool, chunk_rows: int | None = None, lean: bool = 
 
     if chunk_rows is not None:  # what-if: the log-prob row chunk policy_update's completion_logprobs uses
         batching.completion_logprobs.__kwdefaults__["chunk_rows"] = chunk_rows
-    if lean:  # what-if: the leaner fused-head backward above
-        from critique_rl.algos import logprobs
-
-        logprobs._LinearLogProb.backward = staticmethod(lean_fused_backward)
+    # `lean`: the leaner fused-head backward (one float32 chunk buffer) was a what-if here until commit 8907e15
+    # shipped it in critique_rl/algos/logprobs.py; the flag now only labels rows as in the saved results
 
     cfg = _train_cfg(tokens, gc)
     mc = AutoConfig.from_pretrained(str(CONFIG_DIR), local_files_only=True)
@@ -340,7 +296,7 @@ def simulate(trl_python: str, tokens_list: list[int], with_old: bool = True, res
         print(f"memory ratio (ours/TRL, simulated): {_fmt(ratio, '.3f')}   [{T} new tokens]")
         if what_if_chunk_rows:
             w = find(WHAT_IF, T, False)
-            print(f"  (what-if, not shipped: the lean fused-head backward of lean_fused_backward with "
+            print(f"  (the lean fused-head backward (shipped since 8907e15) with "
                   f"{what_if_chunk_rows}-row chunks: ours {_fmt(w)} GB, ratio "
                   f"{_fmt(None if w is None or t is None else w / t, '.3f')})")
     for T in tokens_list:
