@@ -44,6 +44,9 @@ from critique_rl.tasks.experience import EXPERIENCE, make_experience, make_novel
 from critique_rl.train.memory_hook import MemoryHook, retrieval_quality
 from critique_rl.train.sft import sft_warmup
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory_on_off import _ms  # noqa: E402  (mean ± std, the sibling benchmark's table helper)
+
 ARMS: dict[str, tuple[int, int] | None] = {"no_memory": None, "lessons": (0, 3), "demos": (2, 0), "both": (1, 2),
                                           "lessons_matched": (0, 3)}
 """Arm -> (top_k_demos, top_k_lessons); None: no retrieval. ``lessons_matched`` was added after the first run's
@@ -141,14 +144,6 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         print(f"seed {seed} {arm}: {json.dumps(res)}", file=sys.stderr)
     out["seconds"] = time.perf_counter() - t0
     return out
-
-
-def _ms(xs: list[float | None], scale: float = 100.0) -> str:
-    v = [x for x in xs if x is not None]
-    if not v:
-        return "-"
-    sd = statistics.stdev(v) if len(v) > 1 else 0.0
-    return f"{scale * statistics.fmean(v):.1f} ± {scale * sd:.1f}"
 
 
 def table(results: list[dict[str, Any]]) -> str:

@@ -246,12 +246,13 @@ def _memory_curve(path: Path) -> dict[str, Any]:
             "train_accuracy_2nd_half": statistics.fmean(r["train/accuracy"] for r in rows[half:])}
 
 
-def _ms(xs: list[float]) -> str:
+def _ms(xs: list[float | None], scale: float = 100.0) -> str:
+    """``mean ± std`` of the values that are not None (times ``scale``), or ``-`` when there are none."""
     xs = [x for x in xs if x is not None]
     if not xs:
         return "-"
     sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{100 * statistics.fmean(xs):.1f} ± {100 * sd:.1f}"
+    return f"{scale * statistics.fmean(xs):.1f} ± {scale * sd:.1f}"
 
 
 def table(results: list[dict[str, Any]]) -> str:

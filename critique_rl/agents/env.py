@@ -28,6 +28,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from critique_rl.critics.base import Critique
+
 
 @dataclass
 class StepResult:
@@ -204,3 +206,20 @@ class GymnasiumTextEnv:
             info["success"] = bool(terminated) and float(reward) > 0
         info["truncated"] = bool(truncated)
         return StepResult(self.to_text(obs), float(reward), bool(terminated) or bool(truncated), info)
+
+
+class EpisodeRuleCritic:
+    """An episode-level rule critic: sees each whole trajectory and writes one critique with
+    :meth:`critique_text` (an environment subclasses it with its own text); the verdict is the episode's success."""
+
+    kind = "env_rule"
+
+    @staticmethod
+    def critique_text(traj: Any) -> str:
+        raise NotImplementedError
+
+    def critique_episodes(self, trajectories: list[Any]) -> list[Critique]:
+        return [Critique(text=self.critique_text(t), verdict=t.success, kind=self.kind) for t in trajectories]
+
+    def metrics(self) -> dict[str, float]:
+        return {}

@@ -17,9 +17,8 @@ import random
 import re
 from typing import Any
 
-from critique_rl.agents.env import StepResult
+from critique_rl.agents.env import EpisodeRuleCritic, StepResult
 from critique_rl.agents.trajectory import Trajectory
-from critique_rl.critics.base import Critique
 
 _INT = re.compile(r"-?\d+")
 DIRECTIVE = "Instead, guess the middle of the range every turn."
@@ -119,13 +118,7 @@ def critique_text(traj: Trajectory) -> str:
     return " ".join(notes[:2]) + f" {DIRECTIVE}"
 
 
-class GuessCritic:
+class GuessCritic(EpisodeRuleCritic):
     """Episode-level rule critic for guess-the-number: sees the whole trajectory, writes one critique."""
 
-    kind = "env_rule"
-
-    def critique_episodes(self, trajectories: list[Trajectory]) -> list[Critique]:
-        return [Critique(text=critique_text(t), verdict=t.success, kind=self.kind) for t in trajectories]
-
-    def metrics(self) -> dict[str, float]:
-        return {}
+    critique_text = staticmethod(critique_text)

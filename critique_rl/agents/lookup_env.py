@@ -31,9 +31,8 @@ import re
 import zlib
 from typing import Any
 
-from critique_rl.agents.env import StepResult, Tool, ToolError, parse_tool_call
+from critique_rl.agents.env import EpisodeRuleCritic, StepResult, Tool, ToolError, parse_tool_call
 from critique_rl.agents.trajectory import Trajectory
-from critique_rl.critics.base import Critique
 
 FRUITS = ("apple", "pear", "plum", "fig", "lime", "kiwi")
 METALS = ("gold", "iron", "zinc", "tin", "lead", "copper")
@@ -255,13 +254,7 @@ def critique_text(traj: Trajectory) -> str:
     return f"Every step used the tools correctly. {DIRECTIVE}"
 
 
-class PriceCritic:
+class PriceCritic(EpisodeRuleCritic):
     """Episode-level rule critic for price lookup: sees the whole trajectory, writes one critique."""
 
-    kind = "env_rule"
-
-    def critique_episodes(self, trajectories: list[Trajectory]) -> list[Critique]:
-        return [Critique(text=critique_text(t), verdict=t.success, kind=self.kind) for t in trajectories]
-
-    def metrics(self) -> dict[str, float]:
-        return {}
+    critique_text = staticmethod(critique_text)
