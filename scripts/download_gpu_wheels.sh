@@ -8,6 +8,13 @@
 # below is the closure of trl, datasets, openai, pydantic and the project's own dependencies minus what the
 # image has, pinned to versions resolved together (trl 1.16.0 is the version of the recorded H100 run).
 # gpu_check.sh installs them with --no-index --no-deps, skipping any package already installed.
+#
+# The device tool carries at most 64 MiB per call and these wheels come to ~99 MiB (pyarrow alone ~53 MiB), so
+# they are split into gpu_wheels/part1, part2, ... (scripts/pack_wheels.py, <= 56 MiB each: with the ~5 MiB
+# repository a call stays under 64). On the device, one
+# call per part installs it (the machine stays warm between calls, installs persist), the last one runs the check:
+#   call 1: carry [gpu_wheels/part1]   bash scripts/gpu_check.sh --install-only
+#   call 2: carry [gpu_wheels/part2]   bash scripts/gpu_check.sh --out "$OUT/gpu_check"
 set -eu
 cd "$(dirname "$0")/.."
 PYV=3.12
@@ -42,4 +49,6 @@ PY=${PYTHON:-python3}
   --platform any --dest "$DEST" "${REQS[@]}"
 n=$(ls "$DEST"/*.whl | wc -l)
 size=$(du -sm "$DEST" | cut -f1)
-echo "downloaded $n wheels into $DEST ($size MiB); carry it to the GPU machine beside the repository"
+echo "downloaded $n wheels into $DEST ($size MiB); splitting into parts under the 64 MiB carry limit:"
+"$PY" scripts/pack_wheels.py "$DEST"
+echo "carry one part per device call: 'bash scripts/gpu_check.sh --install-only' for all but the last part"

@@ -4,6 +4,8 @@
 #   bash scripts/download_gpu_wheels.sh          # once, on a machine with network: wheels into gpu_wheels/
 #   bash scripts/gpu_check.sh [--out DIR]        # on the GPU machine (no network needed)
 #   bash scripts/gpu_check.sh --dry-run          # CPU: the same sections at toy sizes (what the tests run)
+#   bash scripts/gpu_check.sh --install-only     # install the carried wheel part(s) and stop (64 MiB per call:
+#                                                # gpu_wheels/part1 in one call, the check with part2 in the next)
 #
 # Expects a CUDA image with torch, transformers, accelerate and peft; installs the carried wheels from
 # gpu_wheels/ (trl, datasets, openai, pydantic, typer, ... with --no-index --no-deps, skipping any package the
@@ -21,12 +23,14 @@ cd "$(dirname "$0")/.."
 REPO=$(pwd)
 OUT=gpu_check_out
 DRY=0
+INSTALL_ONLY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
+    --install-only) INSTALL_ONLY=1 ;;
     --out) OUT="$2"; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
-    *) echo "gpu_check.sh: unknown argument $1 (use --dry-run, --out DIR)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $1 (use --dry-run, --install-only, --out DIR)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -34,16 +38,17 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
   TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
-WHEELS="$REPO/gpu_wheels"
+WHEELS="${GPU_WHEELS:-$REPO/gpu_wheels}"
 START=$(date +%s)
 log() { echo "[gpu_check $(( $(date +%s) - START ))s] $*"; }
 
 # ---- wheels (no network on the GPU side) -------------------------------------------------------------
-if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-  log "installing carried wheels from gpu_wheels/ (missing packages only)"
+if [ -d "$WHEELS" ] && [ -n "$(find "$WHEELS" -maxdepth 2 -name '*.whl' -print -quit)" ]; then
+  log "installing carried wheels from gpu_wheels/ and gpu_wheels/part*/ (missing packages only)"
   "$PY" - "$WHEELS" > "$OUT/wheels_to_install.txt" <<'PYEOF'
 import importlib.metadata as md, pathlib, re, sys
-for w in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
+root = pathlib.Path(sys.argv[1])
+for w in sorted([*root.glob("*.whl"), *root.glob("part*/*.whl")]):
     name = re.split(r"-\d", w.name, maxsplit=1)[0]
     try:
         md.version(name)
@@ -56,6 +61,11 @@ PYEOF
   fi
 elif [ "$DRY" = 0 ]; then
   log "no gpu_wheels/ folder: trl/datasets/openai must already be installed (bash scripts/download_gpu_wheels.sh)"
+fi
+if [ "$INSTALL_ONLY" = 1 ]; then
+  n=0; [ -f "$OUT/wheels_to_install.txt" ] && n=$(wc -l < "$OUT/wheels_to_install.txt")
+  log "--install-only: $n wheel(s) to install this call; stopping before the checks"
+  exit 0
 fi
 
 run() {  # run NAME TIMEOUT_S CMD...: stdout+stderr to $OUT/NAME.log, exit code to $OUT/NAME.rc
