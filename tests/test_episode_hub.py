@@ -85,6 +85,19 @@ def test_an_idle_episode_is_dropped_and_its_slot_replayed_with_a_fresh_trajector
     assert st["dropped_timeout"] == 1 and st["finished"] == 1 and st["handed_out"] == 2
 
 
+def test_an_episode_stopped_at_a_limit_keeps_that_stop_reason():
+    hub = EpisodeHub()
+    th, out = _play_in_thread(hub, [{"prompt": "a"}], 1)
+    g = hub.start(timeout=2)
+    ep = hub.live(g["episode_id"])
+    ep.trajectory.turns.append(_turn("1"))
+    ep.stopped = "max_turns"
+    hub.finish(g["episode_id"], 0.0, success=False)
+    th.join(5)
+    (traj,) = out["trajs"]
+    assert traj.stop_reason == "max_turns" and traj.done is False and traj.success is False
+
+
 def test_touch_keeps_an_active_episode_alive():
     clock = FakeClock()
     hub = EpisodeHub(idle_timeout=10, clock=clock)

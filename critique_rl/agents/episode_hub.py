@@ -68,6 +68,12 @@ class LiveEpisode:
     state: EpisodeState = "live"
     reason: str | None = None
     context_ready: bool = False
+    busy: bool = False
+    """A call of this episode is being generated (the server answers a second concurrent call with 409)."""
+    stopped: str | None = None
+    """``"max_tokens"`` / ``"max_turns"`` when the server stopped the episode at a limit (as the runner does)."""
+    client_system: str | None = None
+    """The client's own system text, recorded at the first call (it comes before the hub's context)."""
 
     @property
     def task(self) -> dict[str, Any]:
@@ -162,9 +168,10 @@ class EpisodeHub:
     # trainer side
     # ------------------------------------------------------------------------------------------------------
     def play(self, tasks: Sequence[dict[str, Any]], n: int, contexts: Sequence[str | None] | None = None, *,
-             greedy: bool = False, label: str = "train", poll_s: float = 0.5) -> list[Trajectory]:
+             greedy: bool = False, label: str = "train", poll_s: float = 0.5,
+             ids_out: list[str] | None = None) -> list[Trajectory]:
         """Hand out ``n`` episodes per task and block until all are finished; episodes ``i*n .. i*n+n-1`` are
-        task ``i``'s. Raises :class:`HubClosed` when the hub is closed first."""
+        task ``i``'s (their ids appended to ``ids_out``). Raises :class:`HubClosed` when the hub is closed first."""
         if n < 1:
             raise ValueError(f"n = {n}: hand out at least one episode per task")
         if contexts is not None and len(contexts) != len(tasks):
@@ -182,6 +189,8 @@ class EpisodeHub:
                     raise HubClosed("the episode hub was closed while a batch was being played")
                 self._reap()
                 self._cond.wait(timeout=poll_s)
+        if ids_out is not None:
+            ids_out.extend(e for e in batch.episode_ids if e is not None)
         return [r for r in batch.results if r is not None]
 
     def close(self) -> None:
@@ -271,7 +280,7 @@ class EpisodeHub:
                 self._drop(episode_id, reason, "dropped_stale", requeue=True)
                 return {"episode_id": episode_id, "accepted": False, "reason": reason}
             with ep.lock:  # a call of this episode still recording finishes first
-                _finalize(ep.trajectory, reward, success, feedback)
+                _finalize(ep.trajectory, reward, success, feedback, ep.stopped)
             del self._live[episode_id]
             ep.state = "finished"
             self._gone[episode_id] = "finished"
@@ -340,9 +349,11 @@ class EpisodeHub:
             self.on_event(event)
 
 
-def _finalize(traj: Trajectory, reward: float, success: bool | None, feedback: str | None) -> None:
+def _finalize(traj: Trajectory, reward: float, success: bool | None, feedback: str | None,
+              stopped: str | None = None) -> None:
     """The client's outcome on the recorded trajectory: the return on the last turn (the runner puts each
-    step's reward on its turn; the client reports the sum), success, and the feedback in the last turn's info."""
+    step's reward on its turn; the client reports the sum), success, and the feedback in the last turn's info.
+    An episode the server stopped at a limit keeps ``done=False`` and that ``stop_reason`` (as the runner's)."""
     for t in traj.turns:
         t.reward = 0.0
     if traj.turns:
@@ -350,6 +361,10 @@ def _finalize(traj: Trajectory, reward: float, success: bool | None, feedback: s
         traj.turns[-1].info = {**traj.turns[-1].info, "success": success if success is not None else reward > 0}
         if feedback:
             traj.turns[-1].info["feedback"] = str(feedback)
-    traj.done = True
-    traj.stop_reason = "done"
+    if stopped in ("max_tokens", "max_turns"):
+        traj.done = False
+        traj.stop_reason = stopped  # type: ignore[assignment]
+    else:
+        traj.done = True
+        traj.stop_reason = "done"
     traj.success = bool(success) if success is not None else reward > 0
