@@ -77,6 +77,9 @@ ARMS: dict[str, dict[str, Any]] = {
     "grpo+reference_wrong_unshaped": {**WRONG, "refinement_source": "reference", **UNSHAPED},
     # the same groups with a verdict-only critique: the policy retries knowing only that it was wrong
     "critique_wrong_unshaped_indicative": {**WRONG, **UNSHAPED, "critic": INDICATIVE},
+    # issue 29 item 7: the group baseline over the on-policy samples only (critique_rl/algos/offpolicy_baseline.py);
+    # needs the trainer hook `offpolicy_baseline` (in the f2exp worktree until the lead applies it)
+    "critique_wrong_unshaped_onpolicy_baseline": {**WRONG, **UNSHAPED, "offpolicy_baseline": "onpolicy"},
     # task order on a two-task mix (issue #14; run with --task addition+reverse --set
     # 'tasks={addition: 1, reverse: 1}'): GRPO, all tasks in every batch vs one task after another
     "order_joint": {"critique_on": "none", "task_order": "joint"},

@@ -13,6 +13,7 @@ from critique_rl.registry import Registry
 from critique_rl.tasks.arithmetic import ADDITION, CARRY_ADDITION
 from critique_rl.tasks.base import Example, Task
 from critique_rl.tasks.confidence import ADDITION_CONF
+from critique_rl.tasks.constraints import CONSTRAINTS, CONSTRAINTS_PLATEAU
 from critique_rl.tasks.experience import EXPERIENCE
 from critique_rl.tasks.mixture import SEPARATOR, mix_tasks
 from critique_rl.tasks.open_ended import DIGIT_SUM
@@ -23,6 +24,8 @@ TASKS: Registry[Task] = Registry("task", "task", {t.name: t for t in (
     ADDITION, CARRY_ADDITION, REVERSE, ADDITION_CONF, TRAP, TRAP_PLATEAU, TRAP_PLATEAU_ONLY, TRAP_HALF)})
 TASKS.register(DIGIT_SUM.name, DIGIT_SUM)  # open-ended: many valid answers, a rule judge, no reference answer
 TASKS.register(EXPERIENCE.name, EXPERIENCE)  # per-entity facts learnable only from earlier episodes (memory)
+for _constraints_task in (CONSTRAINTS, CONSTRAINTS_PLATEAU):  # many valid answers, the verifier says what is wrong
+    TASKS.register(_constraints_task.name, _constraints_task)
 
 
 def register_task(task: Task) -> Task:
