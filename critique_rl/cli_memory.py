@@ -86,9 +86,10 @@ def _records_table(title: str, recs: list[Record], scores: list[float] | None = 
     table.add_column("text", ratio=1, min_width=16, overflow="fold")
     if compact:
         table.add_column("help/ret", justify="right", no_wrap=True)
+        table.add_column("use", justify="right", no_wrap=True)
         table.add_column("updated", no_wrap=True)
     else:
-        for name in ("merged", "retrieved", "helped"):
+        for name in ("merged", "retrieved", "helped", "usefulness"):
             table.add_column(name, justify="right", no_wrap=True)
         table.add_column("updated", no_wrap=True)
     for i, rec in enumerate(recs):
@@ -98,9 +99,11 @@ def _records_table(title: str, recs: list[Record], scores: list[float] | None = 
         # rich markup is off for data cells: memory text is shown literally
         row.append(_summary(rec, 100 if compact else 150))  # about three lines of the text column
         if compact:
-            row += [f"{rec.helped}/{rec.retrieved}", _dt.datetime.fromtimestamp(rec.updated_at).strftime("%Y-%m-%d")]
+            row += [f"{rec.helped}/{rec.retrieved}", f"{rec.usefulness:+.2f}",
+                    _dt.datetime.fromtimestamp(rec.updated_at).strftime("%Y-%m-%d")]
         else:
-            row += [str(rec.merged), str(rec.retrieved), str(rec.helped), _when(rec.updated_at)]
+            row += [str(rec.merged), str(rec.retrieved), str(rec.helped), f"{rec.usefulness:+.3f}",
+                    _when(rec.updated_at)]
         table.add_row(*[_literal(c) for c in row])
     return table
 
@@ -165,6 +168,31 @@ def list_cmd(
     _console().print(_records_table(f"{len(recs)} record(s) in {bank}", recs))
 
 
+@memory_app.command("useful")
+@_user_errors
+def useful_cmd(
+    bank: str = BankOpt,
+    kind: str = typer.Option("lesson", "--kind", help="lesson, demo or all."),
+    n: int = typer.Option(5, "--n", min=1, help="Records in each table."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """The most and the least useful records (usefulness = lift / (retrieved + 2): how much more often the
+    episodes that saw a record succeeded than their baseline, shrunk towards 0 while evidence is thin)."""
+    kinds = {"all": None, "demo": "demonstration", "demonstration": "demonstration", "lesson": "lesson"}
+    if kind not in kinds:
+        raise UserError(f"--kind {kind!r}: choose lesson, demo or all")
+    with _open(bank) as b:
+        most = b.list(kinds[kind], n, "useful")
+        least = b.list(kinds[kind], n, "least_useful")
+    if as_json:
+        _emit_json({"most_useful": [r.to_dict() | {"usefulness": r.usefulness} for r in most],
+                    "least_useful": [r.to_dict() | {"usefulness": r.usefulness} for r in least]})
+        return
+    console = _console()
+    console.print(_records_table(f"most useful {kind} records in {bank}", most))
+    console.print(_records_table(f"least useful {kind} records in {bank}", least))
+
+
 @memory_app.command("show")
 @_user_errors
 def show_cmd(record_id: str = typer.Argument(..., metavar="ID", help="Record id (a unique prefix works)."),
@@ -189,9 +217,13 @@ def show_cmd(record_id: str = typer.Argument(..., metavar="ID", help="Record id 
         fields += [("question", rec.question), ("trajectory", rec.trajectory), ("reward", f"{rec.reward:g}")]
     elif isinstance(rec, Lesson):
         fields += [("situation", rec.situation), ("mistake", rec.mistake), ("instead", rec.instead),
-                   ("applies when", rec.applies_when), ("source episodes", ", ".join(rec.source_ids))]
+                   ("applies when", rec.applies_when), ("written from", rec.example or "-"),
+                   ("source episodes", ", ".join(rec.source_ids))]
+    mean_lift = f"{rec.lift / rec.retrieved:+.3f}" if rec.retrieved else "-"
     fields += [("tags", ", ".join(rec.tags)), ("source", f"{rec.source_run or '-'} step {rec.source_step}"),
                ("merged", str(rec.merged)), ("retrieved", str(rec.retrieved)), ("helped", str(rec.helped)),
+               ("lift", f"{rec.lift:+.2f} (mean {mean_lift} per episode that saw it)"),
+               ("usefulness", f"{rec.usefulness:+.3f} (lift / (retrieved + 2))"),
                ("created", _when(rec.created_at)), ("updated", _when(rec.updated_at)),
                ("as prompt text", rec.render())]
     for k, v in fields:
@@ -237,12 +269,13 @@ def stats_cmd(bank: str = BankOpt, as_json: bool = JsonOpt) -> None:
         return
     table = Table(title=_literal(f"memory bank {s['path']} (schema v{s['schema_version']}, "
                                  f"{s['size_bytes']:,} bytes)"))
-    for col in ("kind", "count", "merged", "retrieved", "helped", "helped/retrieved", "embedded"):
+    for col in ("kind", "count", "merged", "retrieved", "helped", "helped/retrieved", "lift/retrieved", "embedded"):
         table.add_column(col, justify="left" if col == "kind" else "right")
     for kind in ("demonstrations", "lessons"):
         d = s[kind]
         ratio = f"{d['helped'] / d['retrieved']:.2f}" if d["retrieved"] else "-"
-        table.add_row(kind, str(d["count"]), str(d["merged"]), str(d["retrieved"]), str(d["helped"]), ratio,
+        lift = f"{d.get('lift', 0.0) / d['retrieved']:+.3f}" if d["retrieved"] else "-"
+        table.add_row(kind, str(d["count"]), str(d["merged"]), str(d["retrieved"]), str(d["helped"]), ratio, lift,
                       str(d["embedded"]))
     console = _console()
     console.print(table)
@@ -289,7 +322,14 @@ def prune_cmd(
     max_age_days: float | None = typer.Option(None, "--max-age-days", help="Remove records unused this long."),
     min_helped_ratio: float | None = typer.Option(None, "--min-helped-ratio",
                                                   help="Remove records helping less often than this."),
-    min_retrieved: int = typer.Option(5, "--min-retrieved", help="Judge the helped ratio only after this many retrievals."),
+    min_retrieved: int = typer.Option(5, "--min-retrieved",
+                                      help="Judge the helped ratio / usefulness only after this many retrievals."),
+    min_usefulness: float | None = typer.Option(
+        None, "--min-usefulness", help="Remove records whose mean lift per episode (success minus baseline) is "
+        "below this, once retrieved --min-retrieved times (0: records that did worse than the baseline)."),
+    useless_after_days: float | None = typer.Option(
+        None, "--useless-after-days", help="Remove records at least this old whose usefulness is <= 0 "
+        "(never retrieved, or no better than the baseline)."),
     keep: int | None = typer.Option(None, "--keep", help="Keep only the N most useful records of each kind."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be removed; change nothing."),
     as_json: bool = JsonOpt,
@@ -297,7 +337,8 @@ def prune_cmd(
     """Remove stale or unhelpful records."""
     with _open(bank) as b:
         res = b.prune(max_age_days=max_age_days, min_helped_ratio=min_helped_ratio, keep=keep,
-                      min_retrieved=min_retrieved, dry_run=dry_run)
+                      min_retrieved=min_retrieved, dry_run=dry_run, min_usefulness=min_usefulness,
+                      useless_after_days=useless_after_days)
     if as_json:
         _emit_json({"removed": len(res.removed), "ids": res.removed, "by_reason": res.by_reason,
                     "dry_run": res.dry_run})

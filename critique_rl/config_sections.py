@@ -144,12 +144,19 @@ class MemoryConfig:
     """Drop retrieved records whose retrieval score is <= this (0.0 drops the records that match no word of the
     question, which the bank otherwise adds to fill `top_k_*`: on the experience task that noise made the tiny
     policy copy the wrong record). None keeps every record retrieval packed."""
+    usefulness_weight: float = 0.5
+    """Retrieval ranks the 3 x top_k most similar records by similarity / best similarity + this x the record's
+    usefulness (smoothed mean lift in [-1, 1]: how much more often the episodes that saw it succeeded than the
+    step's baseline; `critique-rl memory list --sort useful`). 0: similarity only (issue #28 item 3)."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "memory.")
         _non_negative("memory.top_k_demos", self.top_k_demos)
         _non_negative("memory.top_k_lessons", self.top_k_lessons)
         _positive("memory.token_budget", self.token_budget)
+        if self.usefulness_weight < 0:
+            raise ConfigError("memory.usefulness_weight", self.usefulness_weight,
+                              "use a value >= 0 (0 ranks by similarity only)")
         if not 0.0 < self.dedup_threshold <= 1.0:
             raise ConfigError("memory.dedup_threshold", self.dedup_threshold, "use a value in (0, 1]")
 
@@ -205,6 +212,10 @@ class AgentConfig:
     (`critic`: rule/hf/openai over the episode transcript)."""
     threaded_envs: bool = False
     """Step synchronous envs in worker threads (for envs that wait on I/O); async envs always interleave."""
+    seed_per_task: bool = False
+    """Sample each task's episodes under their own seed, from (seed, step, the task's place in the global batch), so
+    the episodes do not depend on the number of processes: a run under `accelerate launch` repeats the 1-process run
+    of the same global batch. Costs batching: one engine call per task and turn instead of one per turn."""
 
     def __post_init__(self) -> None:
         _positive("agent.max_turns", self.max_turns)
@@ -348,6 +359,13 @@ class PhaseConfig:
     tasks: dict[str, float] | None = None
     """rl, with the run's `tasks`: this phase's sampling weights over them, e.g. {addition: 1} (a task left out or
     weighted 0 is not drawn). None = the run's weights."""
+    task_kwargs: dict[str, Any] | None = None
+    """Episodes (`agent.env`): this phase's task-generator arguments, over `agent.task_kwargs` (e.g. {hi: 64} for
+    harder games). The phase draws from its own tasks (sft: its scripted episodes); evaluation keeps the run's
+    held-out tasks. None = the run's tasks."""
+    env_kwargs: dict[str, Any] | None = None
+    """Episodes (`agent.env`): this phase's env-constructor arguments, over `agent.env_kwargs` (e.g. {max_guesses:
+    3}). Evaluation keeps the run's env. None = the run's env."""
 
     def check(self, where: str) -> None:
         if self.steps is None:
@@ -360,3 +378,7 @@ class PhaseConfig:
                               "to an rl phase")
         if self.reward_funcs is not None and not self.reward_funcs:
             raise ConfigError(f"{where}.reward_funcs", self.reward_funcs, "name at least one reward, or leave it out")
+        for name in ("task_kwargs", "env_kwargs"):
+            if getattr(self, name) is not None and (self.train_file or self.tasks):
+                raise ConfigError(f"{where}.{name}", getattr(self, name), "an episode phase draws its tasks from the "
+                                  "env; train_file and tasks are single-turn data: drop one of the two")

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from critique_rl.cli_memory import memory_app
 from critique_rl.config import MemoryConfig
 from critique_rl.memory import MemoryBank
+from critique_rl.memory.store import SCHEMA_VERSION
 
 app = typer.Typer()
 app.add_typer(memory_app, name="memory")
@@ -61,7 +62,7 @@ def test_search_stats(bank_path: str) -> None:
     assert all(h["retrieved"] == 0 for h in hits)  # searching does not count as retrieval
     res = run("stats", "--bank", bank_path, "--json")
     s = json.loads(res.stdout)
-    assert (s["demonstrations"]["count"], s["lessons"]["count"], s["schema_version"]) == (2, 1, 2)
+    assert (s["demonstrations"]["count"], s["lessons"]["count"], s["schema_version"]) == (2, 1, SCHEMA_VERSION)
     assert "demonstrations" in run("stats", "--bank", bank_path).stdout
 
 

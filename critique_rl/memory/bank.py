@@ -33,8 +33,8 @@ from critique_rl.critics.base import Critic
 from critique_rl.errors import UserError
 from critique_rl.memory.abstraction import CriticAbstractor, Failure, LessonDraft, rule_abstraction
 from critique_rl.memory.records import MAX_SOURCE_IDS, Demonstration, Lesson, Record, record_from_dict
-from critique_rl.memory.retrieval import Embedder, Hit, SearchIndex, make_embedder
-from critique_rl.memory.store import USEFULNESS_SQL, MemoryStore, row_to_record
+from critique_rl.memory.retrieval import RERANK_POOL, Embedder, Hit, SearchIndex, make_embedder, rerank_score
+from critique_rl.memory.store import USEFULNESS_EXPR, USEFULNESS_SQL, MemoryStore, row_to_record
 from critique_rl.templates import render
 
 DEFAULT_BANK = "memory/critique-rl.sqlite"
@@ -248,7 +248,8 @@ class MemoryBank:
             tags = tuple(dict.fromkeys([*ep.tags, *(_f.task and [_f.task] or []), *draft.tags]))
             pending[pos] = (ep, eid, Lesson(situation=draft.situation, mistake=draft.mistake,
                                             instead=draft.instead, applies_when=draft.applies_when, tags=tags,
-                                            source_ids=[eid], source_run=ep.source_run, source_step=ep.step),
+                                            source_ids=[eid], source_run=ep.source_run, source_step=ep.step,
+                                            example=ep.task),
                             "")
         vecs: dict[int, np.ndarray] = {}
         if self.embedder is not None:
@@ -305,13 +306,23 @@ class MemoryBank:
                      (now, json.dumps(payload), json.dumps(tags), target))
         return RecordResult("merged", rec.kind, target, eid, similarity=sim)
 
-    def credit(self, ids: Iterable[str] | Retrieved, success: bool) -> int:
-        """Give ``helped`` credit to retrieved records whose episode succeeded; returns records credited."""
+    def credit(self, ids: Iterable[str] | Retrieved, success: bool, baseline: float | None = None) -> int:
+        """Credit the records that were in one episode's prompt with its outcome; returns records credited.
+
+        Without ``baseline`` (the old form, for callers that retrieved with ``count=True``): ``helped`` += 1 on
+        success, nothing on failure. With ``baseline`` (the success rate expected without these records, e.g.
+        the mean over episodes that had no memory, or the batch's mean): ``retrieved`` += 1, ``helped`` +=
+        success, ``lift`` += success - baseline, so :attr:`Record.usefulness` ranks retrieval and pruning.
+        Retrieve with ``count=False`` then, or ``retrieved`` is counted twice."""
         if isinstance(ids, Retrieved):
             ids = ids.ids
-        if not success:
-            return 0
-        return self.store.bump(list(ids), "helped")
+        ids = list(dict.fromkeys(ids))
+        if baseline is None:
+            return self.store.bump(ids, "helped") if success else 0
+        if not 0.0 <= baseline <= 1.0:
+            raise UserError(f"credit: baseline = {baseline!r}; give the success rate without memory, in [0, 1]")
+        ok = float(bool(success))
+        return self.store.add_credit({i: (1, int(ok), ok - baseline) for i in ids})
 
     # ---- reading ------------------------------------------------------------------------------------------
     def _sync(self) -> None:
@@ -369,10 +380,11 @@ class MemoryBank:
         if self.embedder is not None and self.index.n and questions:
             vecs = self.embedder.encode(list(questions))
         out: list[Retrieved] = []
+        weight = self.config.usefulness_weight
         for qi, q in enumerate(questions):
             vec = vecs[qi] if vecs is not None else None
-            d_hits = self.index.search(q, "demonstration", k_d, tags, vec)
-            l_hits = self.index.search(q, "lesson", k_l, tags, vec)
+            d_hits = self._ranked(q, "demonstration", k_d, tags, vec, weight)
+            l_hits = self._ranked(q, "lesson", k_l, tags, vec, weight)
             if self.embedder is None:
                 d_hits = self._fill("demonstration", k_d, d_hits, tags)
                 l_hits = self._fill("lesson", k_l, l_hits, tags)
@@ -382,6 +394,21 @@ class MemoryBank:
             if ids:
                 self.store.bump(ids, "retrieved")
         return out
+
+    def _ranked(self, query: str, kind: str, k: int, tags: Sequence[str] | None, vec: np.ndarray | None,
+                weight: float) -> list[Hit]:
+        """Top ``k`` by similarity, or (``weight`` > 0) the ``RERANK_POOL * k`` most similar re-ranked by
+        :func:`rerank_score` (similarity relative to the best candidate plus ``weight`` x usefulness). Hits keep
+        their similarity as ``score`` (what ``min_score`` and the CLI read)."""
+        if weight <= 0 or k <= 0:
+            return self.index.search(query, kind, k, tags, vec)
+        pool = self.index.search(query, kind, RERANK_POOL * k, tags, vec)
+        if len(pool) <= 1:
+            return pool
+        use = self.store.usefulness_of([h.id for h in pool])
+        top = max(h.score for h in pool)
+        ranked = sorted(pool, key=lambda h: -rerank_score(h.score, top, use.get(h.id, 0.0), weight))
+        return ranked[:k]
 
     def _pack(self, question: str, d_hits: list[Hit], l_hits: list[Hit], budget: int) -> Retrieved:
         recs = self.store.get_many([h.id for h in d_hits + l_hits])
@@ -428,7 +455,7 @@ class MemoryBank:
         """Counts per kind, retrieval/help/merge sums, abstraction counters, backend and schema version."""
         per_kind = self.store.stats()
         counters = self.store.counters()
-        empty = {"count": 0, "retrieved": 0, "helped": 0, "merged": 0, "embedded": 0}
+        empty = {"count": 0, "retrieved": 0, "helped": 0, "merged": 0, "embedded": 0, "lift": 0.0}
         out: dict[str, Any] = {
             "path": str(self.path),
             "schema_version": self.store.schema_version,
@@ -444,15 +471,28 @@ class MemoryBank:
 
     # ---- maintenance --------------------------------------------------------------------------------------
     def prune(self, max_age_days: float | None = None, min_helped_ratio: float | None = None,
-              keep: int | None = None, min_retrieved: int = 5, dry_run: bool = False) -> PruneResult:
+              keep: int | None = None, min_retrieved: int = 5, dry_run: bool = False,
+              min_usefulness: float | None = None, useless_after_days: float | None = None) -> PruneResult:
         """Remove stale or unhelpful records, in one transaction.
 
         - ``max_age_days``: not updated (recorded, merged, retrieved or credited) for this many days.
         - ``min_helped_ratio``: helped/retrieved below this, once retrieved at least ``min_retrieved`` times.
-        - ``keep``: keep only the ``keep`` most useful records of each kind (Laplace-smoothed helped ratio,
-          then merged count, then recency)."""
-        if max_age_days is None and min_helped_ratio is None and keep is None:
-            raise UserError("prune needs at least one of max_age_days, min_helped_ratio, keep")
+        - ``min_usefulness``: mean lift (``lift / retrieved``: how much more often the episodes that saw it
+          succeeded than their baseline) below this, once retrieved at least ``min_retrieved`` times; e.g. 0
+          removes records that did worse than no memory.
+        - ``useless_after_days``: usefulness and age together: created this many days ago or more and its
+          smoothed usefulness (``lift / (retrieved + 2)``) is <= 0, i.e. it never earned its place (never
+          retrieved, or no better than the baseline).
+        - ``keep``: keep only the ``keep`` most useful records of each kind (smoothed mean lift, then the
+          smoothed helped ratio, merged count, recency)."""
+        if max_age_days is None and min_helped_ratio is None and keep is None and min_usefulness is None \
+                and useless_after_days is None:
+            raise UserError("prune needs at least one of max_age_days, min_helped_ratio, min_usefulness, "
+                            "useless_after_days, keep")
+        if useless_after_days is not None and useless_after_days < 0:
+            raise UserError(f"prune: useless_after_days = {useless_after_days!r}; must be >= 0")
+        if min_usefulness is not None and not -1.0 <= min_usefulness <= 1.0:
+            raise UserError(f"prune: min_usefulness = {min_usefulness!r}; use a value in [-1, 1]")
         for name, v in (("max_age_days", max_age_days), ("keep", keep)):
             if v is not None and v < 0:
                 raise UserError(f"prune: {name} = {v!r}; must be >= 0")
@@ -469,6 +509,14 @@ class MemoryBank:
                 reasons["helped_ratio"] = [r[0] for r in c.execute(
                     "SELECT id FROM records WHERE retrieved >= ? AND (helped * 1.0 / retrieved) < ?",
                     (max(1, min_retrieved), min_helped_ratio))]
+            if min_usefulness is not None:
+                reasons["usefulness"] = [r[0] for r in c.execute(
+                    "SELECT id FROM records WHERE retrieved >= ? AND (lift / retrieved) < ?",
+                    (max(1, min_retrieved), min_usefulness))]
+            if useless_after_days is not None:
+                reasons["useless_and_old"] = [r[0] for r in c.execute(
+                    f"SELECT id FROM records WHERE created_at <= ? AND {USEFULNESS_EXPR} <= 0",
+                    (now - useless_after_days * 86400.0,))]
             if keep is not None:
                 reasons["keep"] = [r[0] for kind in ("demonstration", "lesson") for r in c.execute(
                     f"SELECT id FROM records WHERE kind = ? ORDER BY {USEFULNESS_SQL} LIMIT -1 OFFSET ?",
@@ -534,4 +582,4 @@ class MemoryBank:
 
 
 __all__ = ["MemoryBank", "Episode", "RecordResult", "Retrieved", "PruneResult", "row_to_record", "DEFAULT_BANK",
-           "count_tokens"]
+           "count_tokens", "rerank_score"]

@@ -23,6 +23,8 @@ KINDS: tuple[str, str] = ("demonstration", "lesson")
 
 MAX_SOURCE_IDS = 1000
 """A lesson keeps at most this many source episode ids (the oldest are dropped first); ``merged`` keeps counting."""
+MAX_EXAMPLE_CHARS = 200
+"""A lesson's quoted situation (:attr:`Lesson.example`) is clipped to this many characters."""
 
 _SPACE = re.compile(r"\s+")
 _NUM = re.compile(r"\d+(?:\.\d+)?")
@@ -45,6 +47,12 @@ def text_hash(*parts: str) -> str:
         h.update(normalize_text(p).encode("utf-8"))
         h.update(b"\x00")
     return h.hexdigest()
+
+
+def quote_example(text: str) -> str:
+    """Whitespace collapsed and clipped to :data:`MAX_EXAMPLE_CHARS` (with '...' when clipped)."""
+    one = _SPACE.sub(" ", text).strip()
+    return one if len(one) <= MAX_EXAMPLE_CHARS else one[: MAX_EXAMPLE_CHARS - 3].rstrip() + "..."
 
 
 def _strip_end(text: str) -> str:
@@ -70,8 +78,15 @@ class Demonstration:
     """Identical demonstrations recorded again (exact duplicates are counted, not stored twice)."""
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    lift: float = 0.0
+    """Sum over the episodes whose prompt held it of (outcome - baseline outcome); see :attr:`usefulness`."""
 
     kind: Kind = field(default="demonstration", init=False)
+
+    @property
+    def usefulness(self) -> float:
+        """Smoothed mean lift, ``lift / (retrieved + 2)`` (:func:`critique_rl.memory.store.usefulness`)."""
+        return self.lift / (self.retrieved + 2.0)
 
     def __post_init__(self) -> None:
         self.tags = tuple(self.tags)
@@ -127,12 +142,24 @@ class Lesson:
     helped: int = 0
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    lift: float = 0.0
+    """Sum over the episodes whose prompt held it of (outcome - baseline outcome); see :attr:`usefulness`."""
+    example: str = ""
+    """The situation it was written from, quoted: the question of the first failed episode (clipped to
+    :data:`MAX_EXAMPLE_CHARS`), so a person can audit the lesson against a real case. Not part of the prompt
+    text, the retrieval key or the dedup key."""
 
     kind: Kind = field(default="lesson", init=False)
+
+    @property
+    def usefulness(self) -> float:
+        """Smoothed mean lift, ``lift / (retrieved + 2)`` (:func:`critique_rl.memory.store.usefulness`)."""
+        return self.lift / (self.retrieved + 2.0)
 
     def __post_init__(self) -> None:
         self.tags = tuple(self.tags)
         self.source_ids = list(self.source_ids)[-MAX_SOURCE_IDS:]
+        self.example = quote_example(self.example) if isinstance(self.example, str) else self.example
         if not self.id:
             self.id = new_id("lesson")
 
@@ -158,6 +185,7 @@ class Lesson:
             "instead": self.instead,
             "applies_when": self.applies_when,
             "source_ids": list(self.source_ids),
+            "example": self.example,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,7 +197,8 @@ class Lesson:
 
 Record = Demonstration | Lesson
 
-_COMMON = ("id", "tags", "source_run", "source_step", "retrieved", "helped", "merged", "created_at", "updated_at")
+_COMMON = ("id", "tags", "source_run", "source_step", "retrieved", "helped", "merged", "created_at", "updated_at",
+           "lift")
 
 
 def record_from_dict(data: dict[str, Any], where: str = "record") -> Record:
@@ -184,7 +213,7 @@ def record_from_dict(data: dict[str, Any], where: str = "record") -> Record:
     elif kind == "lesson":
         cls = Lesson
         required = ("situation", "mistake", "instead")
-        extra = ("applies_when", "source_ids")
+        extra = ("applies_when", "source_ids", "example")
     else:
         raise UserError(f"{where}: field 'kind' = {kind!r}; expected 'demonstration' or 'lesson'")
     kwargs: dict[str, Any] = {}
@@ -209,6 +238,10 @@ def _check_types(rec: Record, where: str) -> None:
         v = getattr(rec, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise UserError(f"{where}: field '{name}' = {v!r}; expected an integer >= 0")
+    if not isinstance(rec.lift, (int, float)) or isinstance(rec.lift, bool) or rec.lift != rec.lift \
+            or abs(rec.lift) == float("inf"):
+        raise UserError(f"{where}: field 'lift' = {rec.lift!r}; expected a finite number")
+    rec.lift = float(rec.lift)
     for name in ("created_at", "updated_at"):
         v = getattr(rec, name)
         if not isinstance(v, (int, float)) or isinstance(v, bool):
@@ -221,5 +254,7 @@ def _check_types(rec: Record, where: str) -> None:
         raise UserError(f"{where}: field 'tags' must be a list of strings")
     if not isinstance(rec.id, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", rec.id):
         raise UserError(f"{where}: field 'id' = {rec.id!r}; use 1-64 letters, digits or _.:-")
+    if isinstance(rec, Lesson) and not isinstance(rec.example, str):
+        raise UserError(f"{where}: field 'example' must be a string")
     if isinstance(rec, Lesson) and not all(isinstance(s, str) for s in rec.source_ids):
         raise UserError(f"{where}: field 'source_ids' must be a list of strings")

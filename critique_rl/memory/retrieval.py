@@ -193,6 +193,19 @@ def make_embedder(mode: str) -> Embedder | None:
 # the in-memory index
 # ---------------------------------------------------------------------------------------------------------
 
+RERANK_POOL = 3
+"""With ``memory.usefulness_weight`` > 0, retrieval re-ranks the ``RERANK_POOL * k`` most similar records."""
+
+
+def rerank_score(similarity: float, best: float, usefulness: float, weight: float) -> float:
+    """Retrieval rank of a candidate: ``similarity / best + weight * usefulness`` where ``best`` is the highest
+    similarity among the candidates (so BM25 scores and cosines are on one scale, 1 for the best match) and
+    ``usefulness`` the record's smoothed mean lift in [-1, 1]. With ``best`` <= 0 the similarity term is the raw
+    similarity."""
+    rel = similarity / best if best > 0 else similarity
+    return rel + weight * usefulness
+
+
 @dataclass
 class Hit:
     """One search result: record id, its kind and score (cosine, or BM25 score; 0 for usefulness fill-ins)."""

@@ -57,16 +57,43 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX records_usefulness ON records "
         "(kind, ((helped + 1.0) / (retrieved + 2.0)) DESC, merged DESC, updated_at DESC)",
     ],
+    # v3: ``lift``, the summed outcome-minus-baseline of the episodes whose prompt held the record (see
+    # MemoryHook.update / MemoryBank.credit); usefulness is its smoothed mean, the helped ratio breaks ties.
+    [
+        "ALTER TABLE records ADD COLUMN lift REAL NOT NULL DEFAULT 0",
+        "DROP INDEX IF EXISTS records_usefulness",
+        "CREATE INDEX records_usefulness ON records "
+        "(kind, (lift / (retrieved + 2.0)) DESC, ((helped + 1.0) / (retrieved + 2.0)) DESC, merged DESC, "
+        "updated_at DESC)",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-USEFULNESS_SQL = "((helped + 1.0) / (retrieved + 2.0)) DESC, merged DESC, updated_at DESC"
-"""Laplace-smoothed helped ratio; ties go to the most merged, then the most recent."""
-LEAST_USEFUL_SQL = "((helped + 1.0) / (retrieved + 2.0)) ASC, retrieved DESC, updated_at ASC"
-"""The reverse: lowest smoothed helped ratio first; ties go to the most retrieved (more evidence), then the oldest."""
+USEFULNESS_PRIOR = 2.0
+"""Pseudo-episodes of zero lift in the usefulness score: ``lift / (retrieved + USEFULNESS_PRIOR)``, so a record
+seen in one lucky episode does not outrank one that helped in fifty."""
+USEFULNESS_EXPR = "(lift / (retrieved + 2.0))"
+"""SQL of :func:`usefulness` (the smoothed mean lift)."""
+USEFULNESS_SQL = (f"{USEFULNESS_EXPR} DESC, ((helped + 1.0) / (retrieved + 2.0)) DESC, merged DESC, "
+                  "updated_at DESC")
+"""Most useful first: smoothed mean lift; ties (e.g. records credited without a baseline, whose lift is 0) go to
+the Laplace-smoothed helped ratio, then the most merged, then the most recent."""
+LEAST_USEFUL_SQL = (f"{USEFULNESS_EXPR} ASC, ((helped + 1.0) / (retrieved + 2.0)) ASC, retrieved DESC, "
+                    "updated_at ASC")
+"""The reverse: lowest smoothed mean lift first, then lowest helped ratio; ties go to the most retrieved (more
+evidence), then the oldest."""
+
+
+def usefulness(lift: float, retrieved: int) -> float:
+    """Smoothed mean lift of a record: ``lift / (retrieved + 2)``. ``lift`` sums, over the episodes whose
+    prompt held the record, the episode's outcome (1 success, 0 failure) minus the baseline outcome it is
+    compared with; so the value is in [-1, 1], 0 for a record never credited, and it approaches the record's
+    mean lift as evidence accumulates."""
+    return lift / (retrieved + USEFULNESS_PRIOR)
+
 
 _COLUMNS = ("seq, id, kind, key_text, dedup_hash, payload, tags, source_run, source_step, retrieved, helped, "
-            "merged, created_at, updated_at")
+            "merged, created_at, updated_at, lift")
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -114,15 +141,17 @@ def blob_to_embedding(blob: bytes | None) -> np.ndarray | None:
 def row_to_record(row: sqlite3.Row | tuple) -> Record:
     """Build a record from a ``SELECT {_COLUMNS}`` row."""
     (_seq, rid, kind, _key, _hash, payload, tags, source_run, source_step, retrieved, helped, merged,
-     created_at, updated_at) = tuple(row)[:14]
+     created_at, updated_at, lift) = tuple(row)[:15]
     data = json.loads(payload)
     common = dict(id=rid, tags=tuple(json.loads(tags)), source_run=source_run, source_step=source_step,
-                  retrieved=retrieved, helped=helped, merged=merged, created_at=created_at, updated_at=updated_at)
+                  retrieved=retrieved, helped=helped, merged=merged, created_at=created_at, updated_at=updated_at,
+                  lift=float(lift))
     if kind == "demonstration":
         return Demonstration(question=data["question"], trajectory=data["trajectory"],
                              reward=float(data.get("reward", 0.0)), **common)
     return Lesson(situation=data["situation"], mistake=data["mistake"], instead=data["instead"],
-                  applies_when=data.get("applies_when", ""), source_ids=data.get("source_ids", []), **common)
+                  applies_when=data.get("applies_when", ""), source_ids=data.get("source_ids", []),
+                  example=data.get("example", ""), **common)
 
 
 class MemoryStore:
@@ -241,11 +270,12 @@ class MemoryStore:
         """Insert ``rec`` (inside a write transaction); returns its ``seq``."""
         cur = conn.execute(
             "INSERT INTO records (id, kind, key_text, dedup_hash, payload, tags, source_run, source_step, "
-            "retrieved, helped, merged, created_at, updated_at, embedding, embed_model) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "retrieved, helped, merged, created_at, updated_at, embedding, embed_model, lift) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (rec.id, rec.kind, rec.key_text, rec.dedup_hash, json.dumps(rec.payload()), json.dumps(list(rec.tags)),
              rec.source_run, rec.source_step, rec.retrieved, rec.helped, rec.merged, rec.created_at,
-             rec.updated_at, embedding_to_blob(embedding), embed_model if embedding is not None else None),
+             rec.updated_at, embedding_to_blob(embedding), embed_model if embedding is not None else None,
+             float(rec.lift)),
         )
         return int(cur.lastrowid)
 
@@ -318,6 +348,39 @@ class MemoryStore:
                 yield row_to_record(r)
             last = rows[-1][0]
 
+    def add_credit(self, credits: dict[str, tuple[int, int, float]], now: float | None = None) -> int:
+        """Add ``(retrieved, helped, lift)`` to each record id in one transaction; returns rows changed (ids
+        pruned meanwhile are skipped)."""
+        if not credits:
+            return 0
+        now = time.time() if now is None else now
+        items = [(int(r), int(h), float(lf), now, rid) for rid, (r, h, lf) in credits.items()]
+
+        def w(c: sqlite3.Connection) -> int:
+            n = 0
+            for item in items:
+                n += c.execute("UPDATE records SET retrieved = retrieved + ?, helped = helped + ?, lift = lift + ?, "
+                               "updated_at = ? WHERE id = ?", item).rowcount
+            return n
+        return self.write(w)
+
+    def usefulness_of(self, ids: Sequence[str]) -> dict[str, float]:
+        """:func:`usefulness` of each id (missing ids are left out)."""
+        ids = list(dict.fromkeys(ids))
+        if not ids:
+            return {}
+
+        def q(c: sqlite3.Connection) -> dict[str, float]:
+            out: dict[str, float] = {}
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                marks = ",".join("?" * len(chunk))
+                for rid, lift, retrieved in c.execute(
+                        f"SELECT id, lift, retrieved FROM records WHERE id IN ({marks})", chunk):
+                    out[rid] = usefulness(float(lift), int(retrieved))
+            return out
+        return self.read(q)
+
     def bump(self, ids: Sequence[str], column: str, now: float | None = None) -> int:
         """Add 1 to ``retrieved`` or ``helped`` for ``ids`` in one transaction; returns rows changed."""
         if column not in ("retrieved", "helped"):
@@ -359,10 +422,11 @@ class MemoryStore:
         """Counts and sums per kind, plus counters."""
         def q(c: sqlite3.Connection) -> dict[str, Any]:
             out: dict[str, Any] = {}
-            for kind, n, r, h, m, emb in c.execute(
-                    "SELECT kind, count(*), sum(retrieved), sum(helped), sum(merged), count(embedding) "
+            for kind, n, r, h, m, emb, lf in c.execute(
+                    "SELECT kind, count(*), sum(retrieved), sum(helped), sum(merged), count(embedding), sum(lift) "
                     "FROM records GROUP BY kind"):
-                out[kind] = {"count": n, "retrieved": r or 0, "helped": h or 0, "merged": m or 0, "embedded": emb}
+                out[kind] = {"count": n, "retrieved": r or 0, "helped": h or 0, "merged": m or 0, "embedded": emb,
+                             "lift": float(lf or 0.0)}
             return out
         return self.read(q)
 

@@ -8,9 +8,12 @@
 - ``update(...)`` after scoring: successes become demonstrations (at most one per group: the first correct
   response), failures become lessons (at most one per group, at most ``max_lessons_per_step`` per step, groups
   with no correct response first); dedup/merge in the bank does the rest. Every retrieved record is credited
-  per episode: ``retrieved`` += episodes whose prompt held it, ``helped`` += those that succeeded, so
-  ``helped / retrieved`` is the success rate of the episodes that saw it (what ``memory prune
-  --min-helped-ratio`` reads).
+  per episode: ``retrieved`` += episodes whose prompt held it, ``helped`` += those that succeeded (``helped /
+  retrieved``: the success rate of the episodes that saw it, what ``memory prune --min-helped-ratio`` reads),
+  and ``lift`` += their successes minus the step's mean success rate over all its episodes (the group's
+  advantage over the batch where the record was retrieved). ``lift / (retrieved + 2)`` is the record's
+  usefulness: retrieval ranks by it (``memory.usefulness_weight``), ``memory prune --min-usefulness`` /
+  ``--useless-after-days`` and ``memory useful`` read it.
 - ``snapshot(ckpt_dir)`` / ``restore(...)``: the bank travels with checkpoints, so a resumed run sees the bank
   as it was at the checkpoint step, not the one a crashed run kept writing to.
 
@@ -26,7 +29,6 @@ import os
 import random
 import shutil
 import sqlite3
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -133,8 +135,9 @@ class MemoryHook:
         n_groups = n // group_size
         retrieved = self._retrieved_for(rows, group_size)
 
-        # credit: per episode that saw the record
-        counts: dict[str, list[int]] = {}
+        # credit: per episode that saw the record; lift against the step's mean success (the group's advantage)
+        baseline = sum(bool(c) for c in correct) / n
+        counts: dict[str, list[float]] = {}
         hit_eps = hit_ok = miss_eps = miss_ok = 0
         for g in range(n_groups):
             ok = sum(bool(c) for c in correct[g * group_size:(g + 1) * group_size])
@@ -145,11 +148,12 @@ class MemoryHook:
                 miss_eps += group_size
                 miss_ok += ok
             for rid in dict.fromkeys(retrieved[g]):
-                c = counts.setdefault(rid, [0, 0])
+                c = counts.setdefault(rid, [0, 0, 0.0])
                 c[0] += group_size
                 c[1] += ok
+                c[2] += ok - group_size * baseline
         if counts:
-            self._credit(counts)
+            self.bank.store.add_credit({rid: (int(r), int(h), lf) for rid, (r, h, lf) in counts.items()})
 
         # recording: one demonstration per group with a success, one lesson per failing group (bounded)
         episodes: list[Episode] = []
@@ -187,6 +191,8 @@ class MemoryHook:
             "memory/dropped": float(tally[("dropped", "lesson")]),
             "memory/hit_success_rate": hit_ok / hit_eps if hit_eps else None,  # type: ignore[dict-item]
             "memory/miss_success_rate": miss_ok / miss_eps if miss_eps else None,  # type: ignore[dict-item]
+            "memory/credit_baseline": baseline,
+            "memory/credited_records": float(len(counts)),
         }
 
     def _episode(self, row: dict, completion: str, success: bool, critique: str | None, step: int) -> Episode:
@@ -203,15 +209,6 @@ class MemoryHook:
         prompts = [rows[g * group_size]["prompt"] for g in range(n_groups)]
         by_prompt = {r.question: r for r in self._last}
         return [by_prompt.get(p, Retrieved(p)) for p in prompts]
-
-    def _credit(self, counts: dict[str, list[int]]) -> None:
-        now = time.time()
-        items = [(r, h, now, rid) for rid, (r, h) in counts.items()]
-
-        def w(c: sqlite3.Connection) -> None:
-            c.executemany("UPDATE records SET retrieved = retrieved + ?, helped = helped + ?, updated_at = ? "
-                          "WHERE id = ?", items)
-        self.bank.store.write(w)
 
     def _counts(self) -> tuple[int, int]:
         def q(c: sqlite3.Connection) -> tuple[int, int]:
