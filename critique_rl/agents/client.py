@@ -77,8 +77,15 @@ class EpisodeClient:
                 raise ServerError(exc.code, raw.decode(errors="replace")[:300]) from None
 
     def next_task(self, timeout: float = 30.0) -> Episode | None:
-        """The next episode to play, or None when the server hands none out within ``timeout`` seconds."""
-        status, got = self._request("POST", "/episodes/start", {"timeout": timeout}, timeout=timeout + self.timeout)
+        """The next episode to play; None when the server hands none out within ``timeout`` seconds or training
+        has ended (``while (ep := client.next_task()) is not None:`` ends with the run)."""
+        try:
+            status, got = self._request("POST", "/episodes/start", {"timeout": timeout},
+                                        timeout=timeout + self.timeout)
+        except ServerError as exc:
+            if exc.status == 410:  # training has ended
+                return None
+            raise
         if status == 204 or got is None:
             return None
         return Episode(got["episode_id"], got["task"], got["group_id"], int(got["policy_version"]))

@@ -13,7 +13,7 @@ request, the server keeps serving):
 - ``POST /v1/completions``: plain text completion (not recorded).
 - ``GET /v1/models``: the served model name.
 - ``POST /v1/episodes/start`` (``{"timeout": s}``) -> ``{"episode_id", "task", "group_id", "policy_version"}``,
-  or 204 when no episode is to be handed out in time.
+  204 when no episode is to be handed out in time, 410 once training has ended (the hub is closed).
 - ``POST /v1/episodes/{id}/finish`` (``{"reward", "success", "feedback"}``) -> ``{"episode_id", "accepted",
   "reason"}``.
 - ``GET /v1/episodes/stats``: the hub's counts plus the server's (calls, engine calls, mean batch).
@@ -427,8 +427,8 @@ def episode_id_of(headers: Any, body: dict[str, Any]) -> str | None:
 
 # ---- HTTP ----------------------------------------------------------------------------------------------------
 
-_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
-                503: "server_unavailable"}
+_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 409: "conflict_error", 410: "gone",
+                413: "invalid_request_error", 503: "server_unavailable"}
 
 
 def error_body(message: str, status: int, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -621,7 +621,12 @@ class _Handler(BaseHTTPRequestHandler):
         timeout = body.get("timeout", cap)
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
             raise RequestError(f"timeout = {timeout!r}: use a number of seconds >= 0", param="timeout")
-        got = self.owner.hub.start(timeout=min(float(timeout), cap))
+        hub = self.owner.hub
+        if hub.closed:
+            raise RequestError("training has ended: no more episodes are handed out", status=410, code="hub_closed")
+        got = hub.start(timeout=min(float(timeout), cap))
+        if got is None and hub.closed:
+            raise RequestError("training has ended: no more episodes are handed out", status=410, code="hub_closed")
         if got is None:
             self._send(204, None)
         else:

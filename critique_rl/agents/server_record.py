@@ -122,8 +122,9 @@ def check_extends(recorded: list[dict[str, str]], messages: list[dict[str, str]]
     naming the first differing index when ``messages`` does not extend it with user/tool message(s)."""
     for i, want in enumerate(recorded):
         if i >= len(messages):
-            raise RequestError(f"messages has {len(messages)} messages but the episode's history has "
-                               f"{len(recorded)}: send the whole history (message {i} expected: {_describe(want)})",
+            raise RequestError(f"messages[{i}] is missing: the request has {len(messages)} messages, the episode's "
+                               f"history {len(recorded)}; send the whole history (messages[{i}] expected: "
+                               f"{_describe(want)})",
                                param=f"messages[{i}]", code="history_mismatch")
         got = messages[i]
         if got != want:
