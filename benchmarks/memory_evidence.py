@@ -83,7 +83,9 @@ def accuracy(model: Any, tok: Any, rows: list[dict], contexts: list[str] | None)
     return sum(EXPERIENCE.verify(t, r["answer"]) for t, r in zip(texts, rows, strict=True)) / len(rows)
 
 
-def run_seed(seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def warm_up(seed: int, args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+    """The reading warm-up of one seed: (model, tokenizer, {sft_final_loss, reading_check, sft_seconds}).
+    ``args`` needs reading_n, vocab, hidden, layers, heads, sft_steps, sft_batch, sft_lr."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     warm = reading_rows(args.reading_n, seed)
@@ -101,6 +103,13 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
                            "sft_seconds": time.perf_counter() - t0}
     print(f"seed {seed}: warm-up done, loss {out['sft_final_loss']:.3f}, reading check "
           f"{out['reading_check']:.3f} ({out['sft_seconds']:.0f}s)", file=sys.stderr)
+    return model, tok, out
+
+
+def run_seed(seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    model, tok, out = warm_up(seed, args)
+    out["seed"] = seed
 
     # earlier episodes: the frozen policy answers training questions with retrieval; the hook records them
     bank_path = work / f"seed{seed}" / "memory.sqlite"
