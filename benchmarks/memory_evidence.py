@@ -54,6 +54,16 @@ results (post hoc): the same as ``lessons`` but records that match no query word
 so the policy's context holds only lessons about the question's entity."""
 MIN_SCORE: dict[str, float | None] = {"lessons_matched": 0.0}
 PRIMARY = "both"
+"""The retrieval the earlier episodes run with (the bank is filled by them)."""
+
+ARM_SETS: dict[str, tuple[dict[str, tuple[int, int] | None], dict[str, float | None], str]] = {
+    "a": (ARMS, MIN_SCORE, PRIMARY),
+    # (d) lessons vs demonstrations vs both, fixed before its run (seeds 9 10 11): every arm keeps only records
+    # matching a word of the question (min_score 0, the setting evidence (a) supported); the earlier episodes
+    # retrieve like both_matched, so their successes leave demonstrations to retrieve
+    "d": ({"no_memory": None, "lessons_matched": (0, 3), "demos_matched": (2, 0), "both_matched": (1, 2)},
+          {"lessons_matched": 0.0, "demos_matched": 0.0, "both_matched": 0.0}, "both_matched"),
+}
 
 
 def prompt_text(row: dict[str, Any], context: str | None) -> str:
@@ -118,7 +128,8 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         f.unlink()
     cfg = mem_config(bank_path, ARMS[PRIMARY])  # type: ignore[arg-type]
     bank = MemoryBank(bank_path, config=cfg)
-    hook = MemoryHook(bank, cfg, EXPERIENCE.name, f"memory_evidence_s{seed}", max_lessons_per_step=args.batch)
+    hook = MemoryHook(bank, cfg, EXPERIENCE.name, f"memory_evidence_s{seed}", max_lessons_per_step=args.batch,
+                      min_score=MIN_SCORE.get(PRIMARY))
     episodes = make_experience("train", args.episodes, seed)
     steps: list[dict[str, Any]] = []
     for s in range(0, len(episodes), args.batch):
@@ -175,7 +186,9 @@ def write(results: list[dict[str, Any]], args: argparse.Namespace, t0: float) ->
     out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "seeds": results, "table_markdown": md,
                                                     "wall_seconds": time.perf_counter() - t0}, indent=2))
     ep_hits = [s["memory/hit_rate"] for r in results for s in r["episodes"][1:] if s["memory/hit_rate"] is not None]
-    notes = [f"# Memory at inference only vs no memory: experience task ({len(results)} seeds, mean ± std)", "",
+    title = {"a": "Memory at inference only vs no memory",
+             "d": "Lessons vs demonstrations vs both, at inference only"}[getattr(args, "arm_set", "a")]
+    notes = [f"# {title}: experience task ({len(results)} seeds, mean ± std)", "",
              "Greedy success on held-out questions (numbers never seen in training) about entities met in earlier "
              "episodes; control: entities no earlier episode met. Frozen policy; the bank was filled by "
              f"{args.episodes} earlier episodes of the same frozen policy (batches of {args.batch}).", "", md, "",
@@ -211,7 +224,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per seed (1: best on a busy box)")
     ap.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes")
     ap.add_argument("--seed-out", default=None, help=argparse.SUPPRESS)  # a --jobs worker: one seed's JSON
+    ap.add_argument("--arm-set", choices=sorted(ARM_SETS), default="a",
+                    help="a: memory at inference vs none (default retrieval and min_score 0); d: lessons vs "
+                         "demonstrations vs both, each with min_score 0")
     args = ap.parse_args()
+    global ARMS, MIN_SCORE, PRIMARY
+    ARMS, MIN_SCORE, PRIMARY = ARM_SETS[args.arm_set]
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     work = Path(args.work)
