@@ -464,6 +464,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.owner._count("errors")
         self._send(status, error_body(message, status, code, param), close=close)
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (bad request line, unsupported method, ...) as one JSON error too."""
+        try:
+            self._error(code, message or explain or "bad request", code="bad_request", close=True)
+        except OSError:
+            pass
+
+    def _drain(self) -> None:
+        """Read and drop a body this endpoint does not use, so the keep-alive connection stays in sync."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if 0 <= length <= self.owner.options.max_body_bytes:
+            if length:
+                self.rfile.read(length)
+        else:
+            self.close_connection = True
+
     def _body(self) -> dict[str, Any] | None:
         """The JSON object body, or None after answering the error."""
         raw_len = self.headers.get("Content-Length")
@@ -512,6 +531,7 @@ class _Handler(BaseHTTPRequestHandler):
                     and not (path.startswith("/v1/episodes/") and path.endswith("/finish")):
                 known = path in ("/v1/models", "/v1/episodes/stats", "/v1/chat/completions", "/v1/completions",
                                  "/v1/episodes/start") or path.endswith("/finish")
+                self._drain()
                 if known:
                     self._error(405, f"{method} is not allowed on {path}", code="method_not_allowed")
                 else:
