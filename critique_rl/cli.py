@@ -138,6 +138,9 @@ def _register_optional() -> None:
     from critique_rl.cli_critic import critic_app  # critique-rl critic train | distill
 
     app.add_typer(critic_app, name="critic")
+    from critique_rl.cli_serve import serve_command  # critique-rl serve CONFIG (train behind an OpenAI API)
+
+    app.command("serve")(serve_command)
 
 
 _register_optional()

@@ -92,8 +92,7 @@ class ServerSource(EpisodeSource):
         self.eval_via = eval_via
         self._ledger: Any = None
         self._ledger_cut = False
-        self._step_ids: list[str] = []
-        self._refine_ids: list[str] = []
+        self._ids: dict[int, str] = {}  # id(trajectory) -> episode id, for the step being played
 
     @staticmethod
     def check_config(cfg: Any, world: int) -> None:
@@ -145,19 +144,21 @@ class ServerSource(EpisodeSource):
     # episodes
     # ------------------------------------------------------------------------------------------------------
     def run(self, generator: Any, tasks: list[dict[str, Any]], n: int, *, greedy: bool = False,
-            contexts: list[str | None] | None = None) -> list[Trajectory]:
+            contexts: list[str | None] | None = None, env_kwargs: dict[str, Any] | None = None) -> list[Trajectory]:
         """Training episodes and refinements: handed out through the hub (blocks until all are finished).
         Greedy (held-out) episodes: in process with ``eval_via="env"``, else through the hub, never trained."""
         if greedy and self.eval_via == "env":
-            return super().run(generator, tasks, n, greedy=True, contexts=contexts)
+            kw = {} if env_kwargs is None else {"env_kwargs": env_kwargs}
+            return super().run(generator, tasks, n, greedy=True, contexts=contexts, **kw)
+        if env_kwargs is not None and env_kwargs != self.env_kwargs:
+            raise ConfigError("phases[].env_kwargs", env_kwargs, "the clients of critique-rl serve run their own "
+                              "env; a phase cannot change its arguments there (set them in your agent loop, and "
+                              "remove env_kwargs from the phase)")
         self.hub.engine = generator
         label = "eval" if greedy else ("refine" if contexts is not None else "train")
         ids: list[str] = []
         trajs = self.hub.play(tasks, n, contexts, greedy=greedy, label=label, ids_out=ids)
-        if label == "train":
-            self._step_ids = ids
-        elif label == "refine":
-            self._refine_ids = ids
+        self._ids.update((id(x), e) for x, e in zip(trajs, ids, strict=True))
         return trajs
 
     def evaluate(self, t: CritiqueGRPOTrainer, generator: Any) -> dict[str, Any]:
@@ -172,7 +173,7 @@ class ServerSource(EpisodeSource):
         if not self._ledger_cut and self._ledger is not None:
             self._ledger.truncate_after_step(t.step)  # resumed: the steps after the checkpoint are trained again
         self._ledger_cut = True
-        self._step_ids, self._refine_ids = [], []
+        self._ids = {}
         return super().collect(timer)
 
     def _memory_update(self, batch: RolloutBatch, crit: EpisodeCritiques | None) -> dict[str, Any]:
@@ -182,8 +183,8 @@ class ServerSource(EpisodeSource):
     def step_metrics(self, batch: RolloutBatch, crit: EpisodeCritiques | None, plan: AdvantagePlan,
                      local: dict[str, Any], selection: dict[str, Any]) -> dict[str, Any]:
         out = super().step_metrics(batch, crit, plan, local, selection)
-        trained = [self._step_ids[i] for i, x in enumerate(batch.episodes) if x.turns]
-        refined = [self._refine_ids[j] for _, _, j in plan.kept] if crit is not None else []
+        trained = [self._ids[id(x)] for x in batch.episodes if x.turns]
+        refined = [self._ids[id(crit.refined[j])] for _, _, j in plan.kept] if crit is not None else []
         self.hub.mark_trained(len(trained) + len(refined))
         st = self.hub.stats()
         out.update({f"serve/{k}": float(st[k]) for k in ("handed_out", "finished", "dropped_timeout",
