@@ -77,9 +77,6 @@ ARMS: dict[str, dict[str, Any]] = {
     "grpo+reference_wrong_unshaped": {**WRONG, "refinement_source": "reference", **UNSHAPED},
     # the same groups with a verdict-only critique: the policy retries knowing only that it was wrong
     "critique_wrong_unshaped_indicative": {**WRONG, **UNSHAPED, "critic": INDICATIVE},
-    # issue 29 item 7: the group baseline over the on-policy samples only (critique_rl/algos/offpolicy_baseline.py);
-    # needs the trainer hook `offpolicy_baseline` (in the f2exp worktree until the lead applies it)
-    "critique_wrong_unshaped_onpolicy_baseline": {**WRONG, **UNSHAPED, "offpolicy_baseline": "onpolicy"},
     # task order on a two-task mix (issue #14; run with --task addition+reverse --set
     # 'tasks={addition: 1, reverse: 1}'): GRPO, all tasks in every batch vs one task after another
     "order_joint": {"critique_on": "none", "task_order": "joint"},
@@ -93,6 +90,17 @@ ARMS: dict[str, dict[str, Any]] = {
                        "reward_kwargs": {"selective_utility": {"reward_right": 1.0, "penalty_wrong": 2.0,
                                                               "abstain_value": 0.0}}},
 }
+
+
+def _config_has(field_name: str) -> bool:
+    from critique_rl.config import TrainConfig
+
+    return field_name in TrainConfig.__dataclass_fields__
+
+
+if _config_has("offpolicy_baseline"):  # issue 29 item 7: the trainer hook (f2exp worktree until the lead applies it)
+    # the group baseline over the on-policy samples only (critique_rl/algos/offpolicy_baseline.py)
+    ARMS["critique_wrong_unshaped_onpolicy_baseline"] = {**WRONG, **UNSHAPED, "offpolicy_baseline": "onpolicy"}
 REPLACED = ("tasks",)
 """Arm keys that replace the base value instead of merging into it (the order of `tasks` is the order trained)."""
 METRICS = ("task/addition/accuracy", "task/reverse/accuracy", "critique/refine_success_rate", "critique/fallbacks",
