@@ -58,9 +58,9 @@ PRIMARY = "both"
 
 ARM_SETS: dict[str, tuple[dict[str, tuple[int, int] | None], dict[str, float | None], str]] = {
     "a": (ARMS, MIN_SCORE, PRIMARY),
-    # (d) lessons vs demonstrations vs both, fixed before its run (seeds 9 10 11): every arm keeps only records
-    # matching a word of the question (min_score 0, the setting evidence (a) supported); the earlier episodes
-    # retrieve like both_matched, so their successes leave demonstrations to retrieve
+    # (d) lessons vs demonstrations vs both, fixed before its run (seeds 6 7 8, sharing memory_rl.py's warm-ups):
+    # every arm keeps only records matching a word of the question (min_score 0, the setting evidence (a)
+    # supported); the earlier episodes retrieve like both_matched, so their successes leave demonstrations
     "d": ({"no_memory": None, "lessons_matched": (0, 3), "demos_matched": (2, 0), "both_matched": (1, 2)},
           {"lessons_matched": 0.0, "demos_matched": 0.0, "both_matched": 0.0}, "both_matched"),
 }
@@ -96,6 +96,14 @@ def accuracy(model: Any, tok: Any, rows: list[dict], contexts: list[str] | None)
 def warm_up(seed: int, args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     """The reading warm-up of one seed: (model, tokenizer, {sft_final_loss, reading_check, sft_seconds}).
     ``args`` needs reading_n, vocab, hidden, layers, heads, sft_steps, sft_batch, sft_lr."""
+    cache = Path(args.warm_cache) / f"seed{seed}.pt" if getattr(args, "warm_cache", None) else None
+    key = {k: getattr(args, k) for k in ("reading_n", "vocab", "hidden", "layers", "heads", "sft_steps", "sft_batch",
+                                         "sft_lr")}
+    if cache is not None and cache.is_file():
+        saved = torch.load(cache, weights_only=False)
+        if saved["key"] == key:
+            print(f"seed {seed}: warm-up loaded from {cache}", file=sys.stderr)
+            return saved["model"], saved["tok"], saved["info"]
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     warm = reading_rows(args.reading_n, seed)
@@ -113,6 +121,9 @@ def warm_up(seed: int, args: argparse.Namespace) -> tuple[Any, Any, dict[str, An
                            "sft_seconds": time.perf_counter() - t0}
     print(f"seed {seed}: warm-up done, loss {out['sft_final_loss']:.3f}, reading check "
           f"{out['reading_check']:.3f} ({out['sft_seconds']:.0f}s)", file=sys.stderr)
+    if cache is not None:  # the same seed and settings give the same warm-up: later benchmarks reuse it
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "model": model, "tok": tok, "info": out}, cache)
     return model, tok, out
 
 
@@ -224,6 +235,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per seed (1: best on a busy box)")
     ap.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes")
     ap.add_argument("--seed-out", default=None, help=argparse.SUPPRESS)  # a --jobs worker: one seed's JSON
+    ap.add_argument("--warm-cache", default=None, help="folder to save / reuse each seed's warm-up (same settings)")
     ap.add_argument("--arm-set", choices=sorted(ARM_SETS), default="a",
                     help="a: memory at inference vs none (default retrieval and min_score 0); d: lessons vs "
                          "demonstrations vs both, each with min_score 0")

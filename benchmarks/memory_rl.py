@@ -272,6 +272,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--warm-cache", default=None, help="folder to save / reuse each seed's warm-up (same settings)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import os
