@@ -142,6 +142,50 @@ def _url(out: Path, proc: subprocess.Popen, timeout: float = 120) -> str:
     raise AssertionError("the server did not start")
 
 
+def test_a_server_stopped_mid_step_resumes_without_training_an_episode_twice(tmp_path):
+    """In process (fast): stop the server while step 2 is being played, then --resume from checkpoint 1."""
+    from critique_rl.cli_serve import ServeRun
+    from critique_rl.config import load_config
+
+    out = tmp_path / "run"
+    cfg_path = tmp_path / "serve.yaml"
+    cfg_path.write_text(yaml.safe_dump({**TINY, "output_dir": str(out), "max_steps": 2}))
+    mod = load_example()
+    run = ServeRun(load_config(cfg_path), port=0)
+    played_step2 = threading.Event()
+    finish = run.hub.finish
+
+    def finish_then_stop(eid, *a, **kw):  # the server goes down while step 2's episodes are being finished
+        res = finish(eid, *a, **kw)
+        if run.hub.policy_version == 1:
+            played_step2.set()
+        return res
+
+    run.hub.finish = finish_then_stop
+    run.start()
+    threads, _ = _loops(mod, run.base_url, workers=2)
+    assert played_step2.wait(240)
+    run.stop()
+    with pytest.raises(Exception, match="shut down"):
+        run.wait(timeout=60)
+    for th in threads:
+        th.join(60)
+    before = _rows(out / "served_episodes.jsonl")
+    assert [r["step"] for r in before] == [1]
+    run = ServeRun(load_config(cfg_path), port=0, resume=True)
+    run.start()
+    threads, _ = _loops(mod, run.base_url, workers=2)
+    summary = run.wait(timeout=240)
+    for th in threads:
+        th.join(60)
+    assert summary["steps"] == 2
+    after = _rows(out / "served_episodes.jsonl")
+    assert [r["step"] for r in after] == [1, 2] and after[0] == before[0]
+    ids = [e for r in after for e in r["episodes"] + r["refinements"]]
+    assert len(ids) == len(set(ids))
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="kill -9")
 def test_kill_9_then_resume_trains_no_episode_twice_and_keeps_the_bank(tmp_path):
     out = tmp_path / "run"
