@@ -73,6 +73,18 @@ class CriticConfig:
     r"""Extra regex for the verdict a `cot` critique ends in, with one capturing group around the verdict word
     (case-insensitive), e.g. `Final grade:\s*(pass|fail)`; tried before the built-in forms `Verdict:
     correct|incorrect` and the Critique-GRPO paper's `Conclusion: right|wrong`. None = the built-in forms."""
+    error_rate: float = 0.0
+    """`backend: noisy` only: share of critiques made wrong on purpose (what a critic's errors cost; see
+    `critique_rl/critics/noisy.py`), in [0, 1]."""
+    error_kind: Literal["verdict", "hint"] = "verdict"
+    """`backend: noisy`: `verdict` flips the verdict; `hint` keeps a wrong answer's verdict but names a wrong fix."""
+    error_check: bool = True
+    """`backend: noisy`: the verifier check (a critique whose verdict the verifier contradicts is drawn again, up
+    to `max_regenerations` times, then replaced by the fallback rule critique); false = verdicts taken as given."""
+    error_inner: str = "rule"
+    """`backend: noisy`: the backend whose critiques get the errors (built from this same section)."""
+    error_seed: int = 0
+    """`backend: noisy`: seed of the error draws."""
 
     def __post_init__(self) -> None:
         if self.verdict_pattern is not None:
@@ -88,6 +100,8 @@ class CriticConfig:
         _positive("critic.timeout_s", self.timeout_s)
         _non_negative("critic.max_retries", self.max_retries)
         _non_negative("critic.max_regenerations", self.max_regenerations)
+        if not 0.0 <= self.error_rate <= 1.0:
+            raise ConfigError("critic.error_rate", self.error_rate, "use a share in [0, 1], e.g. 0.3")
         _positive("critic.max_tokens", self.max_tokens)
         _check_finite(self, "critic.")
         if not 0.0 <= self.max_failure_share <= 1.0:

@@ -164,3 +164,22 @@ def _openai(cfg: CriticConfig, common: dict[str, Any], *, output_dir: str | Path
         reference=cfg.reference,
         **common,
     )
+
+
+@register_critic_backend("noisy")
+def _noisy(cfg: CriticConfig, common: dict[str, Any], *, policy: Any | None, tokenizer: Any | None,
+           output_dir: str | Path | None, **_: Any) -> BaseCritic:
+    """A critic with injected errors (critics/noisy.py): ``error_inner``'s critiques, ``error_rate`` of them wrong."""
+    import dataclasses
+
+    from critique_rl.critics.noisy import NoisyCritic
+
+    if cfg.error_inner in ("noisy", "none") or cfg.error_inner not in CRITIC_BACKENDS:
+        inner_names = [n for n in CRITIC_BACKENDS.names() if n != "noisy"]
+        raise UserError(f"config field 'critic.error_inner' = {cfg.error_inner!r}: choose the critic that gets the "
+                        f"errors, one of {inner_names}")
+    inner_cfg = dataclasses.replace(cfg, backend=cfg.error_inner)
+    inner = CRITIC_BACKENDS[cfg.error_inner](inner_cfg, common, policy=policy, tokenizer=tokenizer,
+                                             output_dir=output_dir)
+    return NoisyCritic(inner, error_rate=cfg.error_rate, error_kind=cfg.error_kind, check=cfg.error_check,
+                       max_regenerations=cfg.max_regenerations, seed=cfg.error_seed, **common)
