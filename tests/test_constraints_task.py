@@ -70,3 +70,9 @@ def test_examples_valid_mistakes_wrong_only_in_parity_and_splits_disjoint() -> N
 @pytest.mark.parametrize("name", ["constraints", "constraints_plateau"])
 def test_registered(name: str) -> None:
     assert get_task(name).name == name
+
+
+def test_template_folder_passes_the_trainers_template_check() -> None:
+    from critique_rl.templates import check_templates
+
+    check_templates(TEMPLATE_DIR)  # the trainer renders every template with sample variables at setup
