@@ -234,3 +234,46 @@ def test_kill_9_then_resume_trains_no_episode_twice_and_keeps_the_bank(tmp_path)
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert con.execute("SELECT COUNT(*) FROM records").fetchone()[0] >= 1
     con.close()
+
+
+def test_framework_style_tool_loop_trains_and_matches_the_builtin_env(tmp_path):
+    """examples/agent_loop_tools_openai.py (tool registry, `tool` result messages) on price_lookup: a step trains on
+    its episodes, and replaying each recorded episode's actions in the built-in env gives the same observations."""
+    from critique_rl.agents.lookup_env import PriceLookupEnv
+    from critique_rl.cli_serve import ServeRun
+    from critique_rl.config import load_config
+
+    spec = importlib.util.spec_from_file_location("agent_loop_tools_openai",
+                                                  ROOT / "examples" / "agent_loop_tools_openai.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = {**TINY, "output_dir": str(tmp_path / "run"), "max_steps": 1, "sft_steps": 10, "use_chat_template": "no",
+           "memory": {"enabled": False},
+           "agent": {"env": "price_lookup", "env_kwargs": {"max_calls": 4}, "max_turns": 4, "max_turn_tokens": 10,
+                     "critique_source": "env"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    run = ServeRun(load_config(tmp_path / "c.yaml"), port=0)
+    seen: list = []
+    src = run.trainer.episodes
+    update_batch = src.update_batch
+    src.update_batch = lambda b, c, p: (seen.append((b, c)), update_batch(b, c, p))[1]
+    run.start()
+    outs: list = [[], []]
+    threads = [threading.Thread(target=lambda i=i: outs.__setitem__(i, mod.play(run.base_url, None)), daemon=True)
+               for i in range(2)]
+    for th in threads:
+        th.start()
+    assert run.wait(timeout=300)["steps"] == 1
+    for th in threads:
+        th.join(30)
+    (batch, crit), = seen
+    trajs = list(batch.episodes) + (list(crit.refined) if crit is not None else [])
+    assert len(batch.episodes) == 8 and any(len(x.turns) > 1 for x in trajs)
+    for x in trajs:
+        env = PriceLookupEnv(max_calls=4)
+        assert env.reset(x.task) == x.turns[0].observation
+        for i, turn in enumerate(x.turns):
+            step = env.step(turn.action_text)
+            if i + 1 < len(x.turns):
+                assert step.observation == x.turns[i + 1].observation
+        assert x.success == bool(step.info.get("success", False))
