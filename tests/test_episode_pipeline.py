@@ -108,9 +108,13 @@ def test_episode_weights_dtype_phases_and_trackers(tmp_path):
 
 
 def test_episode_refusals_name_the_field(tmp_path):
-    for kw, field in (({"pass_rate_filter": {"enabled": True}}, "pass_rate_filter.enabled"),
-                      ({"refinement_source": "reference"}, "refinement_source"),
-                      ({"phases": [{"kind": "rl", "steps": 2, "train_file": "x.jsonl"}]}, r"phases\[0\]")):
+    """What still has no meaning on episodes is refused with the field and the fix (a phase's own data is
+    phases[i].task_kwargs / env_kwargs, tests/test_episode_selection_phases.py)."""
+    for kw, field in (({"refinement_source": "reference"}, "refinement_source"),
+                      ({"phases": [{"kind": "rl", "steps": 2, "train_file": "x.jsonl"}]},
+                       r"phases\[0\]\.train_file.*task_kwargs"),
+                      ({"phases": [{"kind": "sft", "steps": 2}, {"kind": "rl", "steps": 2, "reward_funcs": ["x"]}]},
+                       r"phases\[1\]\.reward_funcs")):
         with pytest.raises(ConfigError, match=field):
             EpisodeTrainer(config(tmp_path, "bad", **kw)).train()
 

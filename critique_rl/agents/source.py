@@ -29,12 +29,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from critique_rl.agents import episode_filters as filters
+from critique_rl.agents.episode_distill import distill_episodes
+from critique_rl.agents.episode_phases import EpisodePhases, EpisodePool
+from critique_rl.agents.episode_seeds import group_rng, seeded, task_seed
 from critique_rl.agents.memory import EpisodeMemory
 from critique_rl.agents.registry import EnvSpec, EpisodeCritic, TranscriptCritic
 from critique_rl.agents.runner import EpisodeLimits, run_episodes
 from critique_rl.agents.trajectory import TINY_CHAT_TEMPLATE, Trajectory, TurnRenderer
 from critique_rl.agents.warmup import sft_pairs
-from critique_rl.algos import aggregate_rewards, apply_gates, sampled_token_advantage
+from critique_rl.algos import aggregate_rewards, apply_gates
 from critique_rl.errors import ConfigError
 from critique_rl.models import build_tiny_model, build_tiny_tokenizer, wants_chat_template
 from critique_rl.train import distributed as dist
@@ -42,7 +46,8 @@ from critique_rl.train.batching import pack
 from critique_rl.train.critique_step import choose_refinements, select_for_critique
 from critique_rl.train.evaluate import EVAL_SEED
 from critique_rl.train.rollout_batch import AdvantagePlan, RolloutBatch
-from critique_rl.train.update import UpdateBatch, score_tokens
+from critique_rl.train.sampler import PromptSampler
+from critique_rl.train.update import UpdateBatch
 
 if TYPE_CHECKING:
     from critique_rl.train.trainer import CritiqueGRPOTrainer
@@ -90,25 +95,17 @@ class EpisodeSource:
     # ------------------------------------------------------------------------------------------------------
     @staticmethod
     def check_config(cfg: Any, world: int) -> None:
-        """What episode training refuses (each with the field and the fix)."""
-        if world > 1 and cfg.memory.enabled:
-            raise ConfigError("memory.enabled", True, "episode memory is read and written by one process; train on "
-                              "episodes with memory in one process, or set memory.enabled: false")
-        for name, on in (("pass_rate_filter.enabled", cfg.pass_rate_filter.enabled),
-                         ("dynamic_sampling.enabled", cfg.dynamic_sampling.enabled),
-                         ("low_variance_filter.enabled", cfg.low_variance_filter.enabled)):
-            if on:
-                raise ConfigError(name, True, "the difficulty filters select single-turn prompts; set it to false "
-                                  "for episode training (agent.env)")
+        """What episode training refuses (each with the field and the fix): what has no meaning on episodes."""
         if cfg.tasks:
             raise ConfigError("tasks", cfg.tasks, "episode training draws tasks from the environment; leave tasks out")
         if cfg.refinement_source == "reference":
             raise ConfigError("refinement_source", "reference", "episodes have no reference answer; use critic")
         for i, ph in enumerate(cfg.phases):
-            if ph.train_file or ph.reward_funcs is not None or ph.reward_weights is not None or ph.tasks:
-                raise ConfigError(f"phases[{i}]", ph.name or ph.kind, "on episodes a phase sets its kind, steps and "
-                                  "learning_rate (the environment gives the data and the reward); remove train_file, "
-                                  "reward_funcs, reward_weights and tasks")
+            for name in ("train_file", "reward_funcs", "reward_weights", "tasks"):
+                if getattr(ph, name) is not None:
+                    raise ConfigError(f"phases[{i}].{name}", getattr(ph, name), "on episodes the environment gives "
+                                      "the data and the reward: a phase sets its own tasks with phases[i].task_kwargs "
+                                      f"and its env with phases[i].env_kwargs; remove {name}")
 
     # ------------------------------------------------------------------------------------------------------
     def setup_data(self, t: CritiqueGRPOTrainer) -> None:
@@ -122,6 +119,8 @@ class EpisodeSource:
         except TypeError as exc:
             raise ConfigError("agent.env_kwargs", {**self.env_kwargs, **self.task_kwargs},
                               f"the env '{self.spec.name}' does not take these arguments ({exc})") from None
+        self.phases = EpisodePhases(self.spec, cfg.schedule(), self.train_tasks, self.env_kwargs, self.task_kwargs,
+                                    cfg.sft_examples, cfg.seed)
 
     def build_tiny(self, t: CritiqueGRPOTrainer) -> tuple[Any, Any]:
         """The tiny policy: its tokenizer learns from rendered warm-up episodes (rendering needs only the
@@ -129,7 +128,10 @@ class EpisodeSource:
         cfg = t.cfg
         probe = build_tiny_tokenizer(["0123456789"], vocab_size=300)
         probe.chat_template = TINY_CHAT_TEMPLATE
-        texts = [p + c for p, c in self._sft_pairs(cfg, TurnRenderer(probe, cfg.use_chat_template != "no"))]
+        probe_renderer = TurnRenderer(probe, cfg.use_chat_template != "no")
+        texts = [p + c for p, c in self._sft_pairs(cfg, probe_renderer)]
+        for pool in self.phases.distinct():  # phases with their own tasks: their episodes are spelled too
+            texts += [p + c for p, c in self._sft_pairs(cfg, probe_renderer, pool)]
         tok = build_tiny_tokenizer(texts[:20000], cfg.tiny_vocab_size)
         tok.chat_template = TINY_CHAT_TEMPLATE
         model = build_tiny_model(tok, cfg.tiny_hidden_size, cfg.tiny_layers, cfg.tiny_heads,
@@ -146,15 +148,29 @@ class EpisodeSource:
             raise ConfigError("agent.max_episode_tokens", max_ep, f"the model has {limit} positions; use <= {limit}")
         self.limits = EpisodeLimits(a.max_turns, a.max_turn_tokens, max_ep)
         self.critic = self._build_critic(t)
-        self.memory = self._build_memory(t, resume_from) if t.is_main or self.bank is not None else None
+        self.memory = self._build_memory(t, resume_from)  # every process reads; the main process writes
+        t._phase_samplers.update(self.phases.samplers())  # the phases' own samplers travel with checkpoints
+        # the pass-rate filter measures episodes (until the trainer asks its rollout source, see HOOKS)
+        t._measure_pass_rates = self.measure_pass_rates
 
-    def _sft_pairs(self, cfg: Any, renderer: TurnRenderer) -> list[tuple[str, str]]:
-        return sft_pairs(self.spec, renderer, self.train_tasks, self.env_kwargs, cfg.agent.max_turns,
+    def _sft_pairs(self, cfg: Any, renderer: TurnRenderer, pool: EpisodePool | None = None) -> list[tuple[str, str]]:
+        pool = pool or self.phases.run
+        return sft_pairs(self.spec, renderer, pool.tasks, pool.env_kwargs, cfg.agent.max_turns,
                          cfg.sft_refine_fraction, cfg.seed, cfg.critic.template_dir)
 
     def sft_pairs(self, cfg: Any) -> list[tuple[str, str]]:
-        """Warm-up pairs: scripted episodes rendered as (first prompt, rest of the episode)."""
-        return self._sft_pairs(cfg, self.renderer)
+        """Warm-up pairs of the current (sft) phase: scripted episodes of its tasks, rendered as (first prompt,
+        rest of the episode)."""
+        return self._sft_pairs(cfg, self.renderer, self._pool()[0])
+
+    def _phase_index(self) -> int:
+        """The schedule phase running now (the trainer counts the phases done; the running one is next)."""
+        return int(getattr(self.t, "_phases_done", 0))
+
+    def _pool(self) -> tuple[EpisodePool, PromptSampler]:
+        """The current phase's tasks and env arguments, and the sampler that draws them."""
+        pool = self.phases.pool(self._phase_index())
+        return pool, pool.sampler if pool.sampler is not None else self.t.sampler
 
     def _build_critic(self, t: CritiqueGRPOTrainer) -> EpisodeCritic | None:
         cfg = t.cfg
@@ -183,10 +199,12 @@ class EpisodeSource:
 
         if self.bank is None:
             bank_path = Path(cfg.memory.bank_path or t.out / "memory.sqlite")
-            if resume_from is not None:
-                MemoryHook.restore(resume_from / "memory.sqlite", bank_path)
-            else:
-                MemoryHook.begin_fresh_run(bank_path, t.out)
+            if t.is_main:  # one process puts the bank file in place before any opens it
+                if resume_from is not None:
+                    MemoryHook.restore(resume_from / "memory.sqlite", bank_path)
+                else:
+                    MemoryHook.begin_fresh_run(bank_path, t.out)
+            t.accelerator.wait_for_everyone()
             self.bank = MemoryBank(bank_path, config=cfg.memory)
         return EpisodeMemory(self.bank, self.spec.name, run_name=t.out.name)
 
@@ -197,12 +215,36 @@ class EpisodeSource:
     # episodes
     # ------------------------------------------------------------------------------------------------------
     def run(self, generator: Any, tasks: list[dict[str, Any]], n: int, *, greedy: bool = False,
-            contexts: list[str | None] | None = None) -> list[Trajectory]:
+            contexts: list[str | None] | None = None, env_kwargs: dict[str, Any] | None = None) -> list[Trajectory]:
+        """``n`` episodes per task (``env_kwargs``: the env's arguments, default the run's)."""
         cfg = self.t.cfg
-        return run_episodes(generator, self.renderer, lambda: self.spec.make_env(**self.env_kwargs), tasks,
+        kw = self.env_kwargs if env_kwargs is None else env_kwargs
+        return run_episodes(generator, self.renderer, lambda: self.spec.make_env(**kw), tasks,
                             n=n, contexts=contexts, limits=self.limits, temperature=cfg.temperature,
                             top_p=cfg.top_p, greedy=greedy, threaded=cfg.agent.threaded_envs,
                             context_fn=self.memory.context_fn if self.memory is not None else None)
+
+    def run_groups(self, generator: Any, tasks: list[dict[str, Any]], n: int, *, keys: list[int], purpose: str,
+                   contexts: list[str | None] | None = None,
+                   env_kwargs: dict[str, Any] | None = None) -> list[Trajectory]:
+        """:meth:`run` for sampled training episodes. ``keys[i]``: task ``i``'s place in the global batch. With
+        ``agent.seed_per_task`` each run of equal consecutive keys is sampled under its own seed (see
+        :mod:`critique_rl.agents.episode_seeds`); else all in one batched run."""
+        cfg = self.t.cfg
+        # env arguments only where a phase changes them (a subclass's run may take the run's env only)
+        kw = {} if env_kwargs is None or env_kwargs == self.env_kwargs else {"env_kwargs": env_kwargs}
+        if not cfg.agent.seed_per_task:
+            return self.run(generator, tasks, n, contexts=contexts, **kw)
+        out: list[Trajectory] = []
+        s = 0
+        while s < len(tasks):
+            e = s + 1
+            while e < len(tasks) and keys[e] == keys[s]:
+                e += 1
+            with seeded(task_seed(cfg.seed, self.t.step, keys[s], purpose)):
+                out += self.run(generator, tasks[s:e], n, contexts=None if contexts is None else contexts[s:e], **kw)
+            s = e
+        return out
 
     def evaluate(self, t: CritiqueGRPOTrainer, generator: Any) -> dict[str, Any]:
         """Greedy episodes on the held-out tasks (memory read, nothing written), each process its share:
@@ -233,15 +275,38 @@ class EpisodeSource:
     # ------------------------------------------------------------------------------------------------------
     # the stages of a step
     # ------------------------------------------------------------------------------------------------------
+    def measure_pass_rates(self) -> dict[str, Any]:
+        """``pass_rate_filter`` on the current phase's tasks (:func:`episode_filters.measure_pass_rates`)."""
+        return filters.measure_pass_rates(self, *self._pool())
+
     def collect(self, timer: Any) -> tuple[RolloutBatch, dict[str, Any]]:
-        """This process's share of the step's tasks, ``n`` episodes each, as a :class:`RolloutBatch`."""
-        t = self.t
-        n = t.cfg.num_generations
-        with timer("generate"):
-            tasks = dist.shard(t.sampler.next_batch(t.cfg.prompts_per_step), t.rank, t.world)
-            trajs = self.run(t.generator, tasks, n)
-        t._selection.samples_total += len(trajs) * t.world
-        return self.episode_batch(trajs, n), {}
+        """This process's share of the step's tasks (the current phase's), ``n`` episodes each, as a
+        :class:`RolloutBatch`; with ``dynamic_sampling`` groups of equal returns are replaced by further draws."""
+        t, cfg = self.t, self.t.cfg
+        n, P = cfg.num_generations, cfg.prompts_per_step
+        pool, sampler = self._pool()
+        info: dict[str, Any] = {}
+        pf = cfg.pass_rate_filter
+        if (pf.enabled and pool.key is not None and t.step > 0 and not (pf.refresh_every and t.step % pf.refresh_every == 0)
+                and t.step == EpisodePhases.start_step(t.phases, self._phase_index())):
+            info = filters.measure_pass_rates(self, pool, sampler)  # an rl phase with its own tasks starts
+        draws = [0]
+
+        def draw() -> RolloutBatch:
+            with timer("generate"):
+                tasks = dist.shard(sampler.next_batch(P), t.rank, t.world)
+                keys = [t.rank * len(tasks) + j for j in range(len(tasks))]
+                trajs = self.run_groups(t.generator, tasks, n, keys=keys, purpose=f"collect{draws[0]}",
+                                        env_kwargs=pool.env_kwargs)
+            draws[0] += 1
+            return self.episode_batch(trajs, n)
+
+        ds = cfg.dynamic_sampling
+        fill = filters.fill_episodes(draw(), draw, ds.max_refill_batches, enabled=ds.enabled)
+        t._selection.samples_total += fill.samples
+        info.update(filters.fill_metrics(fill, t._selection.samples_total, ds.enabled,
+                                         len(sampler.rows) - len(sampler.excluded) if pf.enabled else None))
+        return fill.batch, info
 
     def episode_batch(self, trajs: list[Trajectory], n: int) -> RolloutBatch:
         """Episodes as rows of a :class:`RolloutBatch` (one objective: the episode return)."""
@@ -268,9 +333,12 @@ class EpisodeSource:
         chosen = set(select_for_critique(batch.correct, n, cfg.critique_on)) if mode != cfg.critique_on else set(idx)
         ref_src = [i for i in idx if i in chosen]
         refined = []
-        if ref_src:
-            refined = self.run(self.t.generator, [trajs[i].task for i in ref_src], 1,
-                               contexts=[texts[idx.index(i)] for i in ref_src])
+        if ref_src:  # keyed by the source episode's global group (seed_per_task)
+            G = batch.num_groups
+            refined = self.run_groups(self.t.generator, [trajs[i].task for i in ref_src], 1,
+                                      keys=[self.t.rank * G + i // n for i in ref_src], purpose="refine",
+                                      contexts=[texts[idx.index(i)] for i in ref_src],
+                                      env_kwargs=self._pool()[0].env_kwargs)
         return EpisodeCritiques(idx, texts, sum(c.fallback for c in critiques), ref_src, refined)
 
     def advantages(self, batch: RolloutBatch, crit: EpisodeCritiques | None) -> AdvantagePlan:
@@ -287,7 +355,7 @@ class EpisodeSource:
         if k and crit is not None:
             usable = [j for j, x in enumerate(crit.refined) if x.turns]
             group_of = [crit.ref_src[j] // n for j in usable]
-            chosen = choose_refinements(group_of, [crit.ref_correct[j] for j in usable], k, G, self.t.rng)
+            chosen = self._choose(group_of, [crit.ref_correct[j] for j in usable], k, G)
             for g, js in enumerate(chosen):
                 for slot, jj in enumerate(js):
                     j = usable[jj]
@@ -295,11 +363,32 @@ class EpisodeSource:
                     passed[g, n + slot] = True
                     kept.append((g, n + slot, j))
         mask, groups_kept = apply_gates(torch.ones_like(passed), passed)
+        lv = cfg.low_variance_filter
+        dropped = None
+        if lv.enabled:  # DRO: on the initial episodes' returns, decided over all processes' groups
+            drop, dropped = filters.low_variance_groups(batch.rewards, n, lv.min_std, lv.drop_fraction, self.t.rank)
+            mask = mask & ~drop.unsqueeze(-1)
         adv, diag = aggregate_rewards(cfg.reward_aggregator, R, torch.ones(1), mask,
                                       estimator=cfg.advantage_estimator, w_lambda=cfg.w_lambda,
                                       reward_threshold=cfg.reward_threshold)
         diag["groups_kept"] = groups_kept.float().mean().item()
+        if dropped is not None:
+            diag["low_variance_dropped"] = dropped
         return AdvantagePlan(advantages=adv, mask=mask, kept=kept, diagnostics=diag)
+
+    def _choose(self, group_of: list[int], correct: list[bool], k: int, G: int) -> list[list[int]]:
+        """Refinements per group (Critique-GRPO's choice); with ``seed_per_task`` each group draws from its own
+        RNG (:func:`group_rng`), so the choice does not depend on the process count."""
+        t = self.t
+        if not t.cfg.agent.seed_per_task:
+            return choose_refinements(group_of, correct, k, G, t.rng)
+        chosen = []
+        for g in range(G):
+            js = [j for j, gg in enumerate(group_of) if gg == g]
+            pick = choose_refinements([0] * len(js), [correct[j] for j in js], k, 1,
+                                      group_rng(t.cfg.seed, t.step, t.rank * G + g))[0]
+            chosen.append([js[p] for p in pick])
+        return chosen
 
     def norm_constant(self) -> float:
         return float(self.limits.max_turns * self.limits.max_new_tokens)
@@ -345,54 +434,10 @@ class EpisodeSource:
             ub.sampling_logp[r, : len(lp)] = torch.tensor(lp)
         metrics: dict[str, float] = {}
         if crit is not None and cfg.distill_weight > 0:
-            metrics = self._distill(ub, trajs, rows, crit)
+            metrics = distill_episodes(t, self.renderer, ub, trajs, rows, crit)
         if cfg.kl_beta > 0:
             ub.ref_logp = t._reference_logprobs(ub).cpu()
         return ub, metrics
-
-    def _distill(self, ub: UpdateBatch, trajs: list[Trajectory], rows: list[int],
-                 crit: EpisodeCritiques) -> dict[str, float]:
-        """Directive distillation over action tokens: teacher = the policy (or its EMA copy) with the critique in
-        context, student = the policy under the plain context, both on the student's own episode tokens."""
-        t, cfg = self.t, self.t.cfg
-        pos = {i: r for r, i in enumerate(rows)}
-        pairs = [(pos[i], crit.texts[j]) for j, i in enumerate(crit.idx) if i in pos]
-        if not pairs:
-            return {}
-        sel = [r for r, _ in pairs]
-        teacher_prompts = []
-        for r, text in pairs:
-            x = trajs[rows[r]]
-            ctx = "\n\n".join(c for c in (x.memory_context, text) if c)
-            teacher_prompts.append(self.renderer.first(x.turns[0].observation, ctx))
-        student = ub.tokens.select(torch.tensor(sel))
-        T = ub.tokens.completion_len
-        comp = [trajs[rows[r]].completion_ids() for r in sel]
-        teacher = pack(teacher_prompts, comp, t.tokenizer.pad_token_id)
-        model, dev, ac = t._policy(), t.accelerator.device, t.accelerator.autocast
-        teacher_model = t._ema_teacher.model if t._ema_teacher is not None else model
-        topk = cfg.distill_topk if cfg.distill_mode == "topk_logits" else None
-        t_lp, t_tk_lp, t_tk_idx = score_tokens(teacher_model, teacher.to(dev), cfg.temperature, cfg.mini_batch_size,
-                                               ac, topk=topk)
-        t_lp = t_lp.cpu()
-        s_lp = score_tokens(model, student.to(dev), cfg.temperature, cfg.mini_batch_size, ac)[0].cpu()
-        Tt = min(T, t_lp.shape[1])
-        t_full = torch.zeros(len(sel), T)
-        t_full[:, :Tt] = t_lp[:, :T]
-        m = student.completion_mask.float()  # action tokens only
-        out = {"distill/kl": ((s_lp - t_full) * m).sum().item() / max(1.0, m.sum().item()),
-               "distill/rows": float(len(sel))}
-        if cfg.distill_mode == "sampled_token":
-            ub.advantages[sel] += cfg.distill_weight * sampled_token_advantage(t_full, s_lp) * m
-        else:  # top-K of the teacher at each of the student's positions, for the divergence term of the update
-            N, K = ub.advantages.shape[0], t_tk_lp.shape[-1]
-            ub.teacher_topk_logp = torch.zeros(N, T, K)
-            ub.teacher_topk_idx = torch.zeros(N, T, K, dtype=torch.long)
-            ub.teacher_topk_logp[sel, :Tt] = t_tk_lp[:, :T].cpu()
-            ub.teacher_topk_idx[sel, :Tt] = t_tk_idx[:, :T].cpu()
-            ub.distill_rows = torch.zeros(N, dtype=torch.bool)
-            ub.distill_rows[sel] = True
-        return out
 
     # ------------------------------------------------------------------------------------------------------
     # metrics, rollouts, memory
@@ -428,6 +473,8 @@ class EpisodeSource:
         out.update(local)
         out = dist.merge_metrics(dist.gather_objects(out))
         out.update(selection)
+        if "low_variance_dropped" in plan.diagnostics:  # already counted over all processes
+            out["selection/low_variance_dropped"] = plan.diagnostics["low_variance_dropped"]
         out.update(self._memory_update(batch, crit))
         return out
 

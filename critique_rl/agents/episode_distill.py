@@ -1,0 +1,64 @@
+"""Directive distillation on episodes (``distill_weight > 0``): the teacher sees the episode critique in context,
+the student the plain context; both score the student's own action tokens (observation tokens are masked)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from critique_rl.agents.trajectory import Trajectory, TurnRenderer
+from critique_rl.algos import sampled_token_advantage
+from critique_rl.train.batching import pack
+from critique_rl.train.update import UpdateBatch, score_tokens
+
+if TYPE_CHECKING:
+    from critique_rl.agents.source import EpisodeCritiques
+    from critique_rl.train.trainer import CritiqueGRPOTrainer
+
+
+def distill_episodes(t: CritiqueGRPOTrainer, renderer: TurnRenderer, ub: UpdateBatch, trajs: list[Trajectory],
+                     rows: list[int], crit: EpisodeCritiques) -> dict[str, float]:
+    """Directive distillation over action tokens: teacher = the policy (or its EMA copy) with the critique in
+    context, student = the policy under the plain context, both on the student's own episode tokens (rows ``rows``
+    of ``trajs``, in ``ub``'s order). ``sampled_token`` adds the log-ratio to ``ub.advantages``; ``topk_logits`` sets
+    the teacher's top-K on ``ub``. Returns ``distill/*`` metrics."""
+    cfg = t.cfg
+    pos = {i: r for r, i in enumerate(rows)}
+    pairs = [(pos[i], crit.texts[j]) for j, i in enumerate(crit.idx) if i in pos]
+    if not pairs:
+        return {}
+    sel = [r for r, _ in pairs]
+    teacher_prompts = []
+    for r, text in pairs:
+        x = trajs[rows[r]]
+        ctx = "\n\n".join(c for c in (x.memory_context, text) if c)
+        teacher_prompts.append(renderer.first(x.turns[0].observation, ctx))
+    student = ub.tokens.select(torch.tensor(sel))
+    T = ub.tokens.completion_len
+    comp = [trajs[rows[r]].completion_ids() for r in sel]
+    teacher = pack(teacher_prompts, comp, t.tokenizer.pad_token_id)
+    model, dev, ac = t._policy(), t.accelerator.device, t.accelerator.autocast
+    teacher_model = t._ema_teacher.model if t._ema_teacher is not None else model
+    topk = cfg.distill_topk if cfg.distill_mode == "topk_logits" else None
+    t_lp, t_tk_lp, t_tk_idx = score_tokens(teacher_model, teacher.to(dev), cfg.temperature, cfg.mini_batch_size,
+                                           ac, topk=topk)
+    t_lp = t_lp.cpu()
+    s_lp = score_tokens(model, student.to(dev), cfg.temperature, cfg.mini_batch_size, ac)[0].cpu()
+    Tt = min(T, t_lp.shape[1])
+    t_full = torch.zeros(len(sel), T)
+    t_full[:, :Tt] = t_lp[:, :T]
+    m = student.completion_mask.float()  # action tokens only
+    out = {"distill/kl": ((s_lp - t_full) * m).sum().item() / max(1.0, m.sum().item()),
+           "distill/rows": float(len(sel))}
+    if cfg.distill_mode == "sampled_token":
+        ub.advantages[sel] += cfg.distill_weight * sampled_token_advantage(t_full, s_lp) * m
+    else:  # top-K of the teacher at each of the student's positions, for the divergence term of the update
+        N, K = ub.advantages.shape[0], t_tk_lp.shape[-1]
+        ub.teacher_topk_logp = torch.zeros(N, T, K)
+        ub.teacher_topk_idx = torch.zeros(N, T, K, dtype=torch.long)
+        ub.teacher_topk_logp[sel, :Tt] = t_tk_lp[:, :T].cpu()
+        ub.teacher_topk_idx[sel, :Tt] = t_tk_idx[:, :T].cpu()
+        ub.distill_rows = torch.zeros(N, dtype=torch.bool)
+        ub.distill_rows[sel] = True
+    return out
