@@ -120,6 +120,7 @@ def test_serve_trains_on_concurrent_openai_loops_with_critique_and_memory(tmp_pa
     assert any("Lesson" in (r["context"] or "") or "mistake" in (r["context"] or "").lower() for r in step2), step2[0]
     metrics = [m for m in _rows(out / "metrics.jsonl") if m.get("step") == 2 and "memory/context_rate" in m]
     assert metrics and metrics[0]["memory/context_rate"] > 0
+    assert sum(r.retrieved for r in run.trainer.episodes.bank.list()) >= 1  # credit to what was retrieved
     stats = run.hub.stats()
     assert stats["closed"] and stats["in_flight"] == 0 and stats["trained"] == len(trained)
 

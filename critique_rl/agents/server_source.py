@@ -121,8 +121,8 @@ class ServerSource(EpisodeSource):
             self._ledger = JsonlWriter(t.out / LEDGER)
 
     def _guard_updates(self, t: CritiqueGRPOTrainer) -> None:
-        """The optimizer step under ``hub.engine_lock``, then one policy version more (the trainer's ``_update``
-        wrapped on this instance; see the module docstring for the hook a trainer could call instead)."""
+        """The optimizer step (and an SFT phase) under ``hub.engine_lock``, then one policy version more (the
+        trainer's ``_update`` / ``_run_sft`` wrapped on this instance; a trainer hook could replace this)."""
         update, hub = t._update, self.hub
 
         def guarded(ub: Any, norm_constant: float) -> dict[str, Any]:
@@ -132,6 +132,16 @@ class ServerSource(EpisodeSource):
             return out
 
         t._update = guarded  # type: ignore[method-assign]
+        run_sft = getattr(t, "_run_sft", None)
+        if callable(run_sft):  # a later SFT phase of a schedule changes the weights too
+
+            def guarded_sft(*args: Any, **kwargs: Any) -> Any:
+                with hub.engine_lock:
+                    out = run_sft(*args, **kwargs)
+                hub.bump_version()
+                return out
+
+            t._run_sft = guarded_sft  # type: ignore[method-assign]
 
     def _build_critic(self, t: CritiqueGRPOTrainer) -> EpisodeCritic | None:
         cfg = t.cfg
