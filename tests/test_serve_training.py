@@ -253,7 +253,7 @@ def test_framework_style_tool_loop_trains_and_matches_the_builtin_env(tmp_path):
            "agent": {"env": "price_lookup", "env_kwargs": {"max_calls": 4}, "max_turns": 4, "max_turn_tokens": 10,
                      "critique_source": "env"}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    run = ServeRun(load_config(tmp_path / "c.yaml"), port=0)
+    run = ServeRun(load_config(tmp_path / "c.yaml"), port=0, eval_via="clients")  # held-out episodes: the loop's
     seen: list = []
     src = run.trainer.episodes
     update_batch = src.update_batch
@@ -264,9 +264,14 @@ def test_framework_style_tool_loop_trains_and_matches_the_builtin_env(tmp_path):
                for i in range(2)]
     for th in threads:
         th.start()
-    assert run.wait(timeout=300)["steps"] == 1
+    summary = run.wait(timeout=300)
     for th in threads:
         th.join(30)
+    assert summary["steps"] == 1 and 0.0 <= summary["eval_accuracy_before_rl"] <= 1.0
+    played = [r for o in outs for r in o if "success" in r]
+    (ledger,) = _rows(tmp_path / "run" / "served_episodes.jsonl")
+    trained = set(ledger["episodes"] + ledger["refinements"])
+    assert len(played) >= 8 + 2 * 8 and len(trained) <= len(played) - 2 * 8  # 2 x 8 held-out, never trained
     (batch, crit), = seen
     trajs = list(batch.episodes) + (list(crit.refined) if crit is not None else [])
     assert len(batch.episodes) == 8 and any(len(x.turns) > 1 for x in trajs)
