@@ -189,3 +189,27 @@ def test_32_threads_play_64_episodes_none_lost_or_duplicated():
     assert len(trajs) == 64 and len(set(seen)) == 64
     assert [t.total_reward for t in trajs] == [float(i // 8) for i in range(64)]
     assert sorted(t.turns[0].action_text for t in trajs) == sorted(seen)
+
+
+def test_client_feedback_is_the_critique_and_the_env_critic_fills_in_without_it():
+    from critique_rl.agents.guess import GuessCritic
+    from critique_rl.agents.server_source import NO_FEEDBACK, ClientFeedbackCritic
+
+    hub = EpisodeHub()
+    th, out = _play_in_thread(hub, [{"prompt": "Guess my number from 1 to 8.", "target": 7}], 2)
+    a, b = hub.start(timeout=2), hub.start(timeout=2)
+    for g in (a, b):
+        t = _turn("2")
+        t.observation = "Guess my number from 1 to 8."
+        hub.live(g["episode_id"]).trajectory.turns.append(t)
+    hub.finish(a["episode_id"], 0.0, success=False, feedback="  The number was 7; you never went higher.  ")
+    hub.finish(b["episode_id"], 0.0, success=False)
+    th.join(5)
+    with_fb, without = out["trajs"]
+    crit = ClientFeedbackCritic(GuessCritic())
+    c1, c2 = crit.critique_episodes([with_fb, without])
+    assert c1.text == "The number was 7; you never went higher." and c1.kind == "feedback" and not c1.fallback
+    assert c2.fallback and "is not the middle of 1 to 8" in c2.text
+    assert crit.metrics() == {"critic/feedback_used": 1.0, "critic/feedback_missing": 1.0}
+    (c3,) = ClientFeedbackCritic().critique_episodes([without])
+    assert c3.text == NO_FEEDBACK and c3.fallback
