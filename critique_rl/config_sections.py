@@ -154,10 +154,13 @@ class MemoryConfig:
     """A new lesson whose similarity to an existing one is above this merges into it."""
     abstraction: Literal["rule", "critic"] = "rule"
     """How failures become lessons: rule-based from verifier + critique, or by the critic with lesson.j2."""
-    min_score: float | None = None
-    """Drop retrieved records whose retrieval score is <= this (0.0 drops the records that match no word of the
-    question, which the bank otherwise adds to fill `top_k_*`: on the experience task that noise made the tiny
-    policy copy the wrong record). None keeps every record retrieval packed."""
+    min_score: float | None = 0.0
+    """Drop retrieved records whose retrieval score is <= this. 0.0 (default) drops the records that match no word
+    of the question, which lexical retrieval otherwise adds to fill `top_k_*` (and, with embeddings, records at
+    cosine <= 0). Decided from evidence (a), issue #28: on the experience task, seeds 3-5 with every arm fixed
+    before the run, 3 lessons with min_score 0 gave +34.2 ± 20.0 points of held-out success over no memory
+    (+12.9 / +37.1 / +52.5) while the same lessons with the top-up kept (None) gave +0.0 on every seed: the tiny
+    policy copied the unrelated record. None keeps every record retrieval packed (the behaviour before)."""
     usefulness_weight: float = 0.5
     """Retrieval ranks the 3 x top_k most similar records by similarity / best similarity + this x the record's
     usefulness (smoothed mean lift in [-1, 1]: how much more often the episodes that saw it succeeded than the
