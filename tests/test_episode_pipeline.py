@@ -149,17 +149,46 @@ def test_two_processes_on_episodes_shard_write_once_and_track_one_process(tmp_pa
 
 
 @pytest.mark.vllm
-def test_episodes_with_the_vllm_engine(tmp_path):
-    """``rollout_backend: vllm`` on episodes: contexts go to the engine as token ids (``generate_ids``), the
-    engine's log-probs reach the update (TIS applies: the engine samples separately), weights sync each step."""
+def test_episodes_with_the_vllm_engine(tmp_path, monkeypatch):
+    """``rollout_backend: vllm`` on episodes: contexts go to the engine as token ids (``generate_ids``: a later turn's
+    context extends the earlier one, never re-tokenized), the engine's log-probs of the action tokens equal the
+    trainer's (float32 on CPU), weights sync each step, and the episode-side features run on the engine: the
+    pass-rate filter and dynamic sampling, a phase with its own tasks, and ``seed_per_task`` (the same key samples
+    the same episodes from the engine)."""
     pytest.importorskip("vllm")
     from critique_rl.rollout import engine_is_separate
+    from critique_rl.rollout.vllm import VLLMGenerator
 
-    cfg = config(tmp_path, rollout_backend="vllm", tis_cap=2.0, critique_on="wrong",
-                 vllm={"enforce_eager": True, "kv_cache_gb": 0.25})
+    contexts: list[list[list[int]]] = []
+    real = VLLMGenerator.generate_ids
+
+    def spy(self, prompt_ids, params):
+        contexts.append([list(p) for p in prompt_ids])
+        return real(self, prompt_ids, params)
+
+    monkeypatch.setattr(VLLMGenerator, "generate_ids", spy)
+    cfg = config(tmp_path, rollout_backend="vllm", tis_cap=2.0, critique_on="wrong", sft_steps=30,
+                 vllm={"enforce_eager": True, "kv_cache_gb": 0.25}, agent={**AGENT, "seed_per_task": True},
+                 phases=[{"kind": "sft", "steps": 30}, {"kind": "rl", "steps": 1},
+                         {"kind": "rl", "steps": 1, "task_kwargs": {"lo": 2, "hi": 6}}],
+                 pass_rate_filter={"enabled": True, "samples": 2, "max_prompts": 4, "too_easy_at_least": None},
+                 dynamic_sampling={"enabled": True, "max_refill_batches": 1})
     tr = EpisodeTrainer(cfg)
     tr.train()
-    assert engine_is_separate(tr.generator) and hasattr(tr.generator, "generate_ids")
+    assert engine_is_separate(tr.generator) and isinstance(tr.generator, VLLMGenerator)
     assert tr.generator.syncs >= 1 + cfg.max_steps
     steps = _rl(tmp_path / "run")
-    assert [r["step"] for r in steps] == [1, 2] and all("mismatch/tis_weight" in r for r in steps)
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert "mismatch/tis_weight" in r and r["mismatch/abs_log_ratio"] < 1e-3  # same weights: engine ~= trainer
+        assert r["episode/mean_turns"] > 1 and "selection/samples" in r
+    assert read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]["selection/pass_rate_measured"] == 4
+    assert steps[1]["selection/pass_rate_measured"] == 4  # the phase's own tasks measured as it starts
+    # multi-turn: some call's context is an earlier call's context plus its action and the observation
+    flat = [c for call in contexts for c in call]
+    assert any(len(b) > len(a) and b[: len(a)] == a for a in flat[:40] for b in flat[:200])
+    src = tr.episodes
+    task = src.train_tasks[0]
+    one = src.run_groups(tr.generator, [task], 2, keys=[3], purpose="t")
+    two = src.run_groups(tr.generator, [src.train_tasks[1], task], 2, keys=[2, 3], purpose="t")
+    assert [x.completion_ids() for x in one] == [x.completion_ids() for x in two[2:]]
