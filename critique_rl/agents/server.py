@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -80,8 +81,12 @@ class ServeOptions:
     """Name of an environment variable holding the bearer token every request must send (None: no token)."""
     max_batch: int = 32
     """Most calls generated in one engine call."""
-    batch_wait_ms: float = 5.0
-    """How long the engine thread waits for more calls after the first one of a batch arrives."""
+    batch_wait_ms: float = 10.0
+    """Longest the engine thread waits for more calls after the first one of a batch arrives (a batch runs at
+    once when every episode in flight already has its call in it)."""
+    batch_wait_fraction: float = 0.1
+    """... or up to this fraction of the last engine call's time when that is longer (a slow engine waits longer
+    for stragglers: merging them saves a whole engine call; waiting costs at most this fraction)."""
     max_tokens: int | None = None
     """Per-call cap on ``max_tokens`` for plain (unrecorded) calls; None: the episode limit (``max_new_tokens``)."""
     max_temperature: float = 2.0
@@ -98,6 +103,8 @@ class ServeOptions:
             raise UserError(f"serve max_batch = {self.max_batch}: use >= 1")
         if self.batch_wait_ms < 0:
             raise UserError(f"serve batch_wait_ms = {self.batch_wait_ms}: use >= 0")
+        if not 0 <= self.batch_wait_fraction <= 1:
+            raise UserError(f"serve batch_wait_fraction = {self.batch_wait_fraction}: use a fraction from 0 to 1")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise UserError(f"serve max_tokens = {self.max_tokens}: use >= 1 or leave unset")
 
@@ -116,19 +123,29 @@ class _Job:
 
 
 class EngineBatcher:
-    """One thread that generates the waiting calls together: after the first call of a batch it waits up to
-    ``wait_s`` for more (at most ``max_batch``), then runs one engine call per distinct sampling setting, holding
-    ``hub.engine_lock``. Calls arriving meanwhile form the next batch."""
+    """One thread that generates the waiting calls together, then runs one engine call per distinct sampling
+    setting, holding ``hub.engine_lock``; calls arriving meanwhile form the next batch.
 
-    def __init__(self, hub: Any, max_batch: int, wait_s: float, record: bool = False) -> None:
+    When to run a batch: at once when no other call can join it (every episode in flight has its call waiting,
+    so a lock-step wave of agents becomes one engine call), else after at most ``max(wait_s, wait_fraction *
+    the last engine call's seconds)`` since its first call, or at ``max_batch`` calls."""
+
+    def __init__(self, hub: Any, max_batch: int, wait_s: float, record: bool = False,
+                 wait_fraction: float = 0.0) -> None:
         self.hub = hub
         self.max_batch = max_batch
         self.wait_s = wait_s
+        self.wait_fraction = wait_fraction
+        self.last_engine_s = 0.0
         self.batches: list[tuple[list[list[int]], SamplingParams]] | None = [] if record else None
         self.engine_calls = 0
         self.rows = 0
         self.engine_s = 0.0
         self.generated_tokens = 0
+        self.pending = 0
+        """Requests in progress that may still add a call to this batch: chat calls not yet queued, start calls
+        while there are episodes to hand out, finish calls (their agent comes back with the next episode)."""
+        self.count_lock = threading.Lock()
         self._q: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="policy-engine", daemon=True)
         self._thread.start()
@@ -147,24 +164,43 @@ class EngineBatcher:
         self._q.put(None)
         self._thread.join(timeout=30)
 
+    def _nobody_else(self, batch_len: int) -> bool:
+        """Whether every episode in flight already has its call in this batch (no one else could join)."""
+        try:
+            in_flight = int(self.hub.stats()["in_flight"])
+        except Exception:  # a hub without stats: fall back to the time window
+            return False
+        return in_flight <= batch_len and self.pending == 0 and self._q.empty()
+
     def _loop(self) -> None:
         while True:
             job = self._q.get()
             if job is None:
                 return
             batch = [job]
-            deadline = time.monotonic() + self.wait_s
+            deadline = time.monotonic() + max(self.wait_s, self.wait_fraction * self.last_engine_s)
             stop = False
             while len(batch) < self.max_batch:
                 left = deadline - time.monotonic()
-                try:
-                    nxt = self._q.get(timeout=left) if left > 0 else self._q.get_nowait()
-                except queue.Empty:
+                if left <= 0 or self._nobody_else(len(batch)):
                     break
+                try:
+                    nxt = self._q.get(timeout=min(left, 0.002))
+                except queue.Empty:
+                    continue
                 if nxt is None:
                     stop = True
                     break
                 batch.append(nxt)
+            while len(batch) < self.max_batch and not stop:  # whatever is already queued joins
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                else:
+                    batch.append(nxt)
             self._run(batch)
             if stop:
                 return
@@ -184,7 +220,8 @@ class EngineBatcher:
                 with self.hub.engine_lock:
                     t0 = time.perf_counter()
                     outs = generate_from_ids(engine, tokenizer, ids, params)
-                    self.engine_s += time.perf_counter() - t0
+                    self.last_engine_s = time.perf_counter() - t0
+                    self.engine_s += self.last_engine_s
                 if len(outs) != len(jobs):
                     raise RuntimeError(f"the engine returned {len(outs)} results for {len(jobs)} prompts")
                 self.engine_calls += 1
@@ -234,9 +271,9 @@ class PolicyServer:
             owner = server
 
         o = self.options
-        self._httpd = ThreadingHTTPServer((o.host, o.port), Handler)
-        self._httpd.daemon_threads = True
-        self.batcher = EngineBatcher(self.hub, o.max_batch, o.batch_wait_ms / 1000.0, record=o.record_batches)
+        self._httpd = _HTTPServer((o.host, o.port), Handler)
+        self.batcher = EngineBatcher(self.hub, o.max_batch, o.batch_wait_ms / 1000.0, record=o.record_batches,
+                                     wait_fraction=o.batch_wait_fraction)
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
                                         name="policy-http", daemon=True)
         self._thread.start()
@@ -269,6 +306,11 @@ class PolicyServer:
     @property
     def base_url(self) -> str:
         return f"http://{self.options.host}:{self.port}/v1"
+
+    def pending(self, delta: int) -> None:
+        if self.batcher is not None:
+            with self.batcher.count_lock:
+                self.batcher.pending += delta
 
     def _count(self, key: str) -> None:
         with self._count_lock:
@@ -306,8 +348,26 @@ class PolicyServer:
         limit = int(self.hub.limits.max_new_tokens)
         return limit if episode or self.options.max_tokens is None else int(self.options.max_tokens)
 
-    def chat(self, body: dict[str, Any], episode_id: str | None) -> tuple[PreparedCall, Completion, Any]:
-        """Validate, prepare (record rule), generate and record one chat call."""
+    def chat(self, body: dict[str, Any], episode_id: str | None,
+             on_submit: Any = None) -> tuple[PreparedCall, Completion, Any]:
+        """Validate, prepare (record rule), generate and record one chat call; ``on_submit()`` runs when the call
+        is queued for the engine."""
+        assert self.batcher is not None
+        prepared, params = self._prepare(body, episode_id)
+        if on_submit is not None:
+            on_submit()
+        try:
+            completion = self.batcher.submit(prepared.prompt_ids, params)
+        except BaseException:
+            release_call(prepared)
+            raise
+        turn = record_call(prepared, completion)
+        if episode_id is not None:
+            self.hub.touch(episode_id)
+            self._count("recorded_calls")
+        return prepared, completion, turn
+
+    def _prepare(self, body: dict[str, Any], episode_id: str | None) -> tuple[PreparedCall, SamplingParams]:
         self._engine_ready()
         _check_request(body)
         messages = normalize_messages(body.get("messages"))
@@ -330,17 +390,7 @@ class PolicyServer:
             _check_length(hub.limits, len(ids), max_new)
             prepared = PreparedCall(None, ids, observation_of(messages), ids, messages, max_new)
             params = self._plain_params(body, max_new)
-        assert self.batcher is not None
-        try:
-            completion = self.batcher.submit(prepared.prompt_ids, params)
-        except BaseException:
-            release_call(prepared)
-            raise
-        turn = record_call(prepared, completion)
-        if episode_id is not None:
-            hub.touch(episode_id)
-            self._count("recorded_calls")
-        return prepared, completion, turn
+        return prepared, params
 
     def complete(self, body: dict[str, Any]) -> tuple[list[int], Completion, SamplingParams]:
         self._engine_ready()
@@ -427,6 +477,11 @@ def episode_id_of(headers: Any, body: dict[str, Any]) -> str | None:
 
 # ---- HTTP ----------------------------------------------------------------------------------------------------
 
+class _HTTPServer(ThreadingHTTPServer):
+    request_queue_size = 128  # many agents connect at once (the default backlog of 5 drops connections)
+    daemon_threads = True
+
+
 _ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 409: "conflict_error", 410: "gone",
                 413: "invalid_request_error", 503: "server_unavailable"}
 
@@ -444,6 +499,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # no access log (bodies and headers stay private)
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        try:  # headers and body are separate writes: no Nagle delay between them
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
 
     # -- plumbing ----------------------------------------------------------------------------------------------
     def _send(self, status: int, payload: dict[str, Any] | None, close: bool = False) -> None:
@@ -537,17 +599,23 @@ class _Handler(BaseHTTPRequestHandler):
                 else:
                     self._error(404, f"no endpoint {path}", code="not_found")
             else:
-                body = self._body()
-                if body is None:
-                    return
-                if path == "/v1/chat/completions":
-                    self._chat(body)
-                elif path == "/v1/completions":
-                    self._complete(body)
-                elif path == "/v1/episodes/start":
-                    self._start(body)
-                else:
-                    self._finish(path[len("/v1/episodes/"):-len("/finish")], body)
+                self._pending = path in ("/v1/chat/completions", "/v1/episodes/start") or path.endswith("/finish")
+                if self._pending:
+                    owner.pending(1)
+                try:
+                    body = self._body()
+                    if body is None:
+                        return
+                    if path == "/v1/chat/completions":
+                        self._chat(body)
+                    elif path == "/v1/completions":
+                        self._complete(body)
+                    elif path == "/v1/episodes/start":
+                        self._start(body)
+                    else:
+                        self._finish(path[len("/v1/episodes/"):-len("/finish")], body)
+                finally:
+                    self._submitted()
         except RequestError as exc:
             self._error(exc.status, exc.message, exc.code, exc.param)
         except EpisodeError as exc:
@@ -561,6 +629,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(500, f"server error: {type(exc).__name__}: {str(exc)[:300]}", code="server_error")
             except OSError:
                 pass
+
+    _pending = False
+
+    def _submitted(self) -> None:
+        """This request can no longer add a call to the batch being collected."""
+        if self._pending:
+            self._pending = False
+            self.owner.pending(-1)
 
     def do_GET(self) -> None:  # noqa: N802 (http.server naming)
         self._route("GET")
@@ -582,7 +658,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(stream, bool):
             raise RequestError(f"stream = {stream!r}: use true or false", param="stream")
         episode_id = episode_id_of(self.headers, body)
-        prepared, c, turn = owner.chat(body, episode_id)
+        prepared, c, turn = owner.chat(body, episode_id, on_submit=self._submitted)
         model = owner.hub.model_name
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         finish_reason = "stop" if c.finished else "length"
@@ -644,6 +720,8 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.owner.hub
         if hub.closed:
             raise RequestError("training has ended: no more episodes are handed out", status=410, code="hub_closed")
+        if not hub.stats().get("queued", 1):
+            self._submitted()  # nothing to hand out now: this agent adds no call to the batch being collected
         got = hub.start(timeout=min(float(timeout), cap))
         if got is None and hub.closed:
             raise RequestError("training has ended: no more episodes are handed out", status=410, code="hub_closed")

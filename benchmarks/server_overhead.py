@@ -1,0 +1,219 @@
+"""What the policy server (``critique_rl.agents.server``) adds to the engine's own generation time.
+
+One run per model size:
+
+1. **Through the server.** 16 agent loops (threads in a separate client process, stdlib HTTP keep-alive
+   connections) play guess-the-number episodes against ``PolicyServer`` on 127.0.0.1: ``POST
+   /v1/episodes/start``, one ``/v1/chat/completions`` call per turn (the whole history each time), ``finish``.
+   The server batches the concurrent calls into engine calls and records every batch it ran (prompt ids +
+   sampling settings). Timed: wall clock from the first handout to the last finish.
+2. **Direct.** The same engine is called directly on exactly those batches (same prompts, same batch
+   composition, same order), timed with nothing else running in the process.
+
+Overhead = server wall / direct engine time - 1: everything the server adds per call (HTTP, JSON, history
+check, rendering, batching waits, the client loop and env in between) relative to the engine's own time on the
+same work. Target (issue 27): <= 10% at 16 concurrent clients. Episodes are greedy so both sides generate the
+same tokens. Timings on a shared machine are noisy: the load average (``uptime``) is printed with them.
+
+Usage: python benchmarks/server_overhead.py [--sizes tiny larger] [--episodes-per-client 3] [--max-new-tokens 16]
+Writes benchmarks/results/server_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing as mp
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from critique_rl.agents.episode_hub import EpisodeHub  # noqa: E402
+from critique_rl.agents.guess import GuessNumberEnv, make_tasks  # noqa: E402
+from critique_rl.agents.runner import EpisodeLimits, generate_from_ids  # noqa: E402
+from critique_rl.agents.server import PolicyServer, ServeOptions  # noqa: E402
+from critique_rl.agents.trajectory import TINY_CHAT_TEMPLATE, TurnRenderer  # noqa: E402
+from critique_rl.models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from critique_rl.rollout.base import SamplingParams  # noqa: E402
+from critique_rl.rollout.hf import HFGenerator  # noqa: E402
+
+SIZES = {  # in-repo Llama models built from scratch (no download)
+    "tiny": dict(hidden_size=64, layers=1, heads=2),        # the tests' model
+    "larger": dict(hidden_size=256, layers=4, heads=4),     # ~16x the compute per token
+}
+TEXTS = (["U: Guess my number from 1 to 16.\nA: 4<|eos|>\nU: Higher. It is from 5 to 16.\nA: 8<|eos|>\n"] * 30
+         + ["Lower. Correct! Say one number. Out of guesses. It was 12."] * 10)
+
+
+# ---- the client process ----------------------------------------------------------------------------------------
+
+def _post(conn: http.client.HTTPConnection, path: str, body: dict, headers: dict | None = None) -> tuple[int, Any]:
+    conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    raw = resp.read()
+    return resp.status, (json.loads(raw) if raw else None)
+
+
+def _agent(port: int, max_tokens: int, out: list, barrier: threading.Barrier) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    barrier.wait()
+    calls = 0
+    while True:
+        status, ep = _post(conn, "/v1/episodes/start", {"timeout": 2})
+        if status != 200:
+            break
+        env = GuessNumberEnv()
+        messages = [{"role": "user", "content": env.reset(ep["task"])}]
+        ret, success = 0.0, False
+        for _ in range(4):
+            status, reply = _post(conn, "/v1/chat/completions",
+                                  {"model": "policy", "messages": messages, "max_tokens": max_tokens},
+                                  {"X-Episode-Id": ep["episode_id"]})
+            if status != 200:
+                raise RuntimeError(f"chat call failed: {status} {reply}")
+            calls += 1
+            action = reply["choices"][0]["message"]["content"]
+            messages.append({"role": "assistant", "content": action})
+            step = env.step(action)
+            ret += step.reward
+            if step.done:
+                success = bool(step.info.get("success"))
+                break
+            messages.append({"role": "user", "content": step.observation})
+        _post(conn, f"/v1/episodes/{ep['episode_id']}/finish", {"reward": ret, "success": success})
+    out.append(calls)
+
+
+def client_process(port: int, clients: int, max_tokens: int, queue: Any) -> None:
+    """``clients`` agent threads; puts (calls, wall seconds) on ``queue``."""
+    out: list[int] = []
+    barrier = threading.Barrier(clients + 1)
+    threads = [threading.Thread(target=_agent, args=(port, max_tokens, out, barrier)) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    queue.put((sum(out), time.perf_counter() - t0))
+
+
+# ---- one measurement -------------------------------------------------------------------------------------------
+
+def build(size: str, max_new_tokens: int) -> tuple[EpisodeHub, Any]:
+    tok = build_tiny_tokenizer(TEXTS, vocab_size=300)
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    model = build_tiny_model(tok, max_positions=512, seed=3, **SIZES[size])
+    engine = HFGenerator(model, tok)
+    hub = EpisodeHub(idle_timeout=600)
+    hub.engine, hub.tokenizer, hub.renderer = engine, tok, TurnRenderer(tok, use_chat=True)
+    hub.limits = EpisodeLimits(max_turns=4, max_new_tokens=max_new_tokens)
+    return hub, model
+
+
+def replay(hub: EpisodeHub, batches: list[tuple[list[list[int]], SamplingParams]]) -> tuple[float, int]:
+    """The same engine calls, directly: (seconds, generated tokens)."""
+    t0, tokens = time.perf_counter(), 0
+    for ids, params in batches:
+        outs = generate_from_ids(hub.engine, hub.tokenizer, ids, params)
+        tokens += sum(len(g[0].token_ids) for g in outs)
+    return time.perf_counter() - t0, tokens
+
+
+def measure(size: str, clients: int, episodes_per_client: int, max_new_tokens: int, wait_ms: float) -> dict[str, Any]:
+    hub, model = build(size, max_new_tokens)
+    params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
+    warm = [hub.renderer.first("Guess my number from 1 to 16.")] * clients
+    for _ in range(3):  # warm-up (first calls allocate)
+        generate_from_ids(hub.engine, hub.tokenizer, warm, params)
+    tasks = make_tasks("overhead", clients * episodes_per_client, seed=0)
+    results: list = []
+    player = threading.Thread(target=lambda: results.extend(hub.play(tasks, 1, greedy=True, poll_s=0.05)))
+    player.start()
+    server = PolicyServer(hub, ServeOptions(port=0, max_batch=clients, batch_wait_ms=wait_ms, record_batches=True))
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    with server:
+        proc = ctx.Process(target=client_process, args=(server.port, clients, max_new_tokens, q))
+        proc.start()
+        calls, server_wall = q.get(timeout=1800)
+        proc.join(timeout=60)
+        player.join(timeout=60)
+        stats = server.stats()["server"]
+    hub.close()
+    batches = server.batcher.batches if server.batcher is not None else []
+    assert batches is not None and len(results) == len(tasks)
+    direct_s, direct_tokens = replay(hub, batches)
+    gen_tokens = stats["generated_tokens"]
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    return {
+        "size": size, "params_m": round(params_m, 2), "clients": clients, "episodes": len(tasks), "calls": calls,
+        "engine_calls": len(batches), "mean_batch": round(calls / max(1, len(batches)), 2),
+        "max_new_tokens": max_new_tokens, "batch_wait_ms": wait_ms,
+        "server_wall_s": round(server_wall, 3), "server_engine_s": round(stats["engine_s"], 3),
+        "direct_engine_s": round(direct_s, 3), "generated_tokens": gen_tokens, "direct_tokens": direct_tokens,
+        "server_calls_per_s": round(calls / server_wall, 1), "direct_calls_per_s": round(calls / direct_s, 1),
+        "server_tokens_per_s": round(gen_tokens / server_wall, 1),
+        "direct_tokens_per_s": round(direct_tokens / direct_s, 1),
+        "overhead": round(server_wall / direct_s - 1, 4),
+        "batch_sizes": [len(ids) for ids, _ in batches],
+        "server_ms_per_call": round(1000 * server_wall / calls, 2),
+        "direct_ms_per_call": round(1000 * direct_s / calls, 2),
+    }
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "n/a"
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", nargs="+", default=["tiny", "larger"], choices=sorted(SIZES))
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--episodes-per-client", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--batch-wait-ms", type=float, default=10.0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "server_overhead.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for size in args.sizes:
+        before = uptime()
+        row = measure(size, args.clients, args.episodes_per_client, args.max_new_tokens, args.batch_wait_ms)
+        row["uptime_before"], row["uptime_after"] = before, uptime()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| model | params | calls | engine calls (mean batch) | server calls/s | direct calls/s | server tok/s | "
+          "direct tok/s | ms/call server / direct | overhead |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['size']} | {r['params_m']}M | {r['calls']} | {r['engine_calls']} ({r['mean_batch']}) | "
+              f"{r['server_calls_per_s']} | {r['direct_calls_per_s']} | {r['server_tokens_per_s']} | "
+              f"{r['direct_tokens_per_s']} | {r['server_ms_per_call']} / {r['direct_ms_per_call']} | "
+              f"{100 * r['overhead']:+.1f}% |")
+    for r in rows:
+        print(f"{r['size']}: load {r['uptime_before'].split('load average:')[-1].strip()} (before), "
+              f"{r['uptime_after'].split('load average:')[-1].strip()} (after)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows, "machine": platform.platform(), "cpus": os.cpu_count(),
+                               "torch_threads": args.threads}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
