@@ -1,0 +1,145 @@
+"""The policy server's engine thread: concurrent chat calls generated together (dynamic batching).
+
+One thread takes the calls waiting and runs one engine call per distinct sampling setting, holding the hub's
+``engine_lock`` (the trainer holds it during optimizer steps). A batch runs at once when no other call can join it
+(every episode in flight has its call in it, no chat/start/finish request is still on its way), else after at
+most ``max(wait_s, wait_fraction * the last engine call's seconds)``, or at ``max_batch`` calls.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any
+
+from critique_rl.agents.runner import generate_from_ids
+from critique_rl.rollout.base import Completion, SamplingParams
+
+
+class _Job:
+    __slots__ = ("done", "error", "ids", "params", "result")
+
+    def __init__(self, ids: list[int], params: SamplingParams) -> None:
+        self.ids = ids
+        self.params = params
+        self.done = threading.Event()
+        self.result: Completion | None = None
+        self.error: BaseException | None = None
+
+
+class EngineBatcher:
+    """One thread that generates the waiting calls together, then runs one engine call per distinct sampling
+    setting, holding ``hub.engine_lock``; calls arriving meanwhile form the next batch.
+
+    When to run a batch: at once when no other call can join it (every episode in flight has its call waiting,
+    so a lock-step wave of agents becomes one engine call), else after at most ``max(wait_s, wait_fraction *
+    the last engine call's seconds)`` since its first call, or at ``max_batch`` calls."""
+
+    def __init__(self, hub: Any, max_batch: int, wait_s: float, record: bool = False,
+                 wait_fraction: float = 0.0) -> None:
+        self.hub = hub
+        self.max_batch = max_batch
+        self.wait_s = wait_s
+        self.wait_fraction = wait_fraction
+        self.last_engine_s = 0.0
+        self.batches: list[tuple[list[list[int]], SamplingParams]] | None = [] if record else None
+        self.engine_calls = 0
+        self.rows = 0
+        self.engine_s = 0.0
+        self.generated_tokens = 0
+        self.pending = 0
+        """Requests in progress that may still add a call to this batch: chat calls not yet queued, start calls
+        while there are episodes to hand out, finish calls (their agent comes back with the next episode)."""
+        self.count_lock = threading.Lock()
+        self._q: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="policy-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, ids: list[int], params: SamplingParams) -> Completion:
+        """Generate one completion for ``ids`` (blocks until its batch ran); the engine's error is re-raised."""
+        job = _Job(ids, params)
+        self._q.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=30)
+
+    def _nobody_else(self, batch_len: int) -> bool:
+        """Whether every episode in flight already has its call in this batch (no one else could join)."""
+        try:
+            in_flight = int(self.hub.stats()["in_flight"])
+        except Exception:  # a hub without stats: fall back to the time window
+            return False
+        return in_flight <= batch_len and self.pending == 0 and self._q.empty()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            batch = [job]
+            deadline = time.monotonic() + max(self.wait_s, self.wait_fraction * self.last_engine_s)
+            stop = False
+            while len(batch) < self.max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._nobody_else(len(batch)):
+                    break
+                try:
+                    nxt = self._q.get(timeout=min(left, 0.002))
+                except queue.Empty:
+                    continue
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            while len(batch) < self.max_batch and not stop:  # whatever is already queued joins
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                else:
+                    batch.append(nxt)
+            self._run(batch)
+            if stop:
+                return
+
+    def _run(self, batch: list[_Job]) -> None:
+        groups: dict[tuple, list[_Job]] = {}
+        for j in batch:
+            p = j.params
+            groups.setdefault((p.temperature, p.top_p, p.max_new_tokens, p.greedy, p.n), []).append(j)
+        for jobs in groups.values():
+            params = jobs[0].params
+            ids = [j.ids for j in jobs]
+            try:
+                engine, tokenizer = self.hub.engine, self.hub.tokenizer
+                if engine is None:
+                    raise RuntimeError("the policy engine is not loaded yet")
+                with self.hub.engine_lock:
+                    t0 = time.perf_counter()
+                    outs = generate_from_ids(engine, tokenizer, ids, params)
+                    self.last_engine_s = time.perf_counter() - t0
+                    self.engine_s += self.last_engine_s
+                if len(outs) != len(jobs):
+                    raise RuntimeError(f"the engine returned {len(outs)} results for {len(jobs)} prompts")
+                self.engine_calls += 1
+                self.rows += len(jobs)
+                if self.batches is not None:
+                    self.batches.append((ids, params))
+                for j, group in zip(jobs, outs, strict=True):
+                    j.result = group[0]
+                    self.generated_tokens += len(group[0].token_ids)
+            except Exception as exc:  # every caller of the failed engine call gets the error
+                for j in jobs:
+                    j.error = exc
+            finally:
+                for j in jobs:
+                    j.done.set()
