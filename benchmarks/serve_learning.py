@@ -89,16 +89,19 @@ def run_serve(work: Path, seed: int) -> dict[str, Any]:
             raise RuntimeError(f"serve seed {seed}: {server.stdout.read()[-2000:]}")
         time.sleep(0.2)
     url = json.loads((out / "serve.json").read_text())["base_url"]
+    loop_log = (out / "loop.log").open("w")  # a file, not a pipe: the loop prints a line per episode
     loop = subprocess.Popen(["nice", "-n", "10", sys.executable, str(ROOT / "examples" / "agent_loop_openai.py"),
                              "--base-url", url, "--max-turns", "3", "--workers", str(WORKERS), "--episodes", "0"],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=_env(), stdout=loop_log, stderr=subprocess.STDOUT, text=True)
     try:
         server_out, _ = server.communicate(timeout=3600)
     finally:
         if server.poll() is None:
             server.kill()
     wall = time.perf_counter() - t0
-    loop_out, _ = loop.communicate(timeout=120)
+    loop.wait(timeout=120)
+    loop_log.close()
+    loop_out = (out / "loop.log").read_text()
     if server.returncode:
         raise RuntimeError(f"serve seed {seed}: {server_out[-2000:]}")
     s = _summary(out)
