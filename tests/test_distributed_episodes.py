@@ -9,6 +9,9 @@ gradient all-reduce and of micro-batches of 4 instead of 8 rows):
 - every RL step's episode metrics (success, returns, turns, critiques, refinements, memory) exactly;
 - the loss within ``LOSS_ATOL`` and every parameter's sum within ``WEIGHT_RTOL`` (relative) after training;
 - the memory bank, record by record (kind, text, payload without episode ids, tags, counters, step), exactly.
+
+And a 2-process run stopped after step 2 and resumed (``--resume``: the main process puts the checkpoint's bank in
+place before the other opens it) ends where the straight 2-process run ends: metrics, weights and bank exactly.
 """
 
 from __future__ import annotations
@@ -54,13 +57,13 @@ def bank_records(path: Path) -> list[tuple]:
 
 
 @pytest.mark.slow
-def test_two_processes_on_episodes_with_memory_equal_one_process(tmp_path):
+def test_two_processes_on_episodes_with_memory_equal_one_process_and_resume(tmp_path):
     from test_distributed import _ranks, launch
 
-    def run(name: str, nproc: int) -> tuple[list[dict], list[dict]]:
+    def run(name: str, nproc: int, resume: bool = False, **kw) -> tuple[list[dict], list[dict]]:
         path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps(dict(CONFIG, output_dir=str(tmp_path / name))))
-        launch(["train", str(path), str(tmp_path / f"{name}.out")], nproc)
+        path.write_text(json.dumps(dict(CONFIG, output_dir=str(tmp_path / name), **kw)))
+        launch(["train", str(path), str(tmp_path / f"{name}.out")] + (["--resume"] if resume else []), nproc)
         return read_jsonl(tmp_path / name / "metrics.jsonl"), _ranks(tmp_path / f"{name}.out", nproc)
 
     rows2, ranks2 = run("two", 2)
@@ -81,3 +84,12 @@ def test_two_processes_on_episodes_with_memory_equal_one_process(tmp_path):
     assert {r[0] for r in one} == {"lesson", "demonstration"}  # the seeded run records both kinds
     assert any(r[4] > 0 for r in one)  # retrieval was credited (records were read on both processes)
     assert steps2[-1]["memory/context_rate"] > 0
+
+    run("part", 2, max_steps=2, checkpoint_every=1)
+    rows_r, ranks_r = run("part", 2, resume=True, checkpoint_every=1)
+    steps_r = [r for r in rows_r if "loss/total" in r]
+    assert [r["step"] for r in steps_r] == [1, 2, 3]
+    for a, b in zip(steps2, steps_r, strict=True):
+        assert {k: a.get(k) for k in (*EXACT, "loss/total")} == {k: b.get(k) for k in (*EXACT, "loss/total")}
+    assert ranks_r[0]["checksum"] == ranks2[0]["checksum"] == ranks_r[1]["checksum"]
+    assert bank_records(tmp_path / "part" / "memory.sqlite") == two
