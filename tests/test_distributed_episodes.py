@@ -8,7 +8,7 @@ gradient all-reduce and of micro-batches of 4 instead of 8 rows):
 
 - every RL step's episode metrics (success, returns, turns, critiques, refinements, memory) exactly;
 - the loss within ``LOSS_ATOL`` and every parameter's sum within ``WEIGHT_RTOL`` (relative) after training;
-- the memory bank, record by record (kind, text, payload without episode ids, tags, counters, step), exactly.
+- the memory bank, record by record (kind, text, payload without episode ids, tags, counters and lift, step), exactly.
 
 And a 2-process run stopped after step 2 and resumed (``--resume``: the main process puts the checkpoint's bank in
 place before the other opens it) ends where the straight 2-process run ends: metrics, weights and bank exactly.
@@ -45,14 +45,14 @@ def bank_records(path: Path) -> list[tuple]:
     """The bank's records in insertion order, without what is random per run (ids, episode ids, timestamps)."""
     conn = sqlite3.connect(str(path))
     try:
-        rows = conn.execute("SELECT kind, key_text, payload, tags, retrieved, helped, merged, source_step "
+        rows = conn.execute("SELECT kind, key_text, payload, tags, retrieved, helped, lift, merged, source_step "
                             "FROM records ORDER BY seq").fetchall()
     finally:
         conn.close()
     out = []
-    for kind, key, payload, tags, retrieved, helped, merged, step in rows:
+    for kind, key, payload, tags, retrieved, helped, lift, merged, step in rows:
         data = {k: v for k, v in json.loads(payload).items() if k not in ("source_ids", "episode_id")}
-        out.append((kind, key, json.dumps(data, sort_keys=True), tags, retrieved, helped, merged, step))
+        out.append((kind, key, json.dumps(data, sort_keys=True), tags, retrieved, helped, lift, merged, step))
     return out
 
 

@@ -17,8 +17,6 @@ Memory text is data: it is rendered as a template variable, never evaluated or u
 
 from __future__ import annotations
 
-import sqlite3
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,11 +40,13 @@ class EpisodeMemory:
         max_lessons_per_step / max_demos_per_step: bounds per :meth:`record` call (one of each per group).
         count: whether retrieval at reset counts ``retrieved`` itself (False: :meth:`record` credits per
             episode instead, the trainer's way; True suits a loop that never calls :meth:`record`).
+        min_score: drop retrieved records whose retrieval score is <= this (``memory.min_score``; 0.0 drops the
+            bank's lexical top-up of records that match no word of the task). None keeps all.
     """
 
     def __init__(self, bank: MemoryBank, task_name: str, run_name: str | None = None, *,
                  max_lessons_per_step: int = 8, max_demos_per_step: int = 8, filter_by_task: bool = True,
-                 count: bool = False) -> None:
+                 count: bool = False, min_score: float | None = None) -> None:
         self.bank = bank
         self.task_name = task_name
         self.run_name = run_name
@@ -54,13 +54,26 @@ class EpisodeMemory:
         self.max_demos_per_step = max_demos_per_step
         self.filter_by_task = filter_by_task
         self.count = count
+        self.min_score = min_score
 
     def retrieve(self, tasks: Sequence[dict[str, Any]], first_observations: Sequence[str]) -> list[Retrieved]:
         queries = [retrieval_query(t, o) for t, o in zip(tasks, first_observations, strict=True)]
         uniq = list(dict.fromkeys(queries))  # the n episodes of a task share one retrieval
         got = self.bank.retrieve_many(uniq, tags=[self.task_name] if self.filter_by_task else None, count=self.count)
+        if self.min_score is not None:
+            got = [self._drop_weak(r) for r in got]
         by_query = dict(zip(uniq, got, strict=True))
         return [by_query[q] for q in queries]
+
+    def _drop_weak(self, r: Retrieved) -> Retrieved:
+        """``r`` without the records scoring at or below ``min_score`` (the context re-rendered)."""
+        keep = {x.id for x in r.items if r.scores.get(x.id, 0.0) > self.min_score}  # type: ignore[operator]
+        if len(keep) == len(r.items):
+            return r
+        demos = [x for x in r.demonstrations if x.id in keep]
+        lessons = [x for x in r.lessons if x.id in keep]
+        return Retrieved(r.question, demos, lessons, {i: r.scores[i] for i in keep},
+                         self.bank.render_context(demos, lessons))
 
     def context_fn(self, tasks: list[dict[str, Any]], first_observations: list[str]) -> list[tuple[str, list[str]]]:
         """The runner's ``context_fn``: ``(rendered context, record ids)`` per episode."""
@@ -76,7 +89,9 @@ class EpisodeMemory:
         if len(critiques) != n or (n and n % group_size):
             raise ValueError(f"EpisodeMemory.record: {n} trajectories, {len(critiques)} critiques, group_size "
                              f"{group_size}")
-        counts: dict[str, list[int]] = {}
+        # credit per episode that saw the record; lift against the step's mean success (as the trainer's MemoryHook)
+        baseline = sum(int(t.success) for t in trajectories) / n if n else 0.0
+        counts: dict[str, list[float]] = {}
         hit = [0, 0]
         miss = [0, 0]
         for t in trajectories:
@@ -84,17 +99,12 @@ class EpisodeMemory:
             side[0] += 1
             side[1] += int(t.success)
             for rid in dict.fromkeys(t.retrieved_ids):
-                c = counts.setdefault(rid, [0, 0])
+                c = counts.setdefault(rid, [0, 0, 0.0])
                 c[0] += 1
                 c[1] += int(t.success)
+                c[2] += int(t.success) - baseline
         if counts:
-            now = time.time()
-            items = [(r, h, now, rid) for rid, (r, h) in counts.items()]
-
-            def credit(c: sqlite3.Connection) -> None:
-                c.executemany("UPDATE records SET retrieved = retrieved + ?, helped = helped + ?, updated_at = ? "
-                              "WHERE id = ?", items)
-            self.bank.store.write(credit)
+            self.bank.store.add_credit({rid: (int(r), int(h), lf) for rid, (r, h, lf) in counts.items()})
         groups = [list(range(g, g + group_size)) for g in range(0, n, group_size)]
         episodes: list[Episode] = []
         for members in groups:
@@ -118,6 +128,7 @@ class EpisodeMemory:
             "memory/context_rate": hit[0] / n if n else 0.0,
             "memory/hit_success_rate": hit[1] / hit[0] if hit[0] else None,
             "memory/miss_success_rate": miss[1] / miss[0] if miss[0] else None,
+            "memory/credit_baseline": baseline,
         }
 
     def _episode(self, t: Trajectory, success: bool, critique: str | None, step: int | None) -> Episode:

@@ -206,7 +206,7 @@ class EpisodeSource:
                     MemoryHook.begin_fresh_run(bank_path, t.out)
             t.accelerator.wait_for_everyone()
             self.bank = MemoryBank(bank_path, config=cfg.memory)
-        return EpisodeMemory(self.bank, self.spec.name, run_name=t.out.name)
+        return EpisodeMemory(self.bank, self.spec.name, run_name=t.out.name, min_score=cfg.memory.min_score)
 
     def checkpoint_files(self) -> dict[str, Any] | None:
         return {"memory.sqlite": lambda p: self.bank.snapshot(p)} if self.memory is not None else None
