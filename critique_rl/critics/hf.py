@@ -49,6 +49,9 @@ class HFCritic(BaseCritic):
             tokenized and truncated exactly as on the transformers path.
         reference: ``visible`` (the prompt shows the reference answer when the request has one) or ``hidden``
             (question and response only: a critic that never sees the answer; ``critic.reference``).
+
+    A model directory holding a ``critique_cot.j2`` (a critic trained with ``critique-rl critic train|distill``
+    saves the prompt it was trained on there) uses that prompt unless ``template_dir`` is given.
     """
 
     def __init__(
@@ -76,6 +79,9 @@ class HFCritic(BaseCritic):
         )
         if isinstance(model, (str, Path)):
             from critique_rl.models import load_policy
+
+            if template_dir is None and (Path(model).expanduser() / "critique_cot.j2").is_file():
+                self.template_dir = str(Path(model).expanduser())  # the prompt the critic was trained on
 
             model, loaded_tok = load_policy(model, device=device)
             tokenizer = tokenizer or loaded_tok

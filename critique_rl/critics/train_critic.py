@@ -35,6 +35,54 @@ def verdict_line(verdict: bool) -> str:
     return "Verdict: correct" if verdict else "Verdict: incorrect"
 
 
+SHORT_PROMPT = (
+    '{# The prompt of a critic trained with `critique-rl critic train` (saved in its directory, which HFCritic\n'
+    '   uses for its cot prompt). Variables: question, response, reference (may be none). #}\n'
+    'Grade the response. End with "Verdict: correct" or "Verdict: incorrect".\n'
+    'Question: {{ question }}\n'
+    'Response: {{ response }}\n'
+    '{% if reference is not none %}Reference: {{ reference }}\n{% endif %}'
+    'Critique:'
+)
+"""The compact critic prompt (``critique_cot.j2`` in a trained critic's directory): the same fields as the packaged
+prompt at a third of its length, so a tiny critic trains three times faster; HFCritic picks it up from the
+directory (see :attr:`critique_rl.critics.hf.HFCritic.template_dir`)."""
+
+
+def digit_working(question: str, response_answer: str | None) -> str | None:
+    """For a sum of non-negative integers (``47+38=``), the working a small critic can write one local step at a
+    time, and then compare, digit by digit (wrong answers as ``Given``; ``Match``: 1 per agreeing digit)::
+
+        Work 7+8=15 4+3+1=08
+        Sum 085
+        Given 084
+        Match 110
+
+    Columns least significant first, each written as two digits (carry, digit); every number zero-padded to the
+    same width. A response answer that is not a number of at most that width is ``Given none`` (``Match 000``).
+    None when ``question`` is not such a sum."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+)\s*\+\s*(\d+)\s*=\s*", question)
+    if m is None:
+        return None
+    a, b = m.group(1), m.group(2)
+    width = max(len(a), len(b)) + 1
+    a, b = a.zfill(width - 1), b.zfill(width - 1)
+    cols, carry, digits = [], 0, []
+    for i in range(width - 1):
+        x, y = int(a[-1 - i]), int(b[-1 - i])
+        total = x + y + carry
+        cols.append(f"{x}+{y}={total:02d}" if i == 0 else f"{x}+{y}+{carry}={total:02d}")
+        carry, digits = total // 10, [total % 10, *digits]
+    total = "".join(str(d) for d in [carry, *digits])
+    given = (response_answer or "").strip()
+    ok = given.isdigit() and len(given) <= width
+    given = given.zfill(width) if ok else "none"
+    match = "".join("1" if g == t else "0" for g, t in zip(given, total, strict=True)) if ok else "0" * width
+    return f"Work {' '.join(cols)}\nSum {total}\nGiven {given}\nMatch {match}"
+
+
 def critic_prompt(question: str, response: str, reference: str | None, tokenizer: Any = None,
                   template_dir: str | None = None) -> str:
     """The text :class:`HFCritic` feeds its model for this request (``reference`` None = hidden)."""
@@ -47,12 +95,17 @@ def critic_prompt(question: str, response: str, reference: str | None, tokenizer
 
 
 def rule_critique_examples(task_name: str, n: int, seed: int = 0, kind: str = "ground_truth",
-                           correct_share: float = 0.5, split: str = "train", working: bool = True) -> list[dict[str, Any]]:
+                           correct_share: float = 0.5, split: str = "train",
+                           working: bool | str = "digits") -> list[dict[str, Any]]:
     """``n`` (question, response, reference, verdict, critique) dicts from a built-in task's ``split``: a share
     ``correct_share`` of right responses, the rest wrong (the task's typical mistake where it applies, else a
-    near miss of a number answer, else another row's answer), critiqued by the rule critic of ``kind`` with a
-    final verdict line. ``working``: the critique starts by working the problem out (``Check: 47+38= 85.``), so a
-    critic that does not see the reference computes it before it judges (a chain of thought, not a quote)."""
+    near miss of a number answer, a random number, or another row's answer), critiqued by the rule critic of
+    ``kind`` with a final verdict line. ``working``: how the critique first works the problem out, so a critic
+    that does not see the reference computes it before it judges (a chain of thought, not a quote):
+    ``digits`` (default), the column-by-column sum and a digit-by-digit comparison of :func:`digit_working`
+    where the question is a sum (else as ``check``); ``check`` (or True), one line ``Check: 47+38= 85.`` (the
+    first recipe: the verdict then hangs on comparing two whole numbers in one token, and a tiny critic
+    trained on it stayed at the majority verdict); ``none`` (or False), no working."""
     from critique_rl.tasks import get_task
 
     task = get_task(task_name)
@@ -72,8 +125,14 @@ def rule_critique_examples(task_name: str, n: int, seed: int = 0, kind: str = "g
         request = CritiqueRequest(question=row["prompt"], response=response, reference=row["answer"],
                                   verdict=verdict, metadata={"answer": part.extract(response) or response})
         critique = render_rule(kind, request).strip() + "\n" + verdict_line(verdict)
-        if working:
+        style = {True: "check", False: "none"}.get(working, working)  # type: ignore[call-overload]
+        work = digit_working(row["prompt"], part.extract(response)) if style == "digits" else None
+        if work is not None:
+            critique = work + "\n" + critique
+        elif style in ("digits", "check"):
             critique = f"Check: {row['prompt']} {row['answer']}.\n" + critique
+        elif style != "none":
+            raise UserError(f"working={working!r}: use digits, check or none")
         out.append({"question": row["prompt"], "response": response, "reference": row["answer"],
                     "verdict": verdict, "critique": critique})
     return out
@@ -87,6 +146,8 @@ def _wrong_response(task: Any, row: dict[str, Any], rows: list[dict[str, Any]], 
             return wrong
     answer = str(row["answer"])
     if answer.lstrip("-").isdigit():
+        if choice > 0.9:  # a number of any size, as a policy early in training writes
+            return str(rng.randrange(10 ** rng.randint(1, len(answer) + 1)))
         delta = rng.choice([-11, -10, -9, -2, -1, 1, 2, 9, 10, 11])
         return str(int(answer) + delta)
     for _ in range(8):
@@ -170,12 +231,14 @@ def split_held_out(examples: list[dict[str, Any]], share: float, seed: int) -> t
 def train_critic_model(examples: list[dict[str, Any]], out_dir: str | Path, *, reference: str = "hidden",
                        steps: int = 600, batch_size: int = 32, learning_rate: float = 1e-3, seed: int = 0,
                        hidden_size: int = 256, layers: int = 2, heads: int = 8, vocab_size: int = 512,
-                       max_positions: int = 512, template_dir: str | None = None,
+                       max_positions: int = 512, template_dir: str | None = None, short_prompt: bool = True,
                        on_step: Callable[[int, float], None] | None = None,
                        card: dict[str, Any] | None = None) -> Path:
     """SFT a tiny Llama on ``examples`` (critic prompt -> critique) and save it (model, tokenizer and
     :data:`CARD`) to ``out_dir``. ``reference``: ``hidden`` trains prompts without the reference answer (use the
-    model with ``critic.reference: hidden``), ``visible`` with it when the example has one."""
+    model with ``critic.reference: hidden``), ``visible`` with it when the example has one. ``short_prompt``:
+    train on (and save in ``out_dir``, where HFCritic finds it) the compact :data:`SHORT_PROMPT` instead of the
+    packaged ``critique_cot.j2`` (ignored when ``template_dir`` is given)."""
     import torch
 
     from critique_rl.models import build_tiny_model, build_tiny_tokenizer
@@ -185,6 +248,11 @@ def train_critic_model(examples: list[dict[str, Any]], out_dir: str | Path, *, r
         raise UserError(f"--reference {reference!r}: use hidden or visible")
     if not examples:
         raise UserError("no training pairs for the critic")
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    if short_prompt and template_dir is None:
+        (out / "critique_cot.j2").write_text(SHORT_PROMPT + "\n")
+        template_dir = str(out)
     pairs = [(critic_prompt(e["question"], e["response"], e["reference"] if reference == "visible" else None,
                             template_dir=template_dir), e["critique"]) for e in examples]
     tokenizer = build_tiny_tokenizer([p + c for p, c in pairs], vocab_size=vocab_size)
@@ -197,8 +265,6 @@ def train_critic_model(examples: list[dict[str, Any]], out_dir: str | Path, *, r
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         losses = sft_warmup(model, tokenizer, pairs, steps, batch_size, learning_rate, seed=seed, on_step=on_step)
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     info = {"reference": reference, "examples": len(examples), "steps": steps, "batch_size": batch_size,

@@ -1,0 +1,202 @@
+"""What critic errors cost: Critique-GRPO with an error-injecting critic, a local critic and a distilled one,
+against GRPO from the same start (issue #29 item 4).
+
+    python benchmarks/critic_errors.py --seeds 0 1 2 --local-critic DIR --distilled-critic DIR \
+        --out benchmarks/results/critic_errors
+
+One SFT warm-up per seed (the mid-range start of docs/evidence/midrange.md: task ``addition``, 1500 SFT steps at
+lr 5e-4), then every arm of that seed from it, 100 RL steps, 300 held-out problems. The machinery (base config,
+warm-up, worker, report table) is ``benchmarks/learning_evidence.py``'s; this file only adds the arms:
+
+- ``grpo``: no critiques.
+- ``gt``: Critique-GRPO as the defaults run it (a critiqued refinement in every group with a wrong answer,
+  unshaped) with the rule ground-truth critic: the error-free critic (``critique_wrong_unshaped``).
+- ``verdict<P>`` / ``verdict<P>_check``: the same critic with P% of its verdicts flipped (``critic.backend:
+  noisy``, ``error_kind: verdict``), without / with the verifier check (regenerate, then fall back).
+- ``hint<P>``: P% of the critiques of wrong answers name a wrong fix (``error_kind: hint``); their verdict is
+  right, so the verifier check never fires on them (the check is on, as by default).
+- ``local``: the tiny critic trained in-repo that never sees the answer (``critique-rl critic train``, passed
+  with ``--local-critic``), ``reference: hidden``, verifier check on.
+- ``distilled``: the critic distilled from an API critic's cache (``critique-rl critic distill``,
+  ``--distilled-critic``), likewise.
+
+Runs are done arm-major in the listed order (every seed of an arm before the next arm), one or ``--jobs`` at a
+time; a finished run (``<arm>_s<seed>/result.json``) is skipped on a re-run. Writes ``results.json``,
+``results.md`` (learning_evidence's table: mean ± std, paired difference to GRPO per seed) and ``summary.md``
+(gain over GRPO per arm, share of the ground-truth critic's gain kept, the break-even error rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import learning_evidence as le  # noqa: E402  (F2's file: imported, not edited)
+
+RATES = (10, 30, 50)
+WRONG_UNSHAPED = {"critique_on": "wrong", "offpolicy_gamma": None}
+NOISY = {"backend": "noisy", "kind": "ground_truth", "error_inner": "rule", "max_regenerations": 2,
+         "fallback_kind": "auto"}
+LOCAL = {"backend": "hf", "kind": "cot", "reference": "hidden", "max_tokens": 48, "max_regenerations": 1,
+         "fallback_kind": "indicative"}
+"""A model critic that never sees the answer; a critique whose verdict the verifier contradicts is drawn once more
+(sampled), then replaced by a verdict-only rule critique (it quotes no answer either)."""
+
+
+def critic_arms(local: str | None, distilled: str | None) -> dict[str, dict[str, Any]]:
+    """Arm name -> config overrides (on top of learning_evidence's base)."""
+    arms: dict[str, dict[str, Any]] = {"grpo": {"critique_on": "none"}, "gt": dict(WRONG_UNSHAPED)}
+    if local:
+        arms["local"] = {**WRONG_UNSHAPED, "critic": {**LOCAL, "model": str(Path(local).resolve())}}
+    if distilled:
+        arms["distilled"] = {**WRONG_UNSHAPED, "critic": {**LOCAL, "model": str(Path(distilled).resolve())}}
+    for p in RATES:
+        arms[f"verdict{p}"] = {**WRONG_UNSHAPED, "critic": {**NOISY, "error_rate": p / 100, "error_kind": "verdict",
+                                                            "error_check": False}}
+    for p in RATES:
+        arms[f"hint{p}"] = {**WRONG_UNSHAPED, "critic": {**NOISY, "error_rate": p / 100, "error_kind": "hint"}}
+    for p in RATES:
+        arms[f"verdict{p}_check"] = {**WRONG_UNSHAPED, "critic": {**NOISY, "error_rate": p / 100,
+                                                                  "error_kind": "verdict", "error_check": True}}
+    return arms
+
+
+EXTRA_METRICS = ("critique/errors_delivered", "critique/errors_injected", "critique/verdict_accuracy",
+                 "critique/verdict_recall_wrong", "critique/fallbacks", "critique/critiqued")
+
+
+def work(spec: dict[str, Any]) -> None:
+    """One arm run (a subprocess): learning_evidence's worker with this file's arms registered."""
+    le.ARMS.update(spec["arm_defs"])
+    le.METRICS = tuple(dict.fromkeys((*le.METRICS, *EXTRA_METRICS)))
+    le.work(spec)
+
+
+def launch(spec: dict[str, Any], log: Path) -> dict[str, Any]:
+    result = Path(spec["out"]) / "result.json"
+    if result.is_file():
+        return json.loads(result.read_text())
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    script = le.__file__ if spec["arm"] == "sft" else __file__
+    t0 = time.perf_counter()
+    with log.open("w") as fh:
+        proc = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)], stdout=fh,
+                              stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0 or not result.is_file():
+        raise RuntimeError(f"{spec['arm']} seed {spec['seed']} failed (exit {proc.returncode}); see {log}")
+    print(f"  done {spec['arm']:<16} seed {spec['seed']}  {time.perf_counter() - t0:6.0f} s", flush=True)
+    return json.loads(result.read_text())
+
+
+def summary(results: list[dict[str, Any]], arms: list[str], seeds: list[int]) -> str:
+    """Gain over GRPO per arm (paired by seed), the share of the ground-truth critic's gain kept, errors
+    delivered, and where each error kind stops beating GRPO."""
+    by = {(r["arm"], r["seed"]): r for r in results}
+
+    def diffs(arm: str) -> list[float]:
+        return [100 * (by[(arm, s)]["after"] - by[("grpo", s)]["after"]) for s in seeds
+                if (arm, s) in by and ("grpo", s) in by]
+
+    gt = diffs("gt")
+    gt_mean = float(np.mean(gt)) if gt else None
+    lines = ["| arm | seeds | after - GRPO, mean ± s.e. (per seed) | share of gt's gain kept | errors delivered "
+             "per step | first-try verdict accuracy | fallbacks per step |", "|---|---|---|---|---|---|---|"]
+    for arm in arms:
+        d = diffs(arm)
+        if arm == "grpo" or not d:
+            continue
+        se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+        kept = f"{np.mean(d) / gt_mean:.2f}" if gt_mean and arm != "gt" else "-"
+        rs = [by[(arm, s)] for s in seeds if (arm, s) in by]
+
+        def m(key: str, rs: list[dict[str, Any]] = rs) -> str:
+            vals = [r["means"].get(key) for r in rs if r["means"].get(key) is not None]
+            return f"{np.mean(vals):.2f}" if vals else "-"
+
+        lines.append(f"| {arm} | {len(d)} | {np.mean(d):+.1f} ± {se:.1f} ({' / '.join(f'{x:+.1f}' for x in d)}) | "
+                     f"{kept} | {m('critique/errors_delivered')} | {m('critique/verdict_accuracy')} | {m('critique/fallbacks')} |")
+    lines += ["", "Break-even (the lowest error rate whose mean gain over GRPO is <= 0):"]
+    for kind in ("verdict{}", "verdict{}_check", "hint{}"):
+        means = [(0, gt_mean)] + [(p, float(np.mean(diffs(kind.format(p))))) for p in RATES if diffs(kind.format(p))]
+        below = [p for p, v in means if v is not None and v <= 0]
+        row = ", ".join(f"{p}%: {v:+.1f}" for p, v in means if v is not None)
+        lines.append(f"- {kind.format('P')}: {row} -> "
+                     + (f"stops beating GRPO at {below[0]}%" if below else "ahead of GRPO at every rate run"))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        work(json.loads(sys.argv[2]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--arms", nargs="*", default=None, help="subset of the arms, in this order (default: all)")
+    ap.add_argument("--local-critic", default=None, help="directory of `critique-rl critic train` (the local arm)")
+    ap.add_argument("--distilled-critic", default=None, help="directory of `critique-rl critic distill`")
+    ap.add_argument("--max-steps", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-n", type=int, default=300)
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--set", nargs="*", default=["sft_learning_rate=5e-4", "sft_steps=1500"],
+                    help="key=value (YAML) for the warm-up and every arm (default: the mid-range start)")
+    ap.add_argument("--out", default="benchmarks/results/critic_errors")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    defs = critic_arms(args.local_critic, args.distilled_critic)
+    arms = args.arms or list(defs)
+    unknown = [a for a in arms if a not in defs]
+    if unknown:
+        ap.error(f"unknown arms {unknown} (local/distilled need --local-critic/--distilled-critic); "
+                 f"choose from {list(defs)}")
+    if "grpo" not in arms:
+        arms = ["grpo", *arms]
+    root = Path(args.out)
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    extra = le.parse_set(args.set)
+    common = dict(task="addition", sft_task=None, max_steps=args.max_steps, eval_every=args.eval_every,
+                  eval_n=args.eval_n, extra=extra, threads=1, arm_defs={a: defs[a] for a in arms})
+    (root / "setup.json").write_text(json.dumps({**common, "arms": arms, "seeds": args.seeds}, indent=1))
+    command = "python benchmarks/critic_errors.py " + " ".join(sys.argv[1:])
+    t0 = time.perf_counter()
+    results = []
+    if not args.report_only:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda s: launch(dict(common, arm="sft", seed=s, out=str(root / f"sft_s{s}")),
+                                           root / "logs" / f"sft_s{s}.log"), args.seeds))
+            specs = [dict(common, arm=a, seed=s, out=str(root / f"{a}_s{s}"),
+                          model_dir=str(root / f"sft_s{s}" / "final")) for a in arms for s in args.seeds]
+            futures = [pool.submit(launch, sp, root / "logs" / f"{sp['arm']}_s{sp['seed']}.log") for sp in specs]
+            for f in futures:
+                try:
+                    results.append(f.result())
+                except RuntimeError as exc:
+                    print(f"  FAILED: {exc}", flush=True)
+    else:
+        for a in arms:
+            for s in args.seeds:
+                f = root / f"{a}_s{s}" / "result.json"
+                if f.is_file():
+                    results.append(json.loads(f.read_text()))
+    (root / "results.json").write_text(json.dumps(results, indent=1))
+    done_arms = [a for a in arms if any(r["arm"] == a for r in results)]
+    table = le.report(results, root, "grpo", command) if results else ""
+    text = summary(results, done_arms, args.seeds)
+    (root / "summary.md").write_text(f"`{command}`\n\n{text}\n")
+    print(table)
+    print(text)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
