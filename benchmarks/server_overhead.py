@@ -10,10 +10,14 @@ One run per model size:
 2. **Direct.** The same engine is called directly on exactly those batches (same prompts, same batch
    composition, same order), timed with nothing else running in the process.
 
-Overhead = server wall / direct engine time - 1: everything the server adds per call (HTTP, JSON, history
-check, rendering, batching waits, the client loop and env in between) relative to the engine's own time on the
-same work. Target (issue 27): <= 10% at 16 concurrent clients. Episodes are greedy so both sides generate the
-same tokens. Timings on a shared machine are noisy: the load average (``uptime``) is printed with them.
+Wall overhead = server wall / direct engine time - 1: everything the server adds per call (HTTP, JSON, history
+check, rendering, batching waits, the client loop and env in between, and on a busy machine the scheduling
+delays of all those threads) relative to the engine's own time on the same work. Target (issue 27): <= 10% at 16
+concurrent clients. Also printed: the server process's CPU time outside the engine calls (HTTP, validation,
+rendering, recording; torch runs on one thread, so the engine's CPU is the engine thread's) as a fraction of the
+direct engine's CPU time: what the server costs in compute, independent of how busy the machine is. Episodes are
+greedy so both sides generate the same tokens. Timings on a shared machine are noisy: the load average
+(``uptime``) is printed with them.
 
 Usage: python benchmarks/server_overhead.py [--sizes tiny larger] [--episodes-per-client 3] [--max-new-tokens 16]
 Writes benchmarks/results/server_overhead.json.
@@ -49,7 +53,8 @@ from critique_rl.rollout.hf import HFGenerator  # noqa: E402
 
 SIZES = {  # in-repo Llama models built from scratch (no download)
     "tiny": dict(hidden_size=64, layers=1, heads=2),        # the tests' model
-    "larger": dict(hidden_size=256, layers=4, heads=4),     # ~16x the compute per token
+    "larger": dict(hidden_size=256, layers=4, heads=4),     # ~40x the parameters
+    "big": dict(hidden_size=512, layers=8, heads=8),        # ~25M parameters
 }
 TEXTS = (["U: Guess my number from 1 to 16.\nA: 4<|eos|>\nU: Higher. It is from 5 to 16.\nA: 8<|eos|>\n"] * 30
          + ["Lower. Correct! Say one number. Out of guesses. It was 12."] * 10)
@@ -145,15 +150,20 @@ def measure(size: str, clients: int, episodes_per_client: int, max_new_tokens: i
     q = ctx.Queue()
     with server:
         proc = ctx.Process(target=client_process, args=(server.port, clients, max_new_tokens, q))
+        cpu0 = time.process_time()
         proc.start()
         calls, server_wall = q.get(timeout=1800)
+        server_cpu = time.process_time() - cpu0
         proc.join(timeout=60)
         player.join(timeout=60)
         stats = server.stats()["server"]
     hub.close()
     batches = server.batcher.batches if server.batcher is not None else []
     assert batches is not None and len(results) == len(tasks)
+    cpu0 = time.process_time()
     direct_s, direct_tokens = replay(hub, batches)
+    direct_cpu = time.process_time() - cpu0
+    engine_cpu = server.batcher.engine_cpu_s if server.batcher is not None else 0.0
     gen_tokens = stats["generated_tokens"]
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     return {
@@ -167,6 +177,10 @@ def measure(size: str, clients: int, episodes_per_client: int, max_new_tokens: i
         "direct_tokens_per_s": round(direct_tokens / direct_s, 1),
         "overhead": round(server_wall / direct_s - 1, 4),
         "batch_sizes": [len(ids) for ids, _ in batches],
+        "server_cpu_s": round(server_cpu, 3), "server_engine_cpu_s": round(engine_cpu, 3),
+        "direct_cpu_s": round(direct_cpu, 3),
+        "server_cpu_ms_per_call_outside_engine": round(1000 * (server_cpu - engine_cpu) / calls, 3),
+        "cpu_overhead": round((server_cpu - engine_cpu) / direct_cpu, 4),
         "server_ms_per_call": round(1000 * server_wall / calls, 2),
         "direct_ms_per_call": round(1000 * direct_s / calls, 2),
     }
@@ -198,13 +212,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     print("\n| model | params | calls | engine calls (mean batch) | server calls/s | direct calls/s | server tok/s | "
-          "direct tok/s | ms/call server / direct | overhead |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "direct tok/s | ms/call server / direct | wall overhead | server CPU outside the engine |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['params_m']}M | {r['calls']} | {r['engine_calls']} ({r['mean_batch']}) | "
               f"{r['server_calls_per_s']} | {r['direct_calls_per_s']} | {r['server_tokens_per_s']} | "
               f"{r['direct_tokens_per_s']} | {r['server_ms_per_call']} / {r['direct_ms_per_call']} | "
-              f"{100 * r['overhead']:+.1f}% |")
+              f"{100 * r['overhead']:+.1f}% | {r['server_cpu_ms_per_call_outside_engine']} ms/call = "
+              f"{100 * r['cpu_overhead']:.1f}% of the engine's CPU |")
     for r in rows:
         print(f"{r['size']}: load {r['uptime_before'].split('load average:')[-1].strip()} (before), "
               f"{r['uptime_after'].split('load average:')[-1].strip()} (after)")

@@ -123,6 +123,7 @@ class PolicyServer:
         self._thread: threading.Thread | None = None
         self.counts = {"requests": 0, "chat_calls": 0, "recorded_calls": 0, "errors": 0}
         self._count_lock = threading.Lock()
+        self._tok_lock = threading.Lock()  # one handler at a time in the (Rust-backed) tokenizer: no borrow errors
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> PolicyServer:
@@ -240,14 +241,16 @@ class PolicyServer:
             injected = live.trajectory.context
             if not live.trajectory.turns:
                 injected = hub.context(episode_id, observation_of(split_first(messages)[1]))
-            prepared = prepare_call(live, messages, hub.renderer, hub.limits, max_new, injected)
+            with self._tok_lock:
+                prepared = prepare_call(live, messages, hub.renderer, hub.limits, max_new, injected)
             base = hub.sampling_params(greedy=bool(getattr(live, "greedy", False)))
             params = SamplingParams(n=1, temperature=base.temperature, top_p=base.top_p, max_new_tokens=max_new,
                                     greedy=base.greedy)
         else:
             max_new = _max_tokens(body, self._cap(False), "serve max_tokens")
             renderer = hub.renderer
-            ids = renderer.encode(renderer.render_messages(messages, add_generation_prompt=True))
+            with self._tok_lock:
+                ids = renderer.encode(renderer.render_messages(messages, add_generation_prompt=True))
             _check_length(hub.limits, len(ids), max_new)
             prepared = PreparedCall(None, ids, observation_of(messages), ids, messages, max_new)
             params = self._plain_params(body, max_new)
@@ -263,7 +266,8 @@ class PolicyServer:
             raise RequestError("prompt: expected one string (batches of prompts: send one request each; they are "
                                "batched on the server)", param="prompt")
         max_new = _max_tokens(body, self._cap(False), "serve max_tokens")
-        ids = self.hub.renderer.encode(prompt)
+        with self._tok_lock:
+            ids = self.hub.renderer.encode(prompt)
         _check_length(self.hub.limits, len(ids), max_new)
         params = self._plain_params(body, max_new)
         assert self.batcher is not None

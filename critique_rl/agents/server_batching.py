@@ -47,6 +47,8 @@ class EngineBatcher:
         self.engine_calls = 0
         self.rows = 0
         self.engine_s = 0.0
+        self.engine_cpu_s = 0.0
+        """CPU seconds of this thread inside engine calls (with torch on one thread: the engine's CPU time)."""
         self.generated_tokens = 0
         self.pending = 0
         """Requests in progress that may still add a call to this batch: chat calls not yet queued, start calls
@@ -124,10 +126,11 @@ class EngineBatcher:
                 if engine is None:
                     raise RuntimeError("the policy engine is not loaded yet")
                 with self.hub.engine_lock:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
                     outs = generate_from_ids(engine, tokenizer, ids, params)
                     self.last_engine_s = time.perf_counter() - t0
                     self.engine_s += self.last_engine_s
+                    self.engine_cpu_s += time.thread_time() - c0
                 if len(outs) != len(jobs):
                     raise RuntimeError(f"the engine returned {len(outs)} results for {len(jobs)} prompts")
                 self.engine_calls += 1
