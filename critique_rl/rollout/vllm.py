@@ -264,7 +264,9 @@ class VLLMServerGenerator:
         tokenizer: the policy's tokenizer (prompts are sent as token ids).
         config: the ``vllm:`` section (``base_url``, ``served_model``, ``sync_dir``, ``timeout_s``).
         sync_dir: where weights are written for the server to load (overrides ``config.sync_dir``).
-        seed: base seed; request ``i`` carries ``seed + i`` so reruns sample the same completions.
+        seed: base seed; each request carries ``seed`` plus a number drawn from torch's global generator, so
+            seeded runs sample the same completions again, and a block under a fixed torch seed
+            (``agent.seed_per_task``) samples the same completions in any process.
         is_main: whether this process pushes weights (one writer under ``accelerate launch``).
         weights_fn: returns the weights to push (default :func:`policy_weights`); with sharded training
             (FSDP, ZeRO-3) pass a gather that every process calls.
@@ -352,6 +354,12 @@ class VLLMServerGenerator:
     # -- sampling ----------------------------------------------------------------------------------------------
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[Completion]]:
         ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+        return self.generate_ids(ids, params)
+
+    def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """:meth:`generate` from token ids, sent as they are (multi-turn episodes keep their contexts as ids:
+        never re-tokenized), ``batch_size`` prompts per request."""
+        ids = [list(p) for p in prompt_ids]
         out: list[list[Completion]] = []
         for s in range(0, len(ids), self.batch_size):
             out.extend(self._request(ids[s : s + self.batch_size], params))
@@ -363,7 +371,7 @@ class VLLMServerGenerator:
             "model": self.model_name, "prompt": prompt_ids, "n": params.n, "max_tokens": params.max_new_tokens,
             "temperature": 0.0 if params.greedy else params.temperature,
             "top_p": 1.0 if params.greedy else params.top_p, "top_k": 0, "logprobs": 0, "return_token_ids": True,
-            "skip_special_tokens": True, "seed": self._seed + self._requests,
+            "skip_special_tokens": True, "seed": self._seed + int(torch.randint(0, 2**30, (1,))),
         }
         if eos is not None:
             body["stop_token_ids"] = [eos]
