@@ -229,3 +229,31 @@ def test_episode_token_limit_stops_it_as_the_runner_does(policy):
     assert [t.action_ids for t in got.turns] == [t.action_ids for t in ref.turns]
     assert got.token_ids() == ref.token_ids()
     assert got.stop_reason == "max_tokens" and got.final_observation == ref.final_observation
+
+
+def test_tool_and_user_messages_in_one_turn_render_as_the_chat_template(policy):
+    """Several new messages in one call (a tool result, then a user message) become one observation: the recorded
+    context decodes to exactly the chat template's rendering of the whole conversation."""
+    hub = make_hub(policy, LIMITS, context_fn=memory_fn)
+    task = make_tasks("server", 1, seed=9)[0]
+    with serving(hub) as server:
+        play_in_background(hub, [task], n=1, greedy=True)
+        client = EpisodeClient(server.base_url)
+        ep = client.next_task(timeout=10)
+        msgs = [{"role": "system", "content": "Use the tool."}, {"role": "user", "content": task["prompt"]}]
+        msgs.append({"role": "assistant", "content": client.chat(ep.episode_id, msgs)})
+        msgs += [{"role": "tool", "content": "lookup -> 7"}, {"role": "user", "content": "Now guess."}]
+        msgs.append({"role": "assistant", "content": client.chat(ep.episode_id, msgs)})
+        with pytest.raises(ServerError, match="a system message after the first call"):
+            client.chat(ep.episode_id, msgs + [{"role": "system", "content": "late"}])
+        with pytest.raises(openai.BadRequestError, match="plain inference"):
+            client.openai(ep.episode_id).completions.create(model="m", prompt="x", max_tokens=2)
+        live = hub.live(ep.episode_id)
+    traj = live.trajectory
+    assert traj.num_turns == 2 and traj.turns[1].observation == "lookup -> 7\n\nNow guess."
+    full = [{"role": "system", "content": "Use the tool.\n\n" + MEMORY}] + msgs[1:]
+    want = policy.tokenizer.apply_chat_template(full, tokenize=False, add_generation_prompt=False)
+    got = policy.tokenizer.decode(traj.token_ids(), skip_special_tokens=False)
+    # up to the end of the last turn, which the template closes ("<|eos|>\n"; the action's own EOS when it has one)
+    assert want.startswith(got) and want[len(got):] == ("\n" if traj.turns[-1].finished else "<|eos|>\n")
+    assert not traj.turns[0].finished  # the first action was cut: its end-of-turn text came with the observation

@@ -272,6 +272,10 @@ class PolicyHandler(BaseHTTPRequestHandler):
         if body.get("stream"):
             raise RequestError("stream is not supported on /v1/completions (use /v1/chat/completions)",
                                param="stream", code="unsupported_parameter")
+        if episode_id_of(self.headers, body) is not None:
+            raise RequestError("/v1/completions is plain inference: episodes are recorded through "
+                               "/v1/chat/completions (drop the episode id or use the chat endpoint)",
+                               param="episode_id", code="unsupported_parameter")
         ids, c, _ = self.owner.complete(body)
         self._send(200, {
             "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
