@@ -63,7 +63,7 @@ def test_serve_trains_on_concurrent_openai_loops_with_critique_and_memory(tmp_pa
     cfg_path = tmp_path / "serve.yaml"
     cfg_path.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "run")}))
     cfg = load_config(cfg_path)
-    run = ServeRun(cfg, port=0, idle_timeout=60)
+    run = ServeRun(cfg, port=0, idle_timeout=4)
     seen: list = []
     src = run.trainer.episodes
     update_batch = src.update_batch
@@ -77,6 +77,13 @@ def test_serve_trains_on_concurrent_openai_loops_with_critique_and_memory(tmp_pa
     run.start()
     mod = load_example()
     assert mod.is_training_server(run.base_url, None)
+    from critique_rl.agents.client import EpisodeClient
+
+    ghost = EpisodeClient(run.base_url)  # a client that takes an episode, plays one turn and disappears
+    gone = None
+    while gone is None:  # the first handout comes after the warm-up
+        gone = ghost.next_task(timeout=30)
+    ghost.chat(gone.episode_id, [{"role": "user", "content": "Guess my number from 1 to 8."}], max_tokens=8)
     threads, outs = _loops(mod, run.base_url, workers=4)
     summary = run.wait(timeout=300)
     for th in threads:
@@ -91,7 +98,8 @@ def test_serve_trains_on_concurrent_openai_loops_with_critique_and_memory(tmp_pa
     trained = [e for r in ledger for e in r["episodes"] + r["refinements"]]
     assert len(trained) == len(set(trained)) and all(len(r["episodes"]) == 8 for r in ledger)
     accepted = {r["episode_id"] for r in played if r["accepted"]}
-    assert set(trained) <= accepted
+    assert set(trained) <= accepted and gone.episode_id not in trained
+    assert run.hub.stats()["dropped_timeout"] >= 1  # its slot was handed out again and played whole
     # refinements: failed tasks handed out again with the critique in the system message ...
     rollouts = _rows(out / "rollouts.jsonl")
     refined = [r["refinement"] for r in rollouts if "refinement" in r]
