@@ -47,7 +47,7 @@ RATES = (10, 30, 50)
 WRONG_UNSHAPED = {"critique_on": "wrong", "offpolicy_gamma": None}
 NOISY = {"backend": "noisy", "kind": "ground_truth", "error_inner": "rule", "max_regenerations": 2,
          "fallback_kind": "auto"}
-LOCAL = {"backend": "hf", "kind": "cot", "reference": "hidden", "max_tokens": 48, "max_regenerations": 1,
+LOCAL = {"backend": "hf", "kind": "cot", "reference": "hidden", "max_tokens": 96, "max_regenerations": 1,
          "fallback_kind": "indicative"}
 """A model critic that never sees the answer; a critique whose verdict the verifier contradicts is drawn once more
 (sampled), then replaced by a verdict-only rule critique (it quotes no answer either)."""

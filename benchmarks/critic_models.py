@@ -40,20 +40,19 @@ def api_critic_reply(body: dict[str, Any]) -> dict[str, Any]:
     units = a % 10 + b % 10
     carry = units // 10
     tens = a // 10 % 10 + b // 10 % 10 + carry
-    lines = [f"Units: {a % 10}+{b % 10}={units}" + (f", write {units % 10} carry 1." if carry else ".")
-             + f" Tens: {a // 10 % 10}+{b // 10 % 10}" + ("+1" if carry else "") + f"={tens}."
-             + f" So {a}+{b}={total}."]
+    lines = [f"{a % 10}+{b % 10}={units}" + (" carry 1" if carry else "") + f", {a // 10 % 10}+{b // 10 % 10}"
+             + ("+1" if carry else "") + f"={tens}: {total}."]
     digits = re.findall(r"\d+", response)
     given = digits[-1] if digits else None
     ok = given is not None and int(given) == total
     if given is None:
-        lines.append("The response gives no number.")
+        lines.append("No number given.")
     else:
         w = max(len(given), len(str(total)))
         pairs = " ".join(f"{g}{'=' if g == t else '≠'}{t}" for g, t in zip(given.zfill(w), str(total).zfill(w),
                                                                             strict=True))
-        lines.append(f"The response says {given}; digit by digit {pairs}.")
-    lines.append("The answer is right." if ok else f"The answer should be {total}.")
+        lines.append(f"Response {given}: {pairs}.")
+    lines.append("Right." if ok else f"It should be {total}.")
     lines.append("Verdict: correct" if ok else "Verdict: incorrect")
     text = "\n".join(lines)
     return {"content": text, "usage": (max(1, len(prompt) // 4), max(1, len(text) // 4))}
@@ -65,7 +64,14 @@ def build_local(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     pairs = rule_critique_examples("addition", args.examples, seed=args.seed)
     held = rule_critique_examples("addition", args.eval_examples, seed=args.seed + 1, split="eval")
     t0 = time.perf_counter()
-    train_critic_model(pairs, out, reference="hidden", steps=args.steps, batch_size=args.batch_size,
+    init = None
+    if args.resume and (out / "model.safetensors").is_file():  # go on training the saved critic
+        init = out.parent / "local_before_resume"
+        import shutil
+
+        shutil.rmtree(init, ignore_errors=True)
+        shutil.copytree(out, init)
+    train_critic_model(pairs, out, reference="hidden", steps=args.steps, init_from=init, batch_size=args.batch_size,
                        learning_rate=args.learning_rate, seed=args.seed, hidden_size=args.hidden_size,
                        heads=args.heads, on_step=_ticker("local", args.steps),
                        card={"source": "rule ground_truth critiques on addition (train split), digit working"})
@@ -126,10 +132,11 @@ def main() -> None:
     ap.add_argument("--learning-rate", type=float, default=1e-3)
     ap.add_argument("--hidden-size", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=72)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--price-input", type=float, default=0.15, help="$ per 1M prompt tokens (gpt-4o-mini's list price)")
     ap.add_argument("--price-output", type=float, default=0.60, help="$ per 1M completion tokens")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true", help="local: go on training the critic already in --out")
     args = ap.parse_args()
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)

@@ -38,9 +38,14 @@ def train_command(
     examples: int = typer.Option(4000, "--examples", help="Training pairs (half right, half wrong responses)."),
     kind: str = typer.Option("ground_truth", "--kind", help="Rule critique imitated: ground_truth or indicative."),
     reference: str = typer.Option("hidden", "--reference", help="hidden: prompts without the reference answer."),
-    steps: int = typer.Option(1500, "--steps", help="SFT steps."),
-    batch_size: int = typer.Option(64, "--batch-size"),
+    steps: int = typer.Option(800, "--steps", help="SFT steps."),
+    batch_size: int = typer.Option(32, "--batch-size"),
     learning_rate: float = typer.Option(1e-3, "--learning-rate"),
+    hidden_size: int = typer.Option(128, "--hidden-size", help="Critic model width (heads of 32+ dims each)."),
+    heads: int = typer.Option(4, "--heads"),
+    working: str = typer.Option("digits", "--working",
+                                help="How the critique works the answer out before its verdict: digits (column "
+                                     "by column, then digit by digit, for sums), check (one line), none."),
     eval_examples: int = typer.Option(400, "--eval-examples", help="Held-out pairs (the task's eval split)."),
     seed: int = typer.Option(0, "--seed"),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
@@ -54,14 +59,17 @@ def train_command(
 
     if kind not in ("ground_truth", "indicative"):
         raise UserError(f"--kind {kind!r}: use ground_truth or indicative")
-    pairs = rule_critique_examples(task, examples, seed=seed, kind=kind)
-    held = rule_critique_examples(task, eval_examples, seed=seed + 1, kind=kind, split="eval")
+    if working not in ("digits", "check", "none"):
+        raise UserError(f"--working {working!r}: use digits, check or none")
+    pairs = rule_critique_examples(task, examples, seed=seed, kind=kind, working=working)
+    held = rule_critique_examples(task, eval_examples, seed=seed + 1, kind=kind, split="eval", working=working)
     bar, on_step = _progress(steps, "critic SFT") if not no_progress else (None, None)
     with quiet_library_progress(), bar or nullcontext():
         train_critic_model(pairs, out, reference=reference, steps=steps, batch_size=batch_size,
-                           learning_rate=learning_rate, seed=seed, on_step=on_step,
+                           learning_rate=learning_rate, seed=seed, on_step=on_step, hidden_size=hidden_size,
+                           heads=heads,
                            card={"source": f"rule {kind} critiques on {task} (train split)"})
-        scores = score_critic(out, held, reference=reference, target="verdict")
+        scores = score_critic(out, held, reference=reference, target="verdict", max_new_tokens=72)
     report = {"out": str(out), "task": task, "reference": reference, "train_pairs": len(pairs),
               "held_out_pairs": len(held), "verdict_vs_verifier": scores}
     Path(out, "critic_report.json").write_text(json.dumps(report, indent=2))
@@ -73,12 +81,14 @@ def distill_command(
     cache: Path = typer.Option(..., "--cache", help="critic_cache.sqlite a run filled (critic.cache_path)."),
     out: Path = typer.Option(..., "--out", help="Directory to write the local critic model to."),
     held_out: float = typer.Option(0.2, "--held-out", help="Share of questions held out for the agreement score."),
-    steps: int = typer.Option(600, "--steps", help="SFT steps."),
+    steps: int = typer.Option(800, "--steps", help="SFT steps."),
     batch_size: int = typer.Option(32, "--batch-size"),
     learning_rate: float = typer.Option(1e-3, "--learning-rate"),
+    hidden_size: int = typer.Option(128, "--hidden-size", help="Critic model width (heads of 32+ dims each)."),
+    heads: int = typer.Option(4, "--heads"),
     reference: str | None = typer.Option(None, "--reference",
                                          help="hidden|visible; default: as the cached critic saw it."),
-    max_new_tokens: int = typer.Option(48, "--max-new-tokens", help="Critique length when scoring held-out pairs."),
+    max_new_tokens: int = typer.Option(96, "--max-new-tokens", help="Critique length when scoring held-out pairs."),
     price_input: float | None = typer.Option(None, "--price-input", help="$ per 1M prompt tokens (for the cost)."),
     price_output: float | None = typer.Option(None, "--price-output", help="$ per 1M completion tokens."),
     seed: int = typer.Option(0, "--seed"),
@@ -98,5 +108,5 @@ def distill_command(
         report = distill(cache, out, held_out=held_out, seed=seed, steps=steps, batch_size=batch_size,
                          learning_rate=learning_rate, reference=reference, max_new_tokens=max_new_tokens,
                          price_input=price_input,
-                         price_output=price_output, on_step=on_step)
+                         price_output=price_output, on_step=on_step, hidden_size=hidden_size, heads=heads)
     typer.echo(json.dumps(report))

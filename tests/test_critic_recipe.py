@@ -3,6 +3,7 @@ through the trainer, and the critic-error benchmark's arms."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def test_rule_examples_working_agrees_with_the_verdict():
 
 def test_trained_critic_directory_carries_its_prompt(tmp_path: Path):
     from critique_rl.critics.hf import HFCritic
-    from critique_rl.critics.train_critic import critic_prompt, train_critic_model
+    from critique_rl.critics.train_critic import CARD, critic_prompt, train_critic_model
 
     examples = rule_critique_examples("addition", 40, seed=0)
     out = train_critic_model(examples, tmp_path / "c", steps=2, batch_size=4, hidden_size=64, heads=2, layers=1)
@@ -52,6 +53,10 @@ def test_trained_critic_directory_carries_its_prompt(tmp_path: Path):
     assert "85" not in hidden
     shown = HFCritic(out, kind="cot", reference="visible", device="cpu").prompt(req)
     assert "Reference: 85" in shown
+    # going on from a saved critic keeps its tokenizer and counts the steps of both stints
+    more = train_critic_model(examples, tmp_path / "c2", steps=3, batch_size=4, init_from=out)
+    card = json.loads((more / CARD).read_text())
+    assert card["steps"] == 5 and (more / "tokenizer.json").read_text() == (out / "tokenizer.json").read_text()
 
 
 def test_noisy_critic_through_the_trainer_logs_the_errors_it_delivered(fast_config):

@@ -233,12 +233,13 @@ def train_critic_model(examples: list[dict[str, Any]], out_dir: str | Path, *, r
                        hidden_size: int = 256, layers: int = 2, heads: int = 8, vocab_size: int = 512,
                        max_positions: int = 512, template_dir: str | None = None, short_prompt: bool = True,
                        on_step: Callable[[int, float], None] | None = None,
-                       card: dict[str, Any] | None = None) -> Path:
+                       card: dict[str, Any] | None = None, init_from: str | Path | None = None) -> Path:
     """SFT a tiny Llama on ``examples`` (critic prompt -> critique) and save it (model, tokenizer and
     :data:`CARD`) to ``out_dir``. ``reference``: ``hidden`` trains prompts without the reference answer (use the
     model with ``critic.reference: hidden``), ``visible`` with it when the example has one. ``short_prompt``:
     train on (and save in ``out_dir``, where HFCritic finds it) the compact :data:`SHORT_PROMPT` instead of the
-    packaged ``critique_cot.j2`` (ignored when ``template_dir`` is given)."""
+    packaged ``critique_cot.j2`` (ignored when ``template_dir`` is given). ``init_from``: a critic directory to
+    go on training (its model and tokenizer; the size arguments are then ignored) instead of a fresh model."""
     import torch
 
     from critique_rl.models import build_tiny_model, build_tiny_tokenizer
@@ -255,19 +256,27 @@ def train_critic_model(examples: list[dict[str, Any]], out_dir: str | Path, *, r
         template_dir = str(out)
     pairs = [(critic_prompt(e["question"], e["response"], e["reference"] if reference == "visible" else None,
                             template_dir=template_dir), e["critique"]) for e in examples]
-    tokenizer = build_tiny_tokenizer([p + c for p, c in pairs], vocab_size=vocab_size)
+    if init_from is not None:
+        from critique_rl.models import load_policy
+
+        model, tokenizer = load_policy(init_from, device="cpu")
+        max_positions = int(model.config.max_position_embeddings)
+    else:
+        tokenizer = build_tiny_tokenizer([p + c for p, c in pairs], vocab_size=vocab_size)
     longest = max(len(tokenizer(p + c, add_special_tokens=False)["input_ids"]) for p, c in pairs) + 1
     if longest > max_positions:
         raise UserError(f"the longest critic pair is {longest} tokens, over the model's {max_positions} positions; "
                         "shorten the critiques (critic.max_tokens) or raise max_positions")
-    model = build_tiny_model(tokenizer, hidden_size=hidden_size, layers=layers, heads=heads,
-                             max_positions=max_positions, seed=seed)
+    if init_from is None:
+        model = build_tiny_model(tokenizer, hidden_size=hidden_size, layers=layers, heads=heads,
+                                 max_positions=max_positions, seed=seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         losses = sft_warmup(model, tokenizer, pairs, steps, batch_size, learning_rate, seed=seed, on_step=on_step)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    info = {"reference": reference, "examples": len(examples), "steps": steps, "batch_size": batch_size,
+    done_before = json.loads((Path(init_from) / CARD).read_text()).get("steps", 0) if init_from is not None else 0
+    info = {"reference": reference, "examples": len(examples), "steps": done_before + steps, "batch_size": batch_size,
             "learning_rate": learning_rate, "final_loss": losses[-1] if losses else None, **(card or {})}
     (out / CARD).write_text(json.dumps(info, indent=2))
     return out
