@@ -54,12 +54,15 @@ class EngineBatcher:
         """Requests in progress that may still add a call to this batch: chat calls not yet queued, start calls
         while there are episodes to hand out, finish calls (their agent comes back with the next episode)."""
         self.count_lock = threading.Lock()
+        self._closed = False
         self._q: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="policy-engine", daemon=True)
         self._thread.start()
 
     def submit(self, ids: list[int], params: SamplingParams) -> Completion:
         """Generate one completion for ``ids`` (blocks until its batch ran); the engine's error is re-raised."""
+        if self._closed:
+            raise RuntimeError("the policy server is shutting down")
         job = _Job(ids, params)
         self._q.put(job)
         job.done.wait()
@@ -69,6 +72,8 @@ class EngineBatcher:
         return job.result
 
     def close(self) -> None:
+        """Stop after the calls already queued (later submits raise)."""
+        self._closed = True
         self._q.put(None)
         self._thread.join(timeout=30)
 
