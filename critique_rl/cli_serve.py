@@ -37,13 +37,13 @@ def build_serve_trainer(cfg: Any, hub: Any, *, eval_via: Literal["env", "clients
                         memory: Any = None) -> Any:
     """The one trainer with a :class:`~critique_rl.agents.server_source.ServerSource` on ``hub`` as its rollout
     source (``cfg.agent.env`` names the environment whose tasks are handed out)."""
+    if cfg.agent.env is None:  # before the heavy imports: a wrong config fails in about a second
+        raise ConfigError("agent.env", None, "critique-rl serve hands out the tasks of an environment; name one in "
+                          "the agent: section (e.g. guess_number, or package.module:function returning an EnvSpec)")
     from critique_rl.agents.registry import get_env_spec
     from critique_rl.agents.server_source import ServerSource
     from critique_rl.train.trainer import CritiqueGRPOTrainer
 
-    if cfg.agent.env is None:
-        raise ConfigError("agent.env", None, "critique-rl serve hands out the tasks of an environment; name one in "
-                          "the agent: section (e.g. guess_number, or package.module:function returning an EnvSpec)")
     trainer = CritiqueGRPOTrainer(args=cfg, critic=critic, memory=memory)
     trainer.episodes = ServerSource(get_env_spec(cfg.agent.env), hub, critic=critic, bank=memory, eval_via=eval_via)
     return trainer

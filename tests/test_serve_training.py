@@ -291,3 +291,21 @@ def test_framework_style_tool_loop_trains_and_matches_the_builtin_env(tmp_path):
             if i + 1 < len(x.turns):
                 assert step.observation == x.turns[i + 1].observation
         assert x.success == bool(step.info.get("success", False))
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["examples/critique_grpo_cpu.yaml"], "agent.env"),
+    (["examples/serve_cpu.yaml", "--idle-timeout", "0"], "--idle-timeout"),
+    (["examples/serve_cpu.yaml", "--max-staleness", "-1"], "--max-staleness"),
+    (["examples/serve_cpu.yaml", "--eval-via", "nope"], "--eval-via"),
+])
+def test_serve_refuses_bad_configs_and_flags_in_one_line(tmp_path, monkeypatch, capsys, args, says):
+    from critique_rl.cli import main
+
+    argv = [str(ROOT / a) if a.endswith(".yaml") else a for a in args]
+    monkeypatch.setattr(sys, "argv", ["critique-rl", "serve", *argv, "--port", "0", "--output-dir",
+                                      str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1
