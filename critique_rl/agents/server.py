@@ -181,9 +181,9 @@ class PolicyServer:
     def authorized(self, header: str | None) -> bool:
         if self._api_key is None:
             return True
-        if not header or not header.startswith("Bearer "):
+        if not header or header[:7].lower() != "bearer ":
             return False
-        return hmac.compare_digest(header[len("Bearer "):].strip().encode(), self._api_key.encode())
+        return hmac.compare_digest(header[7:].strip().encode(), self._api_key.encode())
 
     def stats(self) -> dict[str, Any]:
         b = self.batcher

@@ -188,8 +188,8 @@ class PolicyHandler(BaseHTTPRequestHandler):
         except RequestError as exc:
             self._error(exc.status, exc.message, exc.code, exc.param)
         except EpisodeError as exc:
-            self._error(exc.status, str(exc), "episode_not_found" if exc.status == 404 else "episode_closed",
-                        "episode_id")
+            code = {404: "episode_not_found", 409: "episode_closed"}.get(exc.status, "invalid_request")
+            self._error(exc.status, str(exc), code, "episode_id" if exc.status in (404, 409) else None)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client went away
         except Exception as exc:
