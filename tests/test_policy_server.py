@@ -67,7 +67,9 @@ def test_recorded_episode_equals_the_in_process_runner(policy, greedy):
         for _ in tasks:
             ep = client.next_task(timeout=10)
             torch.manual_seed(11)
-            replies, ret, success = play_guess(openai_chat(client.openai(ep.episode_id), max_tokens=6), ep.task)
+            # the request's temperature is ignored for recorded episodes (they sample at the training settings)
+            chat = openai_chat(client.openai(ep.episode_id), max_tokens=6, temperature=0.0)
+            replies, ret, success = play_guess(chat, ep.task)
             assert client.finish(ep.episode_id, ret, success)["accepted"]
         gots = played.join()
     assert len(gots) == 3
@@ -257,3 +259,22 @@ def test_tool_and_user_messages_in_one_turn_render_as_the_chat_template(policy):
     # up to the end of the last turn, which the template closes ("<|eos|>\n"; the action's own EOS when it has one)
     assert want.startswith(got) and want[len(got):] == ("\n" if traj.turns[-1].finished else "<|eos|>\n")
     assert not traj.turns[0].finished  # the first action was cut: its end-of-turn text came with the observation
+
+
+def test_not_ready_no_episode_and_training_ended(policy):
+    hub = make_hub(policy, LIMITS)
+    engine, hub.engine = hub.engine, None
+    msgs = [{"role": "user", "content": "Guess my number from 1 to 16."}]
+    with serving(hub) as server:
+        client = EpisodeClient(server.base_url)
+        with pytest.raises(ServerError) as warming:
+            client.chat(None, msgs)
+        assert warming.value.status == 503 and warming.value.code == "not_ready"
+        hub.engine = engine  # the trainer side sets it once the policy exists
+        assert client.chat(None, msgs, max_tokens=2) is not None
+        assert client.next_task(timeout=0.1) is None  # nothing handed out: 204
+        hub.close()
+        assert client.next_task(timeout=5) is None  # training ended: 410
+        with pytest.raises(ServerError) as ended:
+            client._request("POST", "/episodes/start", {"timeout": 0})
+        assert ended.value.status == 410 and ended.value.code == "hub_closed"
