@@ -39,7 +39,7 @@ def refine_added_steps(steps: int, plain: int, refine: int) -> int:
 def sft_warmup(
     model: torch.nn.Module,
     tokenizer: Any,
-    pairs: list[tuple[str, str]],
+    pairs: list[tuple[str, str]] | list[tuple[list[int], list[int]]],
     steps: int,
     batch_size: int,
     lr: float,
@@ -47,7 +47,9 @@ def sft_warmup(
     on_step: Callable[[int, float], None] | None = None,
     max_nonfinite: int = 3,
 ) -> list[float]:
-    """Cross-entropy on completion tokens (+EOS) only, over (prompt text, completion text) ``pairs``.
+    """Cross-entropy on completion tokens (+EOS) only, over (prompt text, completion text) ``pairs``, or over
+    (prompt ids, completion ids) pairs used as they are (an id completion already ends with EOS: episode
+    warm-ups pass the runner's exact ids, see ``agents.warmup.sft_id_pairs``).
     Returns the per-step losses. A step whose loss or gradient norm is NaN/inf is skipped (no optimizer step);
     ``max_nonfinite`` such steps in a row stop the warm-up with a :class:`UserError`."""
     if steps <= 0:
@@ -57,8 +59,10 @@ def sft_warmup(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
     gen = torch.Generator().manual_seed(seed)
     eos = tokenizer.eos_token_id
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in pairs]
-    comp_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + [eos] for _, c in pairs]
+    prompt_ids = [list(p) if isinstance(p, list) else tokenizer(p, add_special_tokens=False)["input_ids"]
+                  for p, _ in pairs]
+    comp_ids = [list(c) if isinstance(c, list) else tokenizer(c, add_special_tokens=False)["input_ids"] + [eos]
+                for _, c in pairs]
     buckets = length_buckets([len(p) + len(c) for p, c in zip(prompt_ids, comp_ids, strict=True)])
     sizes = torch.tensor([len(b) for b in buckets], dtype=torch.float)
     losses = []
