@@ -19,6 +19,9 @@ direct engine's CPU time: what the server costs in compute, independent of how b
 greedy so both sides generate the same tokens. Timings on a shared machine are noisy: the load average
 (``uptime``) is printed with them.
 
+Last, the server's own round trip per call: one client in this process plays episodes one after another against
+an engine that answers at once (a zero-time stand-in, used only for this line), p50/p90 in milliseconds.
+
 Usage: python benchmarks/server_overhead.py [--sizes tiny larger] [--episodes-per-client 3] [--max-new-tokens 16]
 Writes benchmarks/results/server_overhead.json.
 """
@@ -186,6 +189,51 @@ def measure(size: str, clients: int, episodes_per_client: int, max_new_tokens: i
     }
 
 
+class ZeroTimeEngine:
+    """Answers every prompt at once with the same 16 tokens: isolates the server's own per-call latency."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.ids = tokenizer(" 7" * 8, add_special_tokens=False)["input_ids"]
+
+    def sync_weights(self) -> None:
+        return None
+
+    def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[list[Any]]:
+        from critique_rl.rollout.base import Completion
+
+        return [[Completion(token_ids=list(self.ids), logprobs=[0.0] * len(self.ids), text=" 7" * 8, finished=False)]
+                for _ in prompt_ids]
+
+
+def server_latency(calls: int = 200) -> dict[str, float]:
+    """One client in this process, one episode after another, against a zero-time engine: the round trip of a
+    chat call through the server (HTTP, JSON, history check, rendering, recording), in milliseconds."""
+    hub, _ = build("tiny", 16)
+    hub.engine = ZeroTimeEngine(hub.tokenizer)
+    episodes = calls // 4
+    player = threading.Thread(target=lambda: hub.play(make_tasks("latency", episodes, seed=0), 1, poll_s=0.05))
+    player.start()
+    times: list[float] = []
+    with PolicyServer(hub, ServeOptions(port=0)) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        for _ in range(episodes):
+            _, ep = _post(conn, "/v1/episodes/start", {"timeout": 5})
+            messages = [{"role": "user", "content": ep["task"]["prompt"]}]
+            for _turn in range(4):
+                t0 = time.perf_counter()
+                _, reply = _post(conn, "/v1/chat/completions", {"model": "policy", "messages": messages},
+                                 {"X-Episode-Id": ep["episode_id"]})
+                times.append(1000 * (time.perf_counter() - t0))
+                messages += [{"role": "assistant", "content": reply["choices"][0]["message"]["content"]},
+                             {"role": "user", "content": "Higher."}]
+            _post(conn, f"/v1/episodes/{ep['episode_id']}/finish", {"reward": 0.0})
+        player.join(timeout=30)
+    hub.close()
+    times.sort()
+    return {"calls": len(times), "p50_ms": round(times[len(times) // 2], 3),
+            "p90_ms": round(times[int(len(times) * 0.9)], 3), "min_ms": round(times[0], 3)}
+
+
 def uptime() -> str:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
@@ -220,12 +268,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               f"{r['direct_tokens_per_s']} | {r['server_ms_per_call']} / {r['direct_ms_per_call']} | "
               f"{100 * r['overhead']:+.1f}% | {r['server_cpu_ms_per_call_outside_engine']} ms/call = "
               f"{100 * r['cpu_overhead']:.1f}% of the engine's CPU |")
+    latency = server_latency()
+    print(f"\nserver round trip per chat call (1 client in process, zero-time engine, {latency['calls']} calls): "
+          f"p50 {latency['p50_ms']} ms, p90 {latency['p90_ms']} ms, min {latency['min_ms']} ms")
     for r in rows:
         print(f"{r['size']}: load {r['uptime_before'].split('load average:')[-1].strip()} (before), "
               f"{r['uptime_after'].split('load average:')[-1].strip()} (after)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "machine": platform.platform(), "cpus": os.cpu_count(),
+    out.write_text(json.dumps({"rows": rows, "server_latency": latency, "machine": platform.platform(), "cpus": os.cpu_count(),
                                "torch_threads": args.threads}, indent=2))
     return rows
 

@@ -171,8 +171,7 @@ class PolicyServer:
 
     def pending(self, delta: int) -> None:
         if self.batcher is not None:
-            with self.batcher.count_lock:
-                self.batcher.pending += delta
+            self.batcher.add_pending(delta)
 
     def _count(self, key: str) -> None:
         with self._count_lock:

@@ -8,9 +8,9 @@ most ``max(wait_s, wait_fraction * the last engine call's seconds)``, or at ``ma
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from critique_rl.agents.runner import generate_from_ids
@@ -53,70 +53,66 @@ class EngineBatcher:
         self.pending = 0
         """Requests in progress that may still add a call to this batch: chat calls not yet queued, start calls
         while there are episodes to hand out, finish calls (their agent comes back with the next episode)."""
-        self.count_lock = threading.Lock()
+        self._cv = threading.Condition()  # guards _jobs, pending, _closed; notified on every change
+        self._jobs: deque[_Job] = deque()
         self._closed = False
-        self._q: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="policy-engine", daemon=True)
         self._thread.start()
 
     def submit(self, ids: list[int], params: SamplingParams) -> Completion:
         """Generate one completion for ``ids`` (blocks until its batch ran); the engine's error is re-raised."""
-        if self._closed:
-            raise RuntimeError("the policy server is shutting down")
         job = _Job(ids, params)
-        self._q.put(job)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the policy server is shutting down")
+            self._jobs.append(job)
+            self._cv.notify()
         job.done.wait()
         if job.error is not None:
             raise job.error
         assert job.result is not None
         return job.result
 
+    def add_pending(self, delta: int) -> None:
+        """A request that may add a call started (+1) or can no longer add one (-1)."""
+        with self._cv:
+            self.pending += delta
+            self._cv.notify()
+
     def close(self) -> None:
         """Stop after the calls already queued (later submits raise)."""
-        self._closed = True
-        self._q.put(None)
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
         self._thread.join(timeout=30)
 
     def _nobody_else(self, batch_len: int) -> bool:
         """Whether every episode in flight already has its call in this batch (no one else could join)."""
+        if self.pending or self._jobs:
+            return False
         try:
             in_flight = int(self.hub.stats()["in_flight"])
         except Exception:  # a hub without stats: fall back to the time window
             return False
-        return in_flight <= batch_len and self.pending == 0 and self._q.empty()
+        return in_flight <= batch_len
 
     def _loop(self) -> None:
         while True:
-            job = self._q.get()
-            if job is None:
-                return
-            batch = [job]
-            deadline = time.monotonic() + max(self.wait_s, self.wait_fraction * self.last_engine_s)
-            stop = False
-            while len(batch) < self.max_batch:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._nobody_else(len(batch)):
-                    break
-                try:
-                    nxt = self._q.get(timeout=min(left, 0.002))
-                except queue.Empty:
-                    continue
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            while len(batch) < self.max_batch and not stop:  # whatever is already queued joins
-                try:
-                    nxt = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                else:
-                    batch.append(nxt)
+            with self._cv:
+                while not self._jobs and not self._closed:
+                    self._cv.wait()
+                if not self._jobs:  # closed and drained
+                    return
+                batch = [self._jobs.popleft()]
+                deadline = time.monotonic() + max(self.wait_s, self.wait_fraction * self.last_engine_s)
+                while len(batch) < self.max_batch:
+                    while self._jobs and len(batch) < self.max_batch:
+                        batch.append(self._jobs.popleft())
+                    left = deadline - time.monotonic()
+                    if len(batch) >= self.max_batch or left <= 0 or self._closed or self._nobody_else(len(batch)):
+                        break
+                    self._cv.wait(timeout=left)  # a new call, or a request that could add one finished
             self._run(batch)
-            if stop:
-                return
 
     def _run(self, batch: list[_Job]) -> None:
         groups: dict[tuple, list[_Job]] = {}
