@@ -33,8 +33,8 @@ def mean(rows: list[dict[str, Any]], key: str, scale: float = 1.0) -> float | No
 
 
 def diagnostics(rows: list[dict[str, Any]], samples_per_step: int) -> dict[str, float | None]:
-    """Per-step means over ``rows``: right refinements kept (groups rescued: one kept refinement per group, right
-    first), right on-policy samples, the refinements' share of the update, their log-prob, the distillation loss."""
+    """Per-step means over ``rows``: all-wrong groups rescued by a right refinement (``critique/groups_rescued``),
+    right on-policy samples, the refinements' share of the update, their log-prob, the distillation loss."""
     return {"right_refinements": mean(rows, "critique/groups_rescued"),
             "right_onpolicy": mean(rows, "train/accuracy", samples_per_step),
             "share": mean(rows, "offpolicy/grad_weight_share"),
