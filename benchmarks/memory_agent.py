@@ -13,8 +13,8 @@ episode runner renders them (plain text).
 Arms (fixed before any result): ``rl_only`` (episode Critique-GRPO, memory off); ``rl_memory`` (the same with
 memory: lessons retrieved at reset, failures abstracted into lessons, successes kept as demonstrations);
 ``memory_only`` (the same run with memory and learning rate 1e-12: the weights stay as warmed up, the bank
-fills from the same number of episodes). Memory: lexical, 1 lesson, no demonstrations (the agent path applies
-no ``min_score``; with one lesson the matching one is chosen whenever it exists). Evaluation: the trainer's own
+fills from the same number of episodes). Memory: lexical, 1 lesson, no demonstrations, ``min_score`` at its
+default 0.0 (applied at reset by ``EpisodeMemory`` since 4d6a463): the lesson about the task's entity or none. Evaluation: the trainer's own
 held-out greedy episodes (numbers never trained on, memory read-only for the memory arms), success rate.
 """
 
