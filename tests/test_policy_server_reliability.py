@@ -256,3 +256,47 @@ def test_two_calls_of_one_episode_at_once_the_second_is_refused(policy):
         live = hub.live(ep.episode_id)
         assert first and live.trajectory.num_turns == 1 and live.messages[-1]["content"] == first[0]
         assert len(engine.rows) == 1
+
+
+def test_finish_while_a_call_is_generating_never_adds_a_turn_to_a_finished_episode(policy):
+    """A client that finishes without waiting for its reply: either the finish is refused (409) and the call's turn
+    is recorded, or the finish wins and the call's reply is refused (409); the trajectory handed to training never
+    changes after it was finished."""
+    engine = GatedEngine(policy.engine)
+    hub = make_hub(policy, LIMITS, engine=engine)
+    task = make_tasks("race", 1, seed=10)[0]
+    with serving(hub) as server:
+        played = play_in_background(hub, [task], n=1)
+        ec = EpisodeClient(server.base_url)
+        ep = ec.next_task(timeout=5)
+        msgs = [{"role": "user", "content": task["prompt"]}]
+        call: list = []
+
+        def chat() -> None:
+            try:
+                call.append(ec.chat(ep.episode_id, msgs))
+            except ServerError as exc:
+                call.append(exc)
+
+        t = threading.Thread(target=chat)
+        t.start()
+        assert engine.entered.wait(timeout=10)
+        try:
+            finished_first = ec.finish(ep.episode_id, 0.0, False)["accepted"]
+        except ServerError as exc:
+            assert exc.status == 409
+            finished_first = False
+        engine.release.set()
+        t.join(timeout=30)
+        if finished_first:
+            assert isinstance(call[0], ServerError) and call[0].status == 409
+            (traj,) = played.join()
+            assert traj.num_turns == 0
+        else:
+            assert isinstance(call[0], str)
+            ec.finish(ep.episode_id, 0.0, False)
+            (traj,) = played.join()
+            assert traj.num_turns == 1 and traj.turns[0].action_text == call[0]
+        turns_at_finish = traj.num_turns
+        time.sleep(0.05)
+        assert traj.num_turns == turns_at_finish
