@@ -84,6 +84,9 @@ def test_two_processes_on_episodes_with_memory_equal_one_process_and_resume(tmp_
     assert {r[0] for r in one} == {"lesson", "demonstration"}  # the seeded run records both kinds
     assert any(r[4] > 0 for r in one)  # retrieval was credited (records were read on both processes)
     assert steps2[-1]["memory/context_rate"] > 0
+    # retrieval on every process: rank 1's logged episodes carry the memory context after step 1 wrote the bank
+    roll = read_jsonl(tmp_path / "two" / "rollouts.jsonl")
+    assert any(r.get("rank") == 1 and r["step"] > 1 and r.get("context") for r in roll)
 
     run("part", 2, max_steps=2, checkpoint_every=1)
     rows_r, ranks_r = run("part", 2, resume=True, checkpoint_every=1)
