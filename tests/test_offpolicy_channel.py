@@ -110,21 +110,22 @@ def test_offpolicy_weighting_changes_only_the_refinement_loss(fast_config, tmp_p
 
 
 def test_refinement_rows_carry_their_critique_conditioned_sampling_logprobs(fast_config, monkeypatch):
+    import critique_rl.train.critique_stage as stage
     import critique_rl.train.trainer as tr
 
     seen = {}
-    real_update, real_refine = tr.policy_update, tr.CritiqueGRPOTrainer._critique_and_refine
+    real_update, real_refine = tr.policy_update, stage.critique_and_refine
 
     def record_update(model, optimizer, scheduler, accelerator, ub, cfg, **kw):
         seen["ub"] = ub
         return real_update(model, optimizer, scheduler, accelerator, ub, cfg, **kw)
 
-    def record_refine(self, batch):
-        seen["crit"], seen["batch"] = real_refine(self, batch), batch
+    def record_refine(ctx, batch):
+        seen["crit"], seen["batch"] = real_refine(ctx, batch), batch
         return seen["crit"]
 
     monkeypatch.setattr(tr, "policy_update", record_update)
-    monkeypatch.setattr(tr.CritiqueGRPOTrainer, "_critique_and_refine", record_refine)
+    monkeypatch.setattr(stage, "critique_and_refine", record_refine)
     trainer = tr.CritiqueGRPOTrainer(args=fast_config(max_steps=1, critique_on="all", offpolicy_weighting="gap",
                                                       sft_steps=5, eval_n=8))
     trainer.train()

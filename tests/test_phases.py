@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import critique_rl.train.trainer as trainer_mod
+import critique_rl.train.sft_phase as sft_phase
 from critique_rl.config import TrainConfig, from_dict
 from critique_rl.errors import ConfigError
 from critique_rl.train.metrics import read_jsonl
@@ -62,7 +62,7 @@ def test_phases_resume_inside_sft_and_rl_phases(fast_config, tmp_path, monkeypat
     assert summary["phases"][1]["at_rl_step"] == 2
 
     # crash inside the second SFT phase, resume; crash inside the last rl phase, resume again
-    real_sft = trainer_mod.sft_warmup
+    real_sft = sft_phase.sft_warmup
     calls = {"n": 0}
 
     def dying_sft(*a, **k):
@@ -72,10 +72,10 @@ def test_phases_resume_inside_sft_and_rl_phases(fast_config, tmp_path, monkeypat
         return real_sft(*a, **k)
 
     out = tmp_path / "crashed"
-    monkeypatch.setattr(trainer_mod, "sft_warmup", dying_sft)
+    monkeypatch.setattr(sft_phase, "sft_warmup", dying_sft)
     with pytest.raises(KeyboardInterrupt):
         CritiqueGRPOTrainer(args=fast_config(output_dir=str(out), **kw)).train()
-    monkeypatch.setattr(trainer_mod, "sft_warmup", real_sft)
+    monkeypatch.setattr(sft_phase, "sft_warmup", real_sft)
     real_step = CritiqueGRPOTrainer._step
 
     def dying_step(self):

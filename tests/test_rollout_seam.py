@@ -11,8 +11,10 @@ import pytest
 from critique_rl.errors import ConfigError
 from critique_rl.rollout import HFGenerator
 from critique_rl.rollout.factory import build_generator
+from critique_rl.train import critique_stage
 from critique_rl.train import trainer as trainer_mod
 from critique_rl.train.rollout_batch import AdvantagePlan, CritiqueResult, RolloutBatch
+from critique_rl.train.step_context import StepContext
 
 
 def test_factory_builds_the_hf_engine_and_names_bad_backends():
@@ -41,18 +43,19 @@ def test_trainer_syncs_weights_after_every_update_and_passes_typed_batches(fast_
         return Counting(gen.model, gen.tokenizer, batch_size=gen.batch_size)
 
     monkeypatch.setattr(trainer_mod, "build_generator", factory)
-    orig_update_batch = trainer_mod.CritiqueGRPOTrainer._update_batch
+    orig_update_batch = critique_stage.update_batch
 
-    def spy(self, batch, crit, plan):
-        seen.extend([type(batch), type(crit), type(plan)])
-        return orig_update_batch(self, batch, crit, plan)
+    def spy(ctx, batch, crit, plan):
+        seen.extend([type(ctx), type(batch), type(crit), type(plan)])
+        return orig_update_batch(ctx, batch, crit, plan)
 
-    monkeypatch.setattr(trainer_mod.CritiqueGRPOTrainer, "_update_batch", spy)
+    monkeypatch.setattr(critique_stage, "update_batch", spy)
     cfg = fast_config(max_steps=3, critique_on="all", sft_refine_fraction=0.3)
     trainer_mod.CritiqueGRPOTrainer(args=cfg).train()
     assert calls["sync"] == 3  # once per optimizer update
     assert calls["generate"] >= 3
-    assert seen[0] is RolloutBatch and seen[1] is CritiqueResult and seen[2] is AdvantagePlan
+    assert seen[0] is StepContext and seen[1] is RolloutBatch and seen[2] is CritiqueResult
+    assert seen[3] is AdvantagePlan
 
 
 def test_no_import_circle_through_the_trainer():

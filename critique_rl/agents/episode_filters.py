@@ -112,7 +112,6 @@ def measure_pass_rates(src: EpisodeSource, pool: EpisodePool, sampler: PromptSam
         console.print(f"[bold yellow]warning: pass_rate_filter would leave {total - len(hard | easy)} of {total} "
                       f"tasks ({len(hard)} too hard, {len(easy)} too easy), fewer than one batch "
                       f"({cfg.prompts_per_step}); the pool is left as it was[/]", soft_wrap=True)
-    t._selection.samples_total += len(measured) * pf.samples
     if t.is_main:  # what the filter removed, task by task (rewritten if a resumed run measures again)
         folder = t.out / "selection"
         folder.mkdir(parents=True, exist_ok=True)
@@ -126,5 +125,6 @@ def measure_pass_rates(src: EpisodeSource, pool: EpisodePool, sampler: PromptSam
             "selection/pass_rate_too_hard": len(hard), "selection/pass_rate_too_easy": len(easy),
             "selection/pass_rate_applied": int(applied), "selection/pool_size": total - len(sampler.excluded),
             "selection/pass_rate_samples": len(measured) * pf.samples, "time/pass_rate": time.perf_counter() - t0}
-    t._selection.pass_rate = info
+    t.selection = replace(t.selection, samples_total=t.selection.samples_total + len(measured) * pf.samples,
+                          pass_rate=info)  # the trainer's frozen selection state, replaced
     return info

@@ -303,8 +303,8 @@ class EpisodeSource:
 
         ds = cfg.dynamic_sampling
         fill = filters.fill_episodes(draw(), draw, ds.max_refill_batches, enabled=ds.enabled)
-        t._selection.samples_total += fill.samples
-        info.update(filters.fill_metrics(fill, t._selection.samples_total, ds.enabled,
+        # the trainer adds selection/samples to its selection state once collect returns
+        info.update(filters.fill_metrics(fill, t.selection.samples_total + fill.samples, ds.enabled,
                                          len(sampler.rows) - len(sampler.excluded) if pf.enabled else None))
         return fill.batch, info
 

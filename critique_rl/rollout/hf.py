@@ -54,7 +54,8 @@ class SampledLogprobRecorder(LogitsProcessor):
 
 
 class HFGenerator:
-    """Samples from the live policy module itself, so weight sync is a no-op.
+    """Samples from the live policy module itself, so weight sync is a no-op. ``model`` may be the module or a
+    zero-argument function returning it (read at every use).
 
     Prompts are tokenized without special tokens (chat formatting, if any, is already in the text) and
     sampled in chunks of ``batch_size`` sequences. Within a chunk, each distinct prompt is encoded once (all
@@ -75,11 +76,21 @@ class HFGenerator:
         autocast: Callable[[], AbstractContextManager[Any]] | None = None,
         synced_gpus: bool = False,
     ) -> None:
-        self.model = model
+        self._model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.autocast = autocast
         self.synced_gpus = synced_gpus
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The policy module (read through the function given in its place, if one was: a later wrap is seen)."""
+        m = self._model
+        return m if isinstance(m, torch.nn.Module) or not callable(m) else m()
+
+    @model.setter
+    def model(self, model: Any) -> None:
+        self._model = model
 
     def sync_weights(self) -> None:  # same module: nothing to copy
         return None
@@ -113,11 +124,11 @@ class HFGenerator:
         return self._generate_encoded(dict(enc), params)
 
     def _generate_encoded(self, enc: dict[str, torch.Tensor], params: SamplingParams) -> list[Completion]:
-        tok = self.tokenizer
-        device = next(self.model.parameters()).device
+        tok, model = self.tokenizer, self.model
+        device = next(model.parameters()).device
         enc = {k: v.to(device) for k, v in enc.items()}
-        was_training = self.model.training
-        self.model.eval()
+        was_training = model.training
+        model.eval()
         sample = not params.greedy
         # sampling logprobs under logits / temperature (the distribution the tokens were drawn from, before
         # top-p); greedy decoding records them at temperature 1
@@ -139,15 +150,15 @@ class HFGenerator:
             gen_kwargs.update(temperature=None, top_p=None, top_k=None)
         try:
             with self.autocast() if self.autocast is not None else nullcontext():
-                if not self.synced_gpus and prefix_sharing_mode(self.model) != "off":
-                    cache = prefill_shared_prompts(self.model, enc["input_ids"], enc["attention_mask"])
+                if not self.synced_gpus and prefix_sharing_mode(model) != "off":
+                    cache = prefill_shared_prompts(model, enc["input_ids"], enc["attention_mask"])
                     if cache is not None:
-                        gen_kwargs[_cache_keyword(self.model)] = cache
-                out = self.model.generate(**enc, **gen_kwargs)
+                        gen_kwargs[_cache_keyword(model)] = cache
+                out = model.generate(**enc, **gen_kwargs)
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
         finally:
             if was_training:
-                self.model.train()
+                model.train()
         seqs = sequences[:, enc["input_ids"].shape[1] :]
         lp = recorder.finish(seqs)
         results = []

@@ -12,18 +12,22 @@ plain prompt.
     (the trainer's policy update, weight sync, EMA teacher)
     metrics = source.step_metrics(batch, crit, plan, local, selection)   # merged over processes
     source.log_rollouts(batch, plan, crit)
+
+:class:`PromptSource` is a thin adapter: each call is a stage function over the step's frozen
+:class:`~critique_rl.train.step_context.StepContext` (:mod:`~critique_rl.train.sample_stage`,
+:mod:`~critique_rl.train.critique_stage`, :mod:`~critique_rl.train.log_stage`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
+from critique_rl.train import critique_stage, log_stage, sample_stage
 from critique_rl.train import distributed as dist
 from critique_rl.train.rollout_batch import AdvantagePlan, CritiqueResult, RolloutBatch
+from critique_rl.train.selection import SelectionState
+from critique_rl.train.step_context import StepContext
 from critique_rl.train.update import UpdateBatch
-
-if TYPE_CHECKING:
-    from critique_rl.train.trainer import CritiqueGRPOTrainer
 
 
 class RolloutSource(Protocol):
@@ -49,39 +53,46 @@ class RolloutSource(Protocol):
 
 
 class PromptSource:
-    """Single-turn prompts: the trainer's prompt sampler, reward functions, gates, critic and memory hook."""
+    """Single-turn prompts over one step's context: the prompt draw, reward functions, gates, critic and memory
+    hook it holds. ``selection`` is the run's data-selection state before the step (read, never changed: the
+    trainer folds ``selection/samples`` into a new state); ``rollout_log`` is written on the main process."""
 
     kind = "prompts"
 
-    def __init__(self, trainer: CritiqueGRPOTrainer) -> None:
-        self.t = trainer
+    def __init__(self, ctx: StepContext, selection: SelectionState, rollout_log: Any = None) -> None:
+        self.ctx = ctx
+        self.selection = selection
+        self.rollout_log = rollout_log
 
     def collect(self, timer: Any) -> tuple[RolloutBatch, dict[str, Any]]:
-        return self.t._collect_batch(timer)
+        return sample_stage.collect(self.ctx, self.selection, timer)
 
     def critique_and_refine(self, batch: RolloutBatch) -> CritiqueResult | None:
-        return self.t._critique_and_refine(batch) if self.t._refines else None
+        return critique_stage.critique_and_refine(self.ctx, batch)
 
     def advantages(self, batch: RolloutBatch, crit: CritiqueResult | None) -> AdvantagePlan:
-        return self.t._advantages(batch, crit)
+        return critique_stage.advantages(self.ctx, batch, crit)
 
     def update_batch(self, batch: RolloutBatch, crit: CritiqueResult | None,
                      plan: AdvantagePlan) -> tuple[UpdateBatch | None, dict[str, Any]]:
-        return self.t._update_batch(batch, crit, plan)
+        return critique_stage.update_batch(self.ctx, batch, crit, plan)
 
     def norm_constant(self) -> float:
-        return float(self.t.max_new_tokens)
+        return float(self.ctx.fmt.max_new_tokens)
 
     def step_metrics(self, batch: RolloutBatch, crit: CritiqueResult | None, plan: AdvantagePlan,
                      local: dict[str, Any], selection: dict[str, Any]) -> dict[str, Any]:
-        t = self.t
-        metrics = t._metrics(batch, crit, plan)
+        ctx = self.ctx
+        metrics = log_stage.local_metrics(ctx, batch, crit, plan)
         metrics.update(local)
         metrics = dist.merge_metrics(dist.gather_objects(metrics))
-        metrics.update(t._global_metrics(batch, plan))
+        metrics.update(log_stage.global_metrics(ctx, batch, plan))
         metrics.update(selection)
-        metrics.update(t._memory_update(batch, crit))
+        metrics.update(log_stage.memory_update(ctx, batch, crit))
         return metrics
 
     def log_rollouts(self, batch: RolloutBatch, plan: AdvantagePlan, crit: CritiqueResult | None) -> None:
-        self.t._log_rollouts(batch, plan, crit)
+        rows = log_stage.rollout_rows(self.ctx, batch, plan, crit)
+        if self.ctx.is_main:
+            for row in rows:
+                self.rollout_log.write(row)

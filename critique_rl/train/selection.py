@@ -188,15 +188,20 @@ def dynamic_fill(first: RolloutBatch, draw: Callable[[], RolloutBatch], max_refi
     return FillResult(batch, frac, refills, int(dropped), int(padded), int(total_samples))
 
 
-@dataclass
+@dataclass(frozen=True)
 class SelectionState:
     """The data-selection state of a run (checkpointed as a dict): samples generated so far, the pass-rate
-    filter's last measurement, the task order and the task entropies it came from."""
+    filter's last measurement, the task order and the task entropies it came from. Frozen: the stages return a
+    new state (:func:`dataclasses.replace`, :meth:`add_samples`)."""
 
     samples_total: int = 0
     pass_rate: dict[str, Any] | None = None
     task_order: list[str] | None = None
     task_entropy: dict[str, float] | None = None
+
+    def add_samples(self, count: int) -> SelectionState:
+        """This state with ``count`` more samples generated."""
+        return replace(self, samples_total=self.samples_total + int(count))
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k == "pass_rate"}

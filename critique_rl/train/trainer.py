@@ -1,16 +1,20 @@
 """The training loop: SFT warm-up, then GRPO / Critique-GRPO steps, evaluation, checkpoints.
 
 Read top to bottom: ``train()`` -> ``_setup`` -> ``_warmup`` -> loop of ``_step`` -> ``_finish``.
-One step is a pipeline over typed values (:mod:`critique_rl.train.rollout_batch`)::
+One step is a pipeline of stages over typed values (:mod:`critique_rl.train.rollout_batch`), asked of the run's
+rollout source (single-turn prompts, :class:`~critique_rl.train.prompt_source.PromptSource`, whose stages are
+functions of a frozen :class:`~critique_rl.train.step_context.StepContext`; or episodes,
+:class:`~critique_rl.agents.source.EpisodeSource`)::
 
-    rows, contexts = next_prompts()          # this process's shard of the global prompt batch (+ memory)
-    batch = score(sample(rows, contexts))    # RolloutBatch: n completions per prompt, rewards, gates
-    crit = critique_and_refine(batch)        # CritiqueResult (or None): critiques, refinements, their rewards
-    plan = advantages(batch, crit)           # AdvantagePlan over mixed groups (gathered over processes)
-    ub = update_batch(batch, crit, plan)     # UpdateBatch: tokens, per-token advantages, distillation, reference
-    stats = policy_update(ub); generator.sync_weights()
-    metrics = log(batch, crit, plan, stats)  # merged over processes, written by the main process
+    batch, selection = source.collect(timer)          # sample -> score: RolloutBatch (this process's shard)
+    crit = source.critique_and_refine(batch)          # critique/refine: CritiqueResult (or None)
+    plan = source.advantages(batch, crit)             # advantages: AdvantagePlan over mixed groups (gathered)
+    ub, extra = source.update_batch(batch, crit, plan)   # UpdateBatch: tokens, per-token advantages, teacher
+    stats = policy_update(ub); engine.sync_weights()  # update (the engine's own protocol says sleep / TIS)
+    metrics = source.step_metrics(...)                # log: merged over processes, written by the main process
 
+The run's state between steps is typed: :class:`~critique_rl.train.selection.SelectionState` (frozen, replaced
+by each stage that changes it), the EMA teacher, the step / phase counters and the critic failure watch.
 Under ``accelerate launch`` every process runs this loop on its own whole groups; only the main process
 writes metrics, rollouts, checkpoints, the summary, plots and the memory bank.
 """
@@ -27,34 +31,25 @@ from typing import Any
 
 import torch
 from accelerate.utils import DistributedType, ProjectConfiguration
-from rich.progress import (
-    Progress,
-)
+from rich.progress import Progress
 
 from critique_rl.config import TrainConfig
-from critique_rl.errors import ConfigError, UserError
+from critique_rl.errors import UserError
 from critique_rl.model_card import write_model_card
-from critique_rl.models import (
-    format_prompt,
-    load_policy,
-)
-from critique_rl.rollout import engine_is_separate, engine_sleep
+from critique_rl.rollout import Generator, engine_is_separate, engine_sleep
 from critique_rl.rollout.factory import build_generator
-from critique_rl.train import checkpoint as ckpt
 from critique_rl.train import distributed as dist
-from critique_rl.train import prompt_setup, task_mix
-from critique_rl.train.batching import enable_fused_head, fused_head_supported
-from critique_rl.train.critique_path import CritiquePathMixin
+from critique_rl.train import prompt_setup, selection_stage, task_mix
+from critique_rl.train.batching import enable_fused_head
+from critique_rl.train.critique_stage import reference_logprobs
 from critique_rl.train.ema import EmaTeacher
+from critique_rl.train.log_stage import CriticWatch, check_critic, run_totals
 from critique_rl.train.metrics import JsonlWriter, plot_curves
-from critique_rl.train.phase_state import enter_phase, phase_name, setup_phases
-from critique_rl.train.policy_setup import prepare_policy, save_final
+from critique_rl.train.phase_state import enter_phase, setup_phases
+from critique_rl.train.policy_setup import fused_head_wanted, load_model, prepare_policy, save_final
 from critique_rl.train.prefix_sharing import configure_prefix_sharing
-from critique_rl.train.prompt_selection import PromptSelectionMixin
 from critique_rl.train.prompt_source import PromptSource, RolloutSource
-from critique_rl.train.records import RecordsMixin
 from critique_rl.train.run_setup import (
-    LORA_BASE_DIR,
     _eval_metrics,
     _progress,
     _Timer,
@@ -66,15 +61,17 @@ from critique_rl.train.run_setup import (
     quiet_library_progress,
     start_run,
 )
+from critique_rl.train.run_state import RunHandles, restore_run_state, resume_point, save_run_state
 from critique_rl.train.sampler import PromptSampler
 from critique_rl.train.selection import SelectionState
-from critique_rl.train.sft import sft_warmup
-from critique_rl.train.trackers import flat_config, resolve_trackers, tracker_init_kwargs
+from critique_rl.train.sft_phase import run_sft_phase
+from critique_rl.train.step_context import Models, PromptDraw, PromptFormat, Scorer, StepContext
+from critique_rl.train.trackers import flat_config, resolve_trackers, scalars, tracker_init_kwargs
 from critique_rl.train.update import NonFiniteGuard, Normalisation, UpdateBatch, policy_update
 
 __all__ = ["CritiqueGRPOTrainer"]
 
-class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin):
+class CritiqueGRPOTrainer:
     """GRPO with optional critiques, refinements, directive distillation and memory.
 
     Args:
@@ -117,6 +114,9 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         self.out = Path(self.cfg.output_dir)
         self.step = 0
         self.summary: dict[str, Any] = {}
+        self.selection = SelectionState()  # data selection (frozen, replaced as it changes); checkpointed
+        self._critic_watch = CriticWatch()
+        self._generator: Generator | None = None
 
     # ------------------------------------------------------------------------------------------------------
     # setup
@@ -137,8 +137,7 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         else:
             prompt_setup.setup_prompt_data(self)
         self._nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps)
-        self._critic_errors_seen = 0.0
-        resume_from = self._resume_point(resume)
+        resume_from = resume_point(self.out, resume, self.accelerator)
         self.model, self.tokenizer = self._load_model(resume_from)
         if self.episodes is None:
             prompt_setup.setup_prompt_objectives(self)
@@ -147,7 +146,6 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         self._task_blocks: list[tuple[str, int, int]] = []
         setup_phases(self)
         self.rng = random.Random(cfg.seed + 1 + 7919 * self.rank)  # refinement choice; checkpointed
-        self._selection = SelectionState()  # data selection; checkpointed
         if self.episodes is not None:
             self.sampler = PromptSampler(self.episodes.train_tasks, cfg.seed)
             self.episodes.setup_model(self, resume_from)
@@ -164,95 +162,24 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
                                            init_kwargs=tracker_init_kwargs(self.trackers, self.out, self.out.name))
         return resume_from
 
-    def _resume_point(self, resume: bool) -> Path | None:
-        """The checkpoint to resume from (or None); a fresh run's logs are cleared by the main process."""
-        warn = (lambda msg: console.print(f"[bold yellow]warning: {msg}[/]", soft_wrap=True, markup=True)) \
-            if self.accelerator.is_main_process else None
-        resume_from = ckpt.resume_checkpoint(self.out / "checkpoints", warn=warn) if resume else None
-        if not resume and ckpt.latest_checkpoint(self.out / "checkpoints") is not None:
-            raise UserError(f"output_dir '{self.out}' already holds checkpoints of an earlier run; pass --resume to "
-                            "continue it, or choose another --output-dir (or delete the folder)")
-        self.accelerator.wait_for_everyone()  # every rank has looked before the main process changes anything
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if resume_from is None:  # a fresh run owns its logs
-                for name in ("metrics.jsonl", "rollouts.jsonl"):
-                    (self.out / name).unlink(missing_ok=True)
-        return resume_from
+    def _load_model(self, resume_from: Path | None) -> tuple[Any, Any]:
+        return load_model(self, resume_from)  # a method: benchmarks wrap it
 
     def _run_sft(self, index: int, model: torch.nn.Module, progress: Progress | None) -> None:
         """SFT phase ``index`` on ``model``: the run's rows (with the task's demonstrations, mistakes and
-        refinement demos) or the phase's ``train_file`` (prompt -> answer). Seeded: the first phase by the run
-        seed (the warm-up of earlier releases), later ones by seed + 1000 x index, so a rerun repeats it."""
-        cfg, ph = self.cfg, self.phases[index]
-        steps = ph.steps or 0
-        if steps <= 0:
-            return
-        first = index == 0
-        lr = ph.learning_rate if ph.learning_rate is not None else cfg.sft_learning_rate
-        seed = cfg.seed if first else cfg.seed + 1000 * index
-        label = "SFT warm-up" if first else f"SFT {phase_name(self.phases, index)}"
-        task_id = progress.add_task(label, total=steps) if progress else None
-        t0 = time.perf_counter()
+        refinement demos), the environment's scripted episodes, or the phase's ``train_file`` (prompt -> answer)."""
+        self.summary.update(run_sft_phase(self.cfg, self.phases, index, model, self.tokenizer, self._sft_pairs,
+                                          progress, self.step, self.summary))
+
+    def _sft_pairs(self, ph: Any, steps: int, first: bool) -> tuple[list[tuple[str, str]], int]:
         if ph.train_file:
-            pairs = [(self.prompt_text(r), str(r["answer"])) for r in self._phase_rows[ph.train_file]]
-        elif self.episodes is not None:  # scripted episodes of the environment
-            pairs = self.episodes.sft_pairs(cfg)
-        else:
-            pairs, steps = prompt_setup.sft_pairs(self, steps, first)
-            if progress:
-                progress.update(task_id, total=steps)
-        losses = sft_warmup(
-            model, self.tokenizer, pairs,
-            steps=steps, batch_size=cfg.sft_batch_size, lr=lr, seed=seed,
-            on_step=(lambda s, loss: progress.update(task_id, advance=1, description=f"SFT loss {loss:.3f}"))
-            if progress else None,
-        )
-        self.summary["sft_final_loss"] = losses[-1]
-        self.summary["sft_seconds"] = self.summary.get("sft_seconds", 0.0) * (not first) + time.perf_counter() - t0
-        if cfg.phases:
-            self.summary.setdefault("phases", []).append(
-                {"phase": index, "name": phase_name(self.phases, index), "kind": "sft", "steps": steps,
-                 "at_rl_step": self.step, "final_loss": losses[-1]})
-
-    def _weights_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.cfg.weights_dtype == "bfloat16" else torch.float32
-
-    def _load_model(self, resume_from: Path | None):
-        cfg = self.cfg
-        dev = str(self.accelerator.device.type)
-        if resume_from is not None:
-            if cfg.lora.enabled:
-                from critique_rl.lora import load_adapter
-
-                base, tok = load_policy(self.out / LORA_BASE_DIR, device=dev, dtype=self._weights_dtype())
-                return load_adapter(base, resume_from / "model", trainable=True), tok
-            return load_policy(resume_from / "model", device=dev, dtype=self._weights_dtype())
-        if not isinstance(self._model_arg, str):
-            if self._tokenizer_arg is None:
-                raise UserError("pass tokenizer= together with a loaded model object")
-            return self._model_arg.to(self.accelerator.device), self._tokenizer_arg
-        if self._model_arg == "tiny":
-            model, tok = (self.episodes or prompt_setup).build_tiny(self)
-            return model.to(self._weights_dtype()).to(self.accelerator.device), tok
-        return load_policy(self._model_arg, device=dev, dtype=self._weights_dtype())
+            return [(self.prompt_text(r), str(r["answer"])) for r in self._phase_rows[ph.train_file]], steps
+        if self.episodes is not None:  # scripted episodes of the environment
+            return self.episodes.sft_pairs(self.cfg), steps
+        return prompt_setup.sft_pairs(self, steps, first)
 
     def prompt_text(self, row: dict[str, Any], context: str | None = None) -> str:
-        prompt = row["prompt"]
-        text = prompt if not context else (prompt.with_context(context) if hasattr(prompt, "with_context")
-                                           else f"{context}\n{prompt}")
-        return format_prompt(self.tokenizer, text, self.use_chat)
-
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _fused_head(self) -> bool:
-        """``fused_lm_head``: ``auto`` = on a GPU, when the model's logits are a plain projection."""
-        mode, supported = self.cfg.fused_lm_head, fused_head_supported(self.model)
-        if mode == "on" and not supported:
-            raise ConfigError("fused_lm_head", "on", f"{type(self._policy_module()).__name__} scales or soft-caps "
-                              "its logits; use auto or off")
-        return mode == "on" or (mode == "auto" and supported and self.accelerator.device.type == "cuda")
+        return PromptFormat(self.tokenizer, self.use_chat, 0).text(row, context)
 
     def _policy_module(self) -> Any:
         """The transformers model itself (below a peft wrapper, if any)."""
@@ -290,9 +217,7 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
     def _evaluate(self) -> dict[str, Any]:
         """Greedy held-out accuracy; with a ``brier`` reward in use, also calibration (ECE, Brier score, AUROC).
         Each process decodes its share of the held-out rows; the records are gathered before summarising."""
-        gen = self._vllm_engine() if self.cfg.rollout_backend == "vllm" else build_generator(
-            "hf", self._policy(), self.tokenizer, batch_size=cfg_bs(self.cfg), autocast=self.accelerator.autocast)
-        return (self.episodes or prompt_setup).evaluate(self, gen)
+        return (self.episodes or prompt_setup).evaluate(self, self.generator)
 
     def _build_optim(self) -> None:
         cfg = self.cfg
@@ -313,29 +238,29 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
                                 "use it on one process or with DDP, or distill_teacher: current under FSDP/ZeRO")
             self._ema_teacher = EmaTeacher(self._policy(), cfg.distill_teacher_ema)
         models = [m for m in (self.model, self.ref_model, self._ema_teacher and self._ema_teacher.model) if m]
-        for m in models if self._fused_head() else ():  # after the reference copy: each its own patched forward
+        for m in models if fused_head_wanted(self) else ():  # after the reference copy: each its own patched forward
             enable_fused_head(m)
         configure_prefix_sharing(models, cfg.prefix_sharing)  # policy, reference and teacher passes + generation
-        self.generator = self._vllm_engine() if cfg.rollout_backend == "vllm" else build_generator(
-            "hf", self._policy(), self.tokenizer, batch_size=cfg_bs(cfg), autocast=self.accelerator.autocast)
-        if cfg.rollout_backend == "vllm" and getattr(self.critic, "shares_policy", False):
+        if engine_is_separate(self.generator) and getattr(self.critic, "shares_policy", False):
             self.critic.generator = self.generator  # self-critique (hf, model: policy) from the synced engine
         if self.world > 1:  # ranks sample different completions (the same seed would correlate them)
             torch.manual_seed(cfg.seed + 1000 * self.rank)
 
-    def _vllm_engine(self) -> Any:
-        """The vLLM engine (``rollout_backend: vllm``), built on first use (after the SFT warm-up) and kept: it
-        serves rollouts, refinements and evaluation, and gets the weights after every optimizer step. It reads
-        the policy through ``self._policy`` at each sync, so a LoRA wrap after it was built is seen (merged)."""
-        if getattr(self, "_vllm", None) is None:
+    @property
+    def generator(self) -> Generator:
+        """The rollout engine (``rollout_backend``, from the engine registry), built on first use (the held-out
+        evaluation after the SFT warm-up) and kept: it serves rollouts, refinements and evaluation, and gets the
+        weights after every optimizer step. It reads the policy through ``self._policy`` at each use, so a LoRA
+        wrap after it was built is seen. What differs between engines is asked of the engine (its protocol)."""
+        if self._generator is None:
             cfg = self.cfg
-            sharded = self.world > 1 and not cfg.lora.enabled  # FSDP / ZeRO-3: full weights gathered for the push
-            self._vllm = build_generator(
-                "vllm", self._policy, self.tokenizer, batch_size=cfg_bs(cfg), vllm_config=cfg.vllm,
-                seed=cfg.seed + 1000 * self.rank, workdir=self.out if cfg.vllm.mode == "server" else None,
-                is_main=self.is_main,
+            sharded = self.world > 1 and not cfg.lora.enabled  # FSDP / ZeRO-3: full weights gathered for a push
+            self._generator = build_generator(
+                cfg.rollout_backend, self._policy, self.tokenizer, batch_size=cfg_bs(cfg),
+                autocast=self.accelerator.autocast, vllm_config=cfg.vllm, seed=cfg.seed + 1000 * self.rank,
+                run_dir=self.out, is_main=self.is_main,
                 weights_fn=(lambda: self.accelerator.get_state_dict(self.model)) if sharded else None)
-        return self._vllm
+        return self._generator
 
     # ------------------------------------------------------------------------------------------------------
     # one RL step: the stages
@@ -348,16 +273,46 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         micro = dist.all_reduce_max(-(-n // self.cfg.mini_batch_size))
         return Normalisation(seqs / self.world, toks / self.world, micro)
 
+    def _models(self) -> Models:
+        teacher = self._ema_teacher.model if self._ema_teacher is not None else None
+        return Models(self.model, self._policy(), self.ref_model, teacher, self.accelerator)
+
+    def _context(self) -> StepContext:
+        """The frozen context of a single-turn stage: this step's handles and objectives, and its prompt draw
+        (an rl phase's own sampler, else the run's: one task at a time under ``task_order``, or a phase's task
+        weights)."""
+        sampler = self._phase_sampler or self.sampler
+        own = sampler is self.sampler
+        draw = PromptDraw(sampler, self.sampler, task_mix.task_at(self.step, self._task_blocks)
+                          if own and self._task_blocks else None, self._phase_task_weights if own else None)
+        scorer = Scorer(self.reward_funcs, self.reward_names, self.reward_weights, self.gates, self.verify,
+                        self.use_chat, self.cfg.max_steps)
+        return StepContext(cfg=self.cfg, engine=self.generator, critic=self.critic, scorer=scorer,
+                           fmt=PromptFormat(self.tokenizer, self.use_chat, self.max_new_tokens), models=self._models(),
+                           rank=self.rank, world=self.world, is_main=self.is_main, rng=self.rng, step=self.step,
+                           task=self.task, draw=draw, refines=self._refines, sft_completion=self._sft_completion,
+                           memory_hook=self.memory_hook, memory_on=self.memory_on)
+
     @property
     def rollouts(self) -> RolloutSource:
-        """The rollout source of this run: episodes of an environment, or single-turn prompts."""
-        return self.episodes if self.episodes is not None else PromptSource(self)
+        """The rollout source of this step: episodes of an environment, or single-turn prompts (over this step's
+        :class:`StepContext`)."""
+        if self.episodes is not None:
+            return self.episodes
+        return PromptSource(self._context(), self.selection, getattr(self, "rollout_log", None))
+
+    def _reference_logprobs(self, ub: UpdateBatch) -> torch.Tensor:
+        """log pi_ref of ``ub``'s loss tokens (:func:`critique_stage.reference_logprobs`; episodes call it)."""
+        return reference_logprobs(self._models(), self.cfg, ub)
 
     def _step(self) -> dict[str, Any]:
-        """One RL step: collect -> critique/refine -> advantages -> update batch -> update -> metrics, logs."""
+        """One RL step: sample -> score -> critique/refine -> advantages -> update -> log. The selection state
+        counts the step's samples (``selection/samples``: refills included; episodes: the batch)."""
         src = self.rollouts
         timer = _Timer()
         batch, selection_metrics = src.collect(timer)
+        self.selection = self.selection.add_samples(selection_metrics.get("selection/samples",
+                                                                          len(batch.rows) * self.world))
         with timer("critique"):
             crit = src.critique_and_refine(batch)
         with timer("prepare"):
@@ -386,7 +341,52 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         return stats
 
     # ------------------------------------------------------------------------------------------------------
-    # metrics and logs
+    # data selection between steps, records, checkpoints
+    # ------------------------------------------------------------------------------------------------------
+    def _measure_pass_rates(self) -> dict[str, Any]:
+        info, self.selection = selection_stage.measure_pass_rates(self._context(), self.train_rows, self.selection,
+                                                                  self.out)
+        return info
+
+    def _order_tasks(self) -> dict[str, Any]:
+        """The task order (``task_order``) and the RL steps of each, fixed as RL starts."""
+        info, self.selection = selection_stage.order_tasks(self._context(), self.train_rows, self.selection)
+        self._task_blocks = task_mix.task_blocks(self.selection.task_order, self.cfg.tasks, self.cfg.max_steps)
+        self.summary.update(selection_stage.task_order_summary(self.selection, self._task_blocks, self.is_main))
+        return info
+
+    def _check_critic(self, metrics: dict[str, Any]) -> None:
+        self._critic_watch = check_critic(self._critic_watch, metrics, self.critic, self.cfg, self.step, self.is_main)
+
+    def _write_metrics(self, row: dict[str, Any]) -> None:
+        if self.is_main:
+            self.metrics_log.write(row)
+        if self.trackers:  # the same scalars under the same names and step
+            self.accelerator.log(scalars(row), step=int(row["step"]))
+
+    def _run_handles(self) -> RunHandles:
+        return RunHandles(self.optimizer, self.scheduler, self.sampler, self._phase_samplers, self.rng, self.critic,
+                          self._ema_teacher)
+
+    def _save(self) -> None:
+        """A checkpoint, written by the main process (every process's RNG state gathered into it)."""
+        self.summary["wall_seconds_before_resume"] = self._wall_prior + time.perf_counter() - self._t_start
+        extra = {"memory.sqlite": self.memory_hook.snapshot} if self.memory_hook is not None else None
+        if self.episodes is not None:
+            extra = self.episodes.checkpoint_files()
+        save_run_state(self.out / "checkpoints", self.step, self._run_handles(), policy=self._policy(),
+                       tokenizer=self.tokenizer, summary=self.summary, selection=self.selection,
+                       phases_done=self._phases_done, world=self.world, is_main=self.is_main,
+                       keep=self.cfg.keep_checkpoints, extra_files=extra)
+        self.accelerator.wait_for_everyone()
+
+    def _restore(self, path: Path) -> None:
+        r = restore_run_state(path, self._run_handles(), world=self.world, rank=self.rank, phases=self.phases)
+        self.step, self.summary, self.selection, self._phases_done = r.step, r.summary, r.selection, r.phases_done
+        self._wall_prior, self._critic_watch = r.wall_prior, CriticWatch(r.critic_errors_seen)
+
+    # ------------------------------------------------------------------------------------------------------
+    # the loop
     # ------------------------------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict[str, Any]:
         """Run SFT warm-up (unless resuming), RL for ``max_steps``, and write the run directory."""
@@ -416,8 +416,8 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
                 self._write_metrics({"step": 0, **self._eval_row0})
             if resume_from is not None:
                 self._restore(resume_from)
-                if self._selection.task_order:
-                    self._task_blocks = task_mix.task_blocks(self._selection.task_order, self.cfg.tasks,
+                if self.selection.task_order:
+                    self._task_blocks = task_mix.task_blocks(self.selection.task_order, self.cfg.tasks,
                                                              self.cfg.max_steps)
                 if self.is_main:
                     self.metrics_log.truncate_after_step(self.step)
@@ -444,8 +444,8 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         """RL steps until the run's step reaches ``end`` (the end of the current rl phase)."""
         budget = self.cfg.sample_budget
         while self.step < end:
-            if budget is not None and self._selection.samples_total >= budget:
-                self.summary["stopped_at_sample_budget"] = self._selection.samples_total
+            if budget is not None and self.selection.samples_total >= budget:
+                self.summary["stopped_at_sample_budget"] = self.selection.samples_total
                 return
             refresh = self.cfg.pass_rate_filter.refresh_every
             measured = self._measure_pass_rates() if (self.cfg.pass_rate_filter.enabled and refresh
@@ -477,13 +477,13 @@ class CritiqueGRPOTrainer(CritiquePathMixin, RecordsMixin, PromptSelectionMixin)
         cfg = self.cfg
         if (cfg.dynamic_sampling.enabled or cfg.pass_rate_filter.enabled or cfg.low_variance_filter.enabled
                 or cfg.sample_budget is not None):
-            self.summary["samples_generated"] = self._selection.samples_total
-            if self._selection.pass_rate:
-                self.summary["pass_rate_filter"] = self._selection.pass_rate
+            self.summary["samples_generated"] = self.selection.samples_total
+            if self.selection.pass_rate:
+                self.summary["pass_rate_filter"] = self.selection.pass_rate
         if self.step % self.cfg.checkpoint_every != 0 and self.step > 0:
             self._save()
         if self.is_main:
-            self.summary.update(self._run_totals())
+            self.summary.update(run_totals(self.out / "metrics.jsonl", self.memory))
             self._write_metrics({"step": self.step, **self._eval_metrics(final), "final": True})
             self.metrics_log.close()
             self.rollout_log.close()

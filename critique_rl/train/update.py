@@ -1,10 +1,8 @@
-"""One optimizer update over a mixed Critique-GRPO batch (on-policy + refinement rows), with accelerate.
+"""The optimizer update over a mixed Critique-GRPO batch (on-policy + refinement rows), with accelerate.
 
-Per token:  on-policy rows  -> PPO-clip(ratio to pi_old, A_t)
-            refinement rows -> shaped off-policy term, -A * p/(p+gamma), no ratio
-            + kl_beta * k3 KL to the reference   - entropy_coef * entropy
-            + distill_weight * top-K divergence to the critique-conditioned teacher (topk_logits mode)
-then aggregated (token_sum_norm / token_mean / seq_mean_token_mean) with global counts so gradient
+:func:`policy_update` is the loop: ``num_iterations`` optimizer steps, each accumulating gradients over
+micro-batches whose loss is :func:`critique_rl.train.micro_loss.micro_batch_loss` (the per-token terms and their
+aggregation live there). Losses are aggregated with global counts (:class:`Normalisation`) so gradient
 accumulation over micro-batches, and gradient averaging over processes, equal one full-batch step.
 
 Memory: log-probs come from a selective log-softmax over the completion positions only; full-vocabulary
@@ -22,24 +20,14 @@ from typing import Any
 
 import torch
 
-from critique_rl.algos import (
-    POLICY_LOSSES,
-    aggregate_loss,
-    kl_k3,
-    mismatch_stats,
-    offpolicy_coefficient,
-    offpolicy_token_weights,
-    shaped_offpolicy_loss,
-    tis_weights,
-    topk_divergence,
-    topk_logprobs,
-)
+from critique_rl.algos import mismatch_stats, topk_logprobs
 from critique_rl.config import TrainConfig
 from critique_rl.errors import UserError
 from critique_rl.train.batching import TokenBatch, completion_logprobs
+from critique_rl.train.micro_loss import STAT_KEYS, LossInputs, MicroLoss, accumulate_stats, micro_batch_loss
 
-STAT_KEYS = ("loss/total", "loss/policy", "loss/offpolicy", "loss/distill", "loss/kl", "loss/entropy",
-             "clip_frac", "entropy", "kl", "grad_norm")
+__all__ = ["LossInputs", "MicroLoss", "NonFiniteGuard", "Normalisation", "UpdateBatch", "loss_inputs",
+           "micro_batch_loss", "micro_slices", "policy_update", "score_tokens"]
 
 
 @dataclass
@@ -122,77 +110,23 @@ def micro_slices(n: int, mb_size: int, count: int) -> list[tuple[slice, bool]]:
     return out
 
 
-@dataclass
-class MicroLoss:
-    """One micro-batch's loss and the per-token parts its statistics read."""
-
-    loss: torch.Tensor
-    """The aggregated scalar that is back-propagated (times zero on a padding micro-batch)."""
-    logp: torch.Tensor
-    old: torch.Tensor
-    entropy: torch.Tensor
-    on_loss: torch.Tensor
-    off_loss: torch.Tensor
-    clipped: torch.Tensor
-    kl: torch.Tensor | None
-    dist: torch.Tensor | None
-    rows: torch.Tensor | None
-
-
-@dataclass
-class _UpdateInputs:
-    """``ub`` on the device, and what every micro-batch's loss reads."""
-
-    tokens: TokenBatch
-    adv: torch.Tensor
-    off: torch.Tensor
-    old_logp: torch.Tensor | None
-    ref_logp: torch.Tensor | None
-    samp_logp: torch.Tensor | None
-    ub: UpdateBatch
-    agg: dict[str, Any]
-    use_topk: bool
-    importance_weights: bool
-
-
-def micro_batch_loss(model: torch.nn.Module, x: _UpdateInputs, sl: slice, cfg: TrainConfig) -> MicroLoss:
-    """The loss of rows ``sl``: the registered on-policy loss (``cfg.policy_loss``, PPO-clip by default) with
-    truncated importance weights when a separate engine sampled, the shaped off-policy term on refinement rows,
-    the k3 KL to the reference, the entropy bonus and the top-K distillation term, aggregated with the global
-    counts in ``x.agg``. Must run under the caller's autocast / no_sync contexts."""
-    dev = x.tokens.input_ids.device
-    mb = x.tokens.select(sl)
-    mask = mb.completion_mask.float()
-    is_off = x.off[sl].unsqueeze(-1)
-    ent_mode = "grad" if cfg.entropy_coef > 0 else "detached"
-    scores = completion_logprobs(model, mb, cfg.temperature, entropy=ent_mode, keep_logits=x.use_topk)
-    logp, ent = scores.logp, scores.entropy
-    old = x.old_logp[sl] if x.old_logp is not None else logp.detach()
-    on_loss, clipped = POLICY_LOSSES[getattr(cfg, "policy_loss", "ppo_clip")](logp, old, x.adv[sl], cfg)
-    # TIS, w = min(pi_old / pi_engine, C), when a separate engine sampled (with hf the sampler is the
-    # trained module itself: the ratio is 1 up to float noise, logged as mismatch/* but not applied)
-    if x.samp_logp is not None and cfg.tis_cap is not None and x.importance_weights:
-        on_loss = on_loss * tis_weights(old, x.samp_logp[sl], cfg.tis_cap)
-    off_loss = shaped_offpolicy_loss(logp, x.adv[sl], cfg.offpolicy_gamma)
-    weighting = getattr(cfg, "offpolicy_weighting", "none")
-    if weighting != "none":  # refinement rows carry their critique-conditioned sampling log-probs
-        behaviour = x.samp_logp[sl] if x.samp_logp is not None else torch.zeros_like(logp)
-        off_loss = off_loss * offpolicy_token_weights(logp, behaviour, weighting, cfg.offpolicy_weight_cap)
-    per_token = torch.where(is_off, off_loss, on_loss)
-    kl = kl_k3(logp, x.ref_logp[sl]) if x.ref_logp is not None else None
-    dist = rows = None
-    if kl is not None:
-        per_token = per_token + cfg.kl_beta * kl
-    if cfg.entropy_coef > 0:
-        per_token = per_token - cfg.entropy_coef * ent
-    if x.use_topk:
-        ub = x.ub
-        rows = ub.distill_rows[sl].to(dev).unsqueeze(-1).float()
-        dist = topk_divergence(scores.logits, ub.teacher_topk_logp[sl].to(dev), ub.teacher_topk_idx[sl].to(dev),
-                               cfg.distill_divergence, beta=cfg.distill_jsd_beta)
-        per_token = per_token + cfg.distill_weight * dist * rows
-    loss = aggregate_loss(per_token, mask, **x.agg)
-    return MicroLoss(loss, logp, old, ent, on_loss, off_loss, clipped, kl, dist, rows)
+def loss_inputs(model: torch.nn.Module, accelerator: Any, ub: UpdateBatch, cfg: TrainConfig, norm: Normalisation,
+                norm_constant: float, importance_weights: bool = False) -> LossInputs:
+    """``ub`` on the training device as :class:`LossInputs` for :func:`micro_batch_loss`, with pi_old scored
+    (no grad) when there is more than one iteration (with one, pi_old is the detached current log-prob)."""
+    dev = accelerator.device
+    tokens = ub.tokens.to(dev)
+    return LossInputs(
+        tokens=tokens, adv=ub.advantages.to(dev), off=ub.offpolicy.to(dev),
+        old_logp=score_tokens(model, tokens, cfg.temperature, cfg.mini_batch_size, accelerator.autocast,
+                              norm.micro_batches)[0] if cfg.num_iterations > 1 else None,
+        ref_logp=ub.ref_logp.to(dev) if ub.ref_logp is not None else None,
+        samp_logp=ub.sampling_logp.to(dev) if ub.sampling_logp is not None else None,
+        agg=dict(mode=cfg.loss_aggregation, num_seqs=norm.num_seqs, num_tokens=norm.num_tokens,
+                 norm_constant=norm_constant),
+        importance_weights=importance_weights, teacher_topk_logp=ub.teacher_topk_logp,
+        teacher_topk_idx=ub.teacher_topk_idx, distill_rows=ub.distill_rows,
+        use_topk=ub.teacher_topk_logp is not None and cfg.distill_weight > 0)
 
 
 def policy_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, accelerator: Any, ub: UpdateBatch,
@@ -207,21 +141,10 @@ def policy_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, accele
     ``importance_weights``: the rows were sampled by a separate engine (``engine_is_separate``), so truncated
     importance sampling (``cfg.tis_cap``) reweights the on-policy loss."""
     guard = guard if guard is not None else NonFiniteGuard(getattr(cfg, "max_nonfinite_steps", 3))
-    dev = accelerator.device
-    tokens = ub.tokens.to(dev)
-    N = tokens.input_ids.shape[0]
     mb_size = cfg.mini_batch_size
     norm = norm or local_normalisation(ub, mb_size)
-    slices = micro_slices(N, mb_size, norm.micro_batches)
-    x = _UpdateInputs(
-        tokens=tokens, adv=ub.advantages.to(dev), off=ub.offpolicy.to(dev),
-        old_logp=score_tokens(model, tokens, cfg.temperature, mb_size, accelerator.autocast,
-                              norm.micro_batches)[0] if cfg.num_iterations > 1 else None,
-        ref_logp=ub.ref_logp.to(dev) if ub.ref_logp is not None else None,
-        samp_logp=ub.sampling_logp.to(dev) if ub.sampling_logp is not None else None, ub=ub,
-        agg=dict(mode=cfg.loss_aggregation, num_seqs=norm.num_seqs, num_tokens=norm.num_tokens,
-                 norm_constant=norm_constant),
-        use_topk=ub.teacher_topk_logp is not None and cfg.distill_weight > 0, importance_weights=importance_weights)
+    x = loss_inputs(model, accelerator, ub, cfg, norm, norm_constant, importance_weights)
+    slices = micro_slices(x.tokens.input_ids.shape[0], mb_size, norm.micro_batches)
     stats = dict.fromkeys(STAT_KEYS, 0.0)
     mismatch: dict[str, float] = {}
     mismatch_tokens = 0.0
@@ -241,7 +164,7 @@ def policy_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, accele
                 continue
             with torch.no_grad():
                 iter_loss += loss.item()
-                _accumulate(stats, offdiag, m, x, sl, cfg, norm, it)
+                accumulate_stats(stats, offdiag, m, x, sl, cfg, norm.num_tokens, it)
                 if x.samp_logp is not None and it == 0:  # pi_old is the same in every iteration
                     on_mask = x.tokens.select(sl).completion_mask.float() * (~x.off[sl].unsqueeze(-1)).float()
                     count = float(on_mask.sum())
@@ -273,34 +196,6 @@ def policy_update(model: torch.nn.Module, optimizer: Any, scheduler: Any, accele
     for k, v in mismatch.items():  # engine vs trainer, token means over the on-policy tokens
         stats[f"mismatch/{k}"] = v / max(mismatch_tokens, 1.0)
     return stats
-
-
-def _accumulate(stats: dict[str, float], offdiag: dict[str, Any], m: MicroLoss, x: _UpdateInputs, sl: slice,
-                cfg: TrainConfig, norm: Normalisation, it: int) -> None:
-    """Add one real micro-batch's loss parts to the update's statistics (no grad)."""
-    agg = x.agg
-    mask = x.tokens.select(sl).completion_mask.float()
-    on_mask = mask * (~x.off[sl].unsqueeze(-1)).float()
-    stats["loss/total"] += m.loss.item()
-    stats["loss/policy"] += aggregate_loss(m.on_loss * on_mask, mask, **agg).item()
-    stats["loss/offpolicy"] += aggregate_loss(m.off_loss * (mask - on_mask), mask, **agg).item()
-    stats["clip_frac"] += ((m.clipped * on_mask).sum() / norm.num_tokens).item()
-    stats["entropy"] += ((m.entropy.detach() * mask).sum() / norm.num_tokens).item()
-    if m.kl is not None:
-        stats["kl"] += ((m.kl * mask).sum() / norm.num_tokens).item()
-        stats["loss/kl"] += cfg.kl_beta * aggregate_loss(m.kl, mask, **agg).item()
-    if cfg.entropy_coef > 0:
-        stats["loss/entropy"] -= cfg.entropy_coef * aggregate_loss(m.entropy, mask, **agg).item()
-    if m.dist is not None:
-        stats["loss/distill"] += cfg.distill_weight * aggregate_loss(m.dist * m.rows, mask, **agg).item()
-    if it == 0:  # how much the refinement tokens drive this update (first iteration: ratio 1)
-        off_mask = mask - on_mask  # all zero in micro-batches without refinements
-        abs_adv = x.adv[sl].abs().expand_as(m.logp)
-        coef = offpolicy_coefficient(m.logp, cfg.offpolicy_gamma)
-        for key, value in (("tokens", off_mask.sum()), ("logp", (m.logp.detach() * off_mask).sum()),
-                           ("coef_off", (abs_adv * coef * off_mask).sum()),
-                           ("coef_on", (abs_adv * on_mask).sum())):
-            offdiag[key] = offdiag[key] + value  # device tensors: read once, after the loop
 
 
 @torch.no_grad()
