@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 from critique_rl.config import LoraConfig
 from critique_rl.lora import is_lora
 from critique_rl.train.metrics import read_jsonl
-from critique_rl.train.trainer import LORA_BASE_DIR, CritiqueGRPOTrainer
+from critique_rl.train.run_setup import LORA_BASE_DIR
+from critique_rl.train.trainer import CritiqueGRPOTrainer
 
 pytest.importorskip("peft", reason="LoRA needs the `lora` extra (peft); CI installs it")
 
