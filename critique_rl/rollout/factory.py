@@ -21,7 +21,6 @@ EngineBuilder = Callable[..., Generator]
 weights_fn) -> Generator`` (see :func:`build_generator` for the arguments)."""
 
 ROLLOUT_ENGINES: Registry[EngineBuilder] = Registry("rollout engine", "rollout_backend")
-ROLLOUT_BACKENDS = ROLLOUT_ENGINES  # the name earlier code used
 
 
 def register_engine(name: str) -> Callable[[EngineBuilder], EngineBuilder]:

@@ -224,4 +224,3 @@ def score_tokens(model: torch.nn.Module, tokens: TokenBatch, temperature: float,
     return torch.cat(lps), torch.cat(tk_lp), torch.cat(tk_idx)
 
 
-teacher_scores = score_tokens  # the name earlier code and benchmarks use
