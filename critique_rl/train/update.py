@@ -222,5 +222,3 @@ def score_tokens(model: torch.nn.Module, tokens: TokenBatch, temperature: float,
     if topk is None:
         return torch.cat(lps), None, None
     return torch.cat(lps), torch.cat(tk_lp), torch.cat(tk_idx)
-
-
