@@ -261,6 +261,8 @@ def record_call(prepared: PreparedCall, completion: Completion) -> Turn | None:
     with live.lock:
         live.busy = False  # type: ignore[attr-defined]
         gone = _gone(live)
+        if gone is None and live.trajectory.done:  # finished under this lock, state not yet updated by the hub
+            gone = EpisodeError(f"episode '{live.episode_id}' takes no more calls: finished", 409)
         if gone is not None:
             raise EpisodeError(f"{gone}; this call's reply is not recorded", 409)
         traj = live.trajectory
