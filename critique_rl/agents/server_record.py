@@ -8,12 +8,13 @@ keeps the exact generated ids and sampling log-probs. For the same actions, the 
 is token for token the one :func:`~critique_rl.agents.runner.run_episodes` builds:
 
 - first call: ``[system...] + [user]`` -> ``TurnRenderer.first(user, context)``, where ``context`` is the client's
-  system text followed by the episode's injected context (memory, critique: ``Trajectory.context`` as the hub
-  created it), so ``context == join(memory_context, critique)`` holds as for built-in episodes;
+  system text followed by the episode's injected context (``hub.context``: retrieved memory, then a critique for
+  a refinement), so ``context == join(memory_context, critique)`` holds as for built-in episodes;
 - later calls: ``history + [assistant reply as sent] + [user]`` -> ``TurnRenderer.observation(user, finished)``;
 - several new messages (a tool result then a user message, ...) are rendered the same way, as one observation;
-- limits as the runner: ``max_new_tokens`` per call, ``max_turns`` calls, ``max_episode_tokens`` (checked before
-  the call: the episode stops with ``stop_reason="max_tokens"`` and the call gets ``context_length_exceeded``).
+- limits as the runner: ``max_new_tokens`` per call; ``max_turns`` calls (one more: the episode stops with
+  ``stop_reason="max_turns"``, the call gets ``max_turns_exceeded``); ``max_episode_tokens``, checked before the
+  call (the episode stops with ``stop_reason="max_tokens"``, the call gets ``context_length_exceeded``).
 
 The hub (:mod:`critique_rl.agents.episode_hub`) owns the episodes (:class:`LiveEpisode`, re-exported here); this
 module owns the recording rule (:func:`prepare_call`, :func:`record_call`).
@@ -30,7 +31,7 @@ from critique_rl.agents.trajectory import _ACTION_PROBE, _USER_PROBE, Turn, Turn
 from critique_rl.rollout.base import Completion
 
 __all__ = ["EpisodeError", "LiveEpisode", "PreparedCall", "RequestError", "check_extends", "normalize_messages",
-           "prepare_call", "record_call", "release_call"]
+           "observation_of", "prepare_call", "record_call", "release_call", "split_first"]
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
