@@ -278,3 +278,23 @@ def test_not_ready_no_episode_and_training_ended(policy):
         with pytest.raises(ServerError) as ended:
             client._request("POST", "/episodes/start", {"timeout": 0})
         assert ended.value.status == 410 and ended.value.code == "hub_closed"
+
+
+def test_a_call_past_max_turns_stops_the_episode_as_the_runner_does(policy):
+    task = make_tasks("server", 1, seed=12)[0]
+    limits = EpisodeLimits(max_turns=2, max_new_tokens=6)
+    ref = run_episodes(policy.engine, policy.renderer, GuessNumberEnv, [task], n=1, limits=limits, greedy=True)[0]
+    assert ref.stop_reason == "max_turns" and ref.num_turns == 2
+    hub = make_hub(policy, limits)
+    with serving(hub) as server:
+        played = play_in_background(hub, [task], n=1, greedy=True)
+        client = EpisodeClient(server.base_url)
+        ep = client.next_task(timeout=10)
+        with pytest.raises(ServerError) as over:
+            play_guess(lambda m: client.chat(ep.episode_id, m), ep.task)
+        assert over.value.status == 400 and over.value.code == "max_turns_exceeded"
+        client.finish(ep.episode_id, 0.0, False)
+        (got,) = played.join()
+    assert got.token_ids() == ref.token_ids() and got.action_mask() == ref.action_mask()
+    assert got.stop_reason == "max_turns" and not got.done
+    assert got.final_observation == ref.final_observation
