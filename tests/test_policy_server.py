@@ -139,8 +139,10 @@ def test_episode_ids_unknown_finished_and_conflicting(policy):
         with pytest.raises(openai.BadRequestError, match="differs between"):
             client.openai(ep.episode_id).chat.completions.create(model="m", messages=msgs, user="ep-other")
         client.finish(ep.episode_id, 0.0, False)
+        calls = client.stats()["server"]["chat_calls"]
         with pytest.raises(openai.ConflictError, match="finished"):
             plain.chat.completions.create(model="m", messages=msgs, user=ep.episode_id)
+        assert client.stats()["server"]["chat_calls"] == calls + 1  # x-should-retry: false, the client does not retry
         with pytest.raises(ServerError) as again:
             client.finish(ep.episode_id, 1.0)
         assert again.value.status == 409

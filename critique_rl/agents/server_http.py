@@ -83,6 +83,8 @@ class PolicyHandler(BaseHTTPRequestHandler):
         if payload is not None:
             self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        if 400 <= status < 500:  # a client error is not retried by the openai client (it would retry 409 otherwise)
+            self.send_header("x-should-retry", "false")
         if close:
             self.send_header("Connection", "close")
             self.close_connection = True
