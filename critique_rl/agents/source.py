@@ -37,7 +37,7 @@ from critique_rl.agents.memory import EpisodeMemory
 from critique_rl.agents.registry import EnvSpec, EpisodeCritic, TranscriptCritic
 from critique_rl.agents.runner import EpisodeLimits, run_episodes
 from critique_rl.agents.trajectory import TINY_CHAT_TEMPLATE, Trajectory, TurnRenderer
-from critique_rl.agents.warmup import sft_pairs
+from critique_rl.agents.warmup import sft_id_pairs, sft_pairs
 from critique_rl.algos import aggregate_rewards, apply_gates
 from critique_rl.errors import ConfigError
 from critique_rl.models import build_tiny_model, build_tiny_tokenizer, wants_chat_template
@@ -158,10 +158,13 @@ class EpisodeSource:
         return sft_pairs(self.spec, renderer, pool.tasks, pool.env_kwargs, cfg.agent.max_turns,
                          cfg.sft_refine_fraction, cfg.seed, cfg.critic.template_dir)
 
-    def sft_pairs(self, cfg: Any) -> list[tuple[str, str]]:
-        """Warm-up pairs of the current (sft) phase: scripted episodes of its tasks, rendered as (first prompt,
-        rest of the episode)."""
-        return self._sft_pairs(cfg, self.renderer, self._pool()[0])
+    def sft_pairs(self, cfg: Any) -> list[tuple[list[int], list[int]]]:
+        """Warm-up pairs of the current (sft) phase as the runner's token ids: (context ids, action ids + EOS) for
+        every turn of the scripted episodes of its tasks (re-tokenising the rendered text would give other ids
+        with a chat template). ``_sft_pairs`` (text) stays: build_tiny trains the tokenizer on the text form."""
+        pool = self._pool()[0]
+        return sft_id_pairs(self.spec, self.renderer, pool.tasks, pool.env_kwargs, cfg.agent.max_turns,
+                            cfg.sft_refine_fraction, cfg.seed, cfg.critic.template_dir)
 
     def _phase_index(self) -> int:
         """The schedule phase running now (the trainer counts the phases done; the running one is next)."""
