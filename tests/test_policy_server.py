@@ -300,3 +300,25 @@ def test_a_call_past_max_turns_stops_the_episode_as_the_runner_does(policy):
     assert got.token_ids() == ref.token_ids() and got.action_mask() == ref.action_mask()
     assert got.stop_reason == "max_turns" and not got.done
     assert got.final_observation == ref.final_observation
+
+
+def test_plain_text_rendering_without_a_chat_template_is_recorded_as_the_runner_does(policy):
+    """``use_chat_template: no``: prompts are plain lines; the recorded episode still equals the runner's."""
+    from policy_server_helpers import Policy
+
+    from critique_rl.agents.trajectory import TurnRenderer
+
+    plain = Policy(policy.tokenizer, policy.model, policy.engine, TurnRenderer(policy.tokenizer, use_chat=False))
+    task = make_tasks("plain", 1, seed=13)[0]
+    ref = run_episodes(plain.engine, plain.renderer, GuessNumberEnv, [task], n=1, limits=LIMITS, greedy=True,
+                       context_fn=memory_fn)[0]
+    hub = make_hub(plain, LIMITS, context_fn=memory_fn)
+    with serving(hub) as server:
+        played = play_in_background(hub, [task], n=1, greedy=True)
+        client = EpisodeClient(server.base_url)
+        ep = client.next_task(timeout=10)
+        replies, ret, success = play_guess(lambda m: client.chat(ep.episode_id, m), ep.task)
+        client.finish(ep.episode_id, ret, success)
+        (got,) = played.join()
+    assert got.turns[0].obs_ids == plain.renderer.encode(f"{MEMORY}\n{task['prompt']}\n")
+    assert_same_episode(got, ref)
