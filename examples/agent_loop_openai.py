@@ -111,10 +111,10 @@ def train_worker(base_url: str, api_key: str | None, model: str, max_turns: int,
             except (ServerError, OSError):
                 pass
             break
-        client = hub.openai(ep.episode_id, max_retries=0, timeout=120.0)
         try:
-            result = run_episode(client, model, GuessNumberEnv(**(env_kwargs or {"max_guesses": max_turns})), ep.task,
-                                 max_turns=max_turns, max_tokens=max_tokens)
+            with hub.openai(ep.episode_id, max_retries=0, timeout=120.0) as client:  # closes its connections
+                result = run_episode(client, model, GuessNumberEnv(**(env_kwargs or {"max_guesses": max_turns})),
+                                     ep.task, max_turns=max_turns, max_tokens=max_tokens)
         except openai.APIStatusError as exc:  # the episode was dropped (timed out) or the server stopped
             out.append({"episode_id": ep.episode_id, "error": str(exc)[:200]})
             continue

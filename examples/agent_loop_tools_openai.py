@@ -118,11 +118,10 @@ def play(base_url: str, api_key: str | None, model: str = "policy", max_steps: i
             break
         task = ep.task
         tools, phrase = price_tools({str(k): int(v) for k, v in task["prices"].items()})
-        agent = ToolAgent(hub.openai(ep.episode_id, max_retries=0, timeout=120.0), model, tools,
-                          max_steps=max_steps, describe=phrase)
         q = f'What is the price of "{task["key"]}" plus {task["addend"]}?'
         try:
-            final, messages = agent.run(q)
+            with hub.openai(ep.episode_id, max_retries=0, timeout=120.0) as client:  # closes its connections
+                final, messages = ToolAgent(client, model, tools, max_steps=max_steps, describe=phrase).run(q)
         except openai.APIStatusError as exc:  # dropped (timed out) or the server stopped
             out.append({"episode_id": ep.episode_id, "error": str(exc)[:200]})
             continue
