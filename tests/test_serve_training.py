@@ -61,7 +61,7 @@ def test_serve_trains_on_concurrent_openai_loops_with_critique_and_memory(tmp_pa
     from critique_rl.config import load_config
 
     cfg_path = tmp_path / "serve.yaml"
-    cfg_path.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "run")}))
+    cfg_path.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "run"), "distill_weight": 0.5}))
     cfg = load_config(cfg_path)
     run = ServeRun(cfg, port=0, idle_timeout=4)
     seen: list = []
@@ -129,6 +129,9 @@ def test_serve_trains_on_concurrent_openai_loops_with_critique_and_memory(tmp_pa
     metrics = [m for m in _rows(out / "metrics.jsonl") if m.get("step") == 2 and "memory/context_rate" in m]
     assert metrics and metrics[0]["memory/context_rate"] > 0
     assert sum(r.retrieved for r in run.trainer.episodes.bank.list()) >= 1  # credit to what was retrieved
+    # directive distillation on the action tokens of the critiqued episodes (critique in the teacher's context)
+    distilled = [m for m in _rows(out / "metrics.jsonl") if m.get("distill/rows")]
+    assert distilled and all(m["distill/rows"] >= 1 for m in distilled)
     stats = run.hub.stats()
     assert stats["closed"] and stats["in_flight"] == 0 and stats["trained"] == len(trained)
 
