@@ -98,6 +98,25 @@ def test_an_episode_stopped_at_a_limit_keeps_that_stop_reason():
     assert traj.stop_reason == "max_turns" and traj.done is False and traj.success is False
 
 
+def test_a_busy_episode_is_not_reaped_and_cannot_be_finished_mid_call():
+    clock = FakeClock()
+    hub = EpisodeHub(idle_timeout=10, clock=clock)
+    th, out = _play_in_thread(hub, [{"prompt": "a"}], 1)
+    g = hub.start(timeout=2)
+    ep = hub.live(g["episode_id"])
+    ep.busy = True  # a call waits behind an optimizer step
+    clock.t = 60.0
+    assert hub.live(g["episode_id"]).state == "live"
+    with pytest.raises(EpisodeError) as e:
+        hub.finish(g["episode_id"], 1.0)
+    assert e.value.status == 409 and "still being generated" in str(e.value)
+    ep.busy = False
+    hub.touch(g["episode_id"])
+    assert hub.finish(g["episode_id"], 1.0)["accepted"]
+    th.join(5)
+    assert len(out["trajs"]) == 1
+
+
 def test_touch_keeps_an_active_episode_alive():
     clock = FakeClock()
     hub = EpisodeHub(idle_timeout=10, clock=clock)

@@ -280,9 +280,12 @@ class EpisodeHub:
                 self._drop(episode_id, reason, "dropped_stale", requeue=True)
                 return {"episode_id": episode_id, "accepted": False, "reason": reason}
             with ep.lock:  # a call of this episode still recording finishes first
+                if ep.busy:
+                    raise EpisodeError(f"episode '{episode_id}': a call is still being generated; finish it after "
+                                       "its reply", 409)
                 _finalize(ep.trajectory, reward, success, feedback, ep.stopped)
+                ep.state = "finished"
             del self._live[episode_id]
-            ep.state = "finished"
             self._gone[episode_id] = "finished"
             slot.batch.results[slot.index] = ep.trajectory
             slot.batch.episode_ids[slot.index] = episode_id
@@ -324,13 +327,14 @@ class EpisodeHub:
     def _reap(self) -> None:
         now = self.clock()
         for eid, (ep, _) in list(self._live.items()):
-            if now - ep.last_seen > self.idle_timeout:
+            if not ep.busy and now - ep.last_seen > self.idle_timeout:  # a call waiting for the engine is not idle
                 self._drop(eid, f"timed out: no call for more than {self.idle_timeout:g} s", "dropped_timeout",
                            requeue=True)
 
     def _drop(self, eid: str, reason: str, counter: str, *, requeue: bool) -> None:
         ep, slot = self._live.pop(eid)
-        ep.state, ep.reason = "dropped", reason
+        with ep.lock:  # a call recording now sees the drop (lock order: hub.lock, then ep.lock)
+            ep.state, ep.reason = "dropped", reason
         self._gone[eid] = f"dropped ({reason})"
         self.counts[counter] += 1
         if requeue:
