@@ -151,7 +151,8 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=["sft_learning_rate=5e-4", "sft_steps=1500"],
                     help="key=value (YAML) for the warm-up and every arm (default: the mid-range start)")
     ap.add_argument("--out", default="benchmarks/results/critic_errors")
-    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: tabulate the finished runs of --arms (and grpo) x --seeds under --out")
     args = ap.parse_args()
     defs = critic_arms(args.local_critic, args.distilled_critic)
     arms = args.arms or list(defs)
@@ -159,8 +160,6 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown arms {unknown} (local/distilled need --local-critic/--distilled-critic); "
                  f"choose from {list(defs)}")
-    if "grpo" not in arms:
-        arms = ["grpo", *arms]
     root = Path(args.out)
     (root / "logs").mkdir(parents=True, exist_ok=True)
     extra = le.parse_set(args.set)
@@ -182,15 +181,16 @@ def main() -> None:
                     results.append(f.result())
                 except RuntimeError as exc:
                     print(f"  FAILED: {exc}", flush=True)
-    else:
-        for a in arms:
-            for s in args.seeds:
-                f = root / f"{a}_s{s}" / "result.json"
-                if f.is_file():
-                    results.append(json.loads(f.read_text()))
+    have = {(r["arm"], r["seed"]) for r in results}
+    for a in dict.fromkeys(["grpo", *arms]):  # finished runs on disk (e.g. GRPO run by an earlier invocation)
+        for s in args.seeds:
+            f = root / f"{a}_s{s}" / "result.json"
+            if (a, s) not in have and f.is_file():
+                results.append(json.loads(f.read_text()))
+    arms = list(dict.fromkeys(["grpo", *arms]))
     (root / "results.json").write_text(json.dumps(results, indent=1))
     done_arms = [a for a in arms if any(r["arm"] == a for r in results)]
-    table = le.report(results, root, "grpo", command) if results else ""
+    table = le.report(results, root, "grpo", command) if any(r["arm"] == "grpo" for r in results) else ""
     text = summary(results, done_arms, args.seeds)
     (root / "summary.md").write_text(f"`{command}`\n\n{text}\n")
     print(table)

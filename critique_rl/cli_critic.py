@@ -38,7 +38,7 @@ def train_command(
     examples: int = typer.Option(4000, "--examples", help="Training pairs (half right, half wrong responses)."),
     kind: str = typer.Option("ground_truth", "--kind", help="Rule critique imitated: ground_truth or indicative."),
     reference: str = typer.Option("hidden", "--reference", help="hidden: prompts without the reference answer."),
-    steps: int = typer.Option(800, "--steps", help="SFT steps."),
+    steps: int = typer.Option(2000, "--steps", help="SFT steps (800 gave verdict accuracy 0.61, 2000 gave 0.76 on addition)."),
     batch_size: int = typer.Option(32, "--batch-size"),
     learning_rate: float = typer.Option(1e-3, "--learning-rate"),
     hidden_size: int = typer.Option(128, "--hidden-size", help="Critic model width (heads of 32+ dims each)."),
