@@ -68,10 +68,18 @@ def test_config_errors_list_the_registered_names_and_accept_a_new_one(field, reg
 
 
 def test_critic_backend_names_reach_the_config_and_the_cli():
-    from critique_rl.cli_critique import _backends
+    import re
 
-    with pytest.raises(ConfigError, match=r"critic.backend.*'none', 'feedback', 'hf', 'openai', 'rule'"):
+    from critique_rl.cli_critique import _backends
+    from critique_rl.critics.factory import critic_backend_names
+
+    # one place: the registry's keys (plus none); the built-ins are there, and so is every backend registered later
+    names = critic_backend_names()
+    assert names == ["none", *CRITIC_BACKENDS.names()]
+    assert {"feedback", "hf", "openai", "rule"} <= set(names)
+    with pytest.raises(ConfigError, match=r"critic.backend.*" + re.escape(", ".join(repr(n) for n in names))):
         from_dict(TrainConfig, {"critic": {"backend": "nope"}})
+    assert set(_backends()) == set(names) - {"none", "feedback"}  # --backend: every backend that critiques rows
     CRITIC_BACKENDS.register("mine_for_test", CRITIC_BACKENDS["rule"])
     try:
         assert from_dict(TrainConfig, {"critic": {"backend": "mine_for_test"}}).critic.backend == "mine_for_test"
