@@ -56,8 +56,9 @@ def group_of(row: dict[str, Any]) -> str:
 class MemoryBenchTrainer(CritiqueGRPOTrainer):
     """The trainer plus: SFT prompts with lesson contexts, evaluation with retrieval, per-group accuracy.
 
-    Uses the trainer's own memory wiring (``memory_hook``) when it has one; otherwise wires a
-    :class:`MemoryHook` around ``_sample_groups``/``_step`` itself."""
+    Memory goes through the trainer's own wiring (``memory_hook``, built when ``memory.enabled``). The numbers
+    in benchmarks/results/memory_on_off.* were measured before the trainer had it, with a hook this class wired
+    around its sampling itself (same MemoryHook, same retrieval)."""
 
     def __init__(self, *args: Any, sft_context_rate: float = 0.3, reading_n: int = 2000,
                  eval_memory: bool = True, **kwargs: Any) -> None:
@@ -66,19 +67,12 @@ class MemoryBenchTrainer(CritiqueGRPOTrainer):
         self.reading_n = reading_n
         self.eval_memory = eval_memory
         self.eval_history: list[dict[str, Any]] = []
-        self._native = hasattr(CritiqueGRPOTrainer, "_build_memory")
         self._hook: MemoryHook | None = None
 
     # ---- setup ------------------------------------------------------------------------------------------
     def _setup(self, resume: bool):
         out = super()._setup(resume)
-        if self._native:
-            self._hook = getattr(self, "memory_hook", None)
-        elif self.cfg.memory.enabled:
-            from critique_rl.memory import MemoryBank
-
-            bank = MemoryBank(self.cfg.memory.bank_path or self.out / "memory.sqlite", config=self.cfg.memory)
-            self._hook = MemoryHook(bank, self.cfg.memory, self.task.name, self.out.name)
+        self._hook = self.memory_hook
         if self._hook is not None:
             self._hook.min_score = 0.0  # lexical: no top-up with lessons about other tags
         known_ctx = sft_context_fn(lambda row, rng: render_lessons([lesson_draft(row["tag"], row["rule"])]),
@@ -112,32 +106,6 @@ class MemoryBenchTrainer(CritiqueGRPOTrainer):
             super()._warmup(progress)
         finally:
             self.train_rows = rl_rows
-
-    # ---- memory wiring for a trainer without its own ------------------------------------------------------
-    def _sample_groups(self, rows: list[dict[str, Any]], contexts: list[str] | None = None) -> dict[str, Any]:
-        if self._native:
-            return super()._sample_groups(rows, contexts)
-        cfg = self.cfg
-        contexts = self._hook.contexts(rows) if self._hook is not None else None
-        prompts = [self.prompt_text(r, contexts[i] if contexts else None) for i, r in enumerate(rows)]
-        params = SamplingParams(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
-                                max_new_tokens=self.max_new_tokens)
-        groups = self.generator.generate(prompts, params)
-        n = cfg.num_generations
-        self._last_sampled = {"rows": [r for r in rows for _ in range(n)],
-                              "prompts": [p for p in prompts for _ in range(n)],
-                              "completions": [c for g in groups for c in g]}
-        return self._last_sampled
-
-    def _step(self) -> dict[str, Any]:
-        metrics = super()._step()
-        if not self._native and self._hook is not None:
-            s = self._last_sampled
-            texts = [c.text for c in s["completions"]]
-            correct = [bool(self.verify(t, r["answer"])) for t, r in zip(texts, s["rows"], strict=True)]
-            metrics.update(self._hook.update(s["rows"], texts, correct, [None] * len(texts), self.step + 1,
-                                             self.cfg.num_generations))
-        return metrics
 
     # ---- evaluation -------------------------------------------------------------------------------------
     def evaluate_groups(self, with_memory: bool) -> dict[str, Any]:
