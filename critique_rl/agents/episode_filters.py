@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from critique_rl.agents.episode_phases import EpisodePool
     from critique_rl.agents.source import EpisodeSource
     from critique_rl.train.sampler import PromptSampler
+    from critique_rl.train.selection import SelectionState
 
 
 def attach_episodes(batch: RolloutBatch, parts: Sequence[RolloutBatch]) -> RolloutBatch:
@@ -84,10 +85,12 @@ def low_variance_groups(returns: torch.Tensor, group_size: int, min_std: float, 
     return drop_all[rank * G:(rank + 1) * G], int(drop_all.sum())
 
 
-def measure_pass_rates(src: EpisodeSource, pool: EpisodePool, sampler: PromptSampler) -> dict[str, Any]:
+def measure_pass_rates(src: EpisodeSource, pool: EpisodePool,
+                       sampler: PromptSampler) -> tuple[dict[str, Any], SelectionState]:
     """``pass_rate_filter`` on ``pool``: ``samples`` episodes per measured task (processes measure disjoint shares,
     the rates are gathered), then too hard / too easy tasks leave ``sampler``'s pool, unless fewer than one batch
-    of tasks would remain (then a warning and the pool as it was). Returns ``selection/pass_rate_*`` metrics."""
+    of tasks would remain (then a warning and the pool as it was). Returns ``selection/pass_rate_*`` metrics and the
+    trainer's selection state with them (a new frozen state; the caller keeps it)."""
     t = src.t
     cfg, pf = t.cfg, t.cfg.pass_rate_filter
     t0 = time.perf_counter()
@@ -125,6 +128,5 @@ def measure_pass_rates(src: EpisodeSource, pool: EpisodePool, sampler: PromptSam
             "selection/pass_rate_too_hard": len(hard), "selection/pass_rate_too_easy": len(easy),
             "selection/pass_rate_applied": int(applied), "selection/pool_size": total - len(sampler.excluded),
             "selection/pass_rate_samples": len(measured) * pf.samples, "time/pass_rate": time.perf_counter() - t0}
-    t.selection = replace(t.selection, samples_total=t.selection.samples_total + len(measured) * pf.samples,
-                          pass_rate=info)  # the trainer's frozen selection state, replaced
-    return info
+    return info, replace(t.selection, samples_total=t.selection.samples_total + len(measured) * pf.samples,
+                         pass_rate=info)

@@ -47,6 +47,7 @@ from critique_rl.train.critique_step import choose_refinements, select_for_criti
 from critique_rl.train.evaluate import EVAL_SEED
 from critique_rl.train.rollout_batch import AdvantagePlan, RolloutBatch
 from critique_rl.train.sampler import PromptSampler
+from critique_rl.train.selection import SelectionState
 from critique_rl.train.update import UpdateBatch
 
 if TYPE_CHECKING:
@@ -150,8 +151,6 @@ class EpisodeSource:
         self.critic = self._build_critic(t)
         self.memory = self._build_memory(t, resume_from)  # every process reads; the main process writes
         t._phase_samplers.update(self.phases.samplers())  # the phases' own samplers travel with checkpoints
-        # the pass-rate filter measures episodes (until the trainer asks its rollout source, see HOOKS)
-        t._measure_pass_rates = self.measure_pass_rates
 
     def _sft_pairs(self, cfg: Any, renderer: TurnRenderer, pool: EpisodePool | None = None) -> list[tuple[str, str]]:
         pool = pool or self.phases.run
@@ -278,8 +277,9 @@ class EpisodeSource:
     # ------------------------------------------------------------------------------------------------------
     # the stages of a step
     # ------------------------------------------------------------------------------------------------------
-    def measure_pass_rates(self) -> dict[str, Any]:
-        """``pass_rate_filter`` on the current phase's tasks (:func:`episode_filters.measure_pass_rates`)."""
+    def measure_pass_rates(self) -> tuple[dict[str, Any], SelectionState]:
+        """``pass_rate_filter`` on the current phase's tasks (:func:`episode_filters.measure_pass_rates`): the
+        metrics and the new selection state (the trainer asks this before RL and every ``refresh_every`` steps)."""
         return filters.measure_pass_rates(self, *self._pool())
 
     def collect(self, timer: Any) -> tuple[RolloutBatch, dict[str, Any]]:
@@ -292,7 +292,8 @@ class EpisodeSource:
         pf = cfg.pass_rate_filter
         if (pf.enabled and pool.key is not None and t.step > 0 and not (pf.refresh_every and t.step % pf.refresh_every == 0)
                 and t.step == EpisodePhases.start_step(t.phases, self._phase_index())):
-            info = filters.measure_pass_rates(self, pool, sampler)  # an rl phase with its own tasks starts
+            # an rl phase with its own tasks starts: its pool measured; the trainer's selection state replaced
+            info, t.selection = filters.measure_pass_rates(self, pool, sampler)
         draws = [0]
 
         def draw() -> RolloutBatch:

@@ -40,8 +40,14 @@ def kwargs_for(names: list[Any], reward_kwargs: dict[str, Any] | None) -> dict[s
 
 
 def setup_prompt_data(t: CritiqueGRPOTrainer) -> None:
-    """Single-turn prompts: the task, its verifier, the training and held-out rows."""
+    """Single-turn prompts: the task, its verifier, the training and held-out rows. Refuses the episode-only phase
+    fields (the config cannot: ``EpisodeTrainer(env_spec=...)`` trains on episodes with ``agent.env`` unset)."""
     cfg = t.cfg
+    for i, ph in enumerate(cfg.phases):
+        for name in ("task_kwargs", "env_kwargs"):
+            if getattr(ph, name) is not None:
+                raise ConfigError(f"phases[{i}].{name}", getattr(ph, name), "only episode training (agent.env) "
+                                  "has env task/constructor arguments; set agent.env or remove it")
     t.task = get_task(cfg.task)
     t.verify = Verifier(load_callable(cfg.verifier) if cfg.verifier else t.task.verify, cfg.reward_threshold)
     if cfg.verifier:  # built-in rewards, gates and critiques judge by the user's verifier too

@@ -20,9 +20,10 @@ plain prompt.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol
 
-from critique_rl.train import critique_stage, log_stage, sample_stage
+from critique_rl.train import critique_stage, log_stage, sample_stage, selection_stage
 from critique_rl.train import distributed as dist
 from critique_rl.train.rollout_batch import AdvantagePlan, CritiqueResult, RolloutBatch
 from critique_rl.train.selection import SelectionState
@@ -34,6 +35,11 @@ class RolloutSource(Protocol):
     """What the trainer asks of a source of rollouts (single-turn prompts or multi-turn episodes)."""
 
     kind: str
+
+    def measure_pass_rates(self) -> tuple[dict[str, Any], SelectionState]:
+        """``pass_rate_filter`` on the current pool (before RL and every ``refresh_every`` steps): the
+        ``selection/pass_rate_*`` metrics and the new selection state (the trainer keeps it)."""
+        ...
 
     def collect(self, timer: Any) -> tuple[RolloutBatch, dict[str, Any]]: ...
 
@@ -55,14 +61,24 @@ class RolloutSource(Protocol):
 class PromptSource:
     """Single-turn prompts over one step's context: the prompt draw, reward functions, gates, critic and memory
     hook it holds. ``selection`` is the run's data-selection state before the step (read, never changed: the
-    trainer folds ``selection/samples`` into a new state); ``rollout_log`` is written on the main process."""
+    trainer folds ``selection/samples`` into a new state); ``rollout_log`` is written on the main process;
+    ``train_rows`` (the pool the pass-rate filter measures) and ``out`` (the run directory) serve
+    :meth:`measure_pass_rates`."""
 
     kind = "prompts"
 
-    def __init__(self, ctx: StepContext, selection: SelectionState, rollout_log: Any = None) -> None:
+    def __init__(self, ctx: StepContext, selection: SelectionState, rollout_log: Any = None,
+                 train_rows: list[dict[str, Any]] | None = None, out: Path | None = None) -> None:
         self.ctx = ctx
         self.selection = selection
         self.rollout_log = rollout_log
+        self.train_rows = train_rows
+        self.out = out
+
+    def measure_pass_rates(self) -> tuple[dict[str, Any], SelectionState]:
+        if self.train_rows is None or self.out is None:
+            raise ValueError("PromptSource.measure_pass_rates needs train_rows and out (the trainer passes both)")
+        return selection_stage.measure_pass_rates(self.ctx, self.train_rows, self.selection, self.out)
 
     def collect(self, timer: Any) -> tuple[RolloutBatch, dict[str, Any]]:
         return sample_stage.collect(self.ctx, self.selection, timer)

@@ -299,7 +299,8 @@ class CritiqueGRPOTrainer:
         :class:`StepContext`)."""
         if self.episodes is not None:
             return self.episodes
-        return PromptSource(self._context(), self.selection, getattr(self, "rollout_log", None))
+        return PromptSource(self._context(), self.selection, getattr(self, "rollout_log", None), self.train_rows,
+                            self.out)
 
     def _reference_logprobs(self, ub: UpdateBatch) -> torch.Tensor:
         """log pi_ref of ``ub``'s loss tokens (:func:`critique_stage.reference_logprobs`; episodes call it)."""
@@ -344,8 +345,7 @@ class CritiqueGRPOTrainer:
     # data selection between steps, records, checkpoints
     # ------------------------------------------------------------------------------------------------------
     def _measure_pass_rates(self) -> dict[str, Any]:
-        info, self.selection = selection_stage.measure_pass_rates(self._context(), self.train_rows, self.selection,
-                                                                  self.out)
+        info, self.selection = self.rollouts.measure_pass_rates()  # the source's pool: prompts or episode tasks
         return info
 
     def _order_tasks(self) -> dict[str, Any]:
