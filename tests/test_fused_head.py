@@ -119,3 +119,70 @@ def test_large_vocabularies_get_smaller_row_chunks(monkeypatch):
         logprobs.linear_selective_log_softmax(h, w, torch.zeros(8, dtype=torch.long), 1024)
         assert seen[-1] == expected
     assert seen[-1] == 276  # a Qwen2.5-sized head: ~160 MiB of float32 logits per chunk
+
+
+def test_autocast_head_casts_the_weight_one_vocabulary_slice_at_a_time(monkeypatch):
+    """Under bf16 autocast the head equals the autocast product (bf16 inputs, bf16 logits, float32 softmax) in
+    value and gradient, with the weight cast in vocabulary slices: no whole bf16 copy of W is ever allocated."""
+    import critique_rl.algos.logprobs as lpmod
+
+    n, hdim, vocab = 6, 16, 3000
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(n, hdim, generator=g, requires_grad=True)
+    w = (torch.randn(vocab, hdim, generator=g) * 0.3).requires_grad_(True)
+    ids = torch.randint(0, vocab, (n,), generator=g)
+    monkeypatch.setattr(lpmod, "FUSED_WEIGHT_SLICE_BYTES", 1)  # the 1024-row minimum slice: 3 slices of W
+    cast_rows = []
+    real_to = torch.Tensor.to
+
+    def spy_to(self, *a, **k):
+        out = real_to(self, *a, **k)
+        if out.dtype == torch.bfloat16 and self.dim() == 2 and self.shape[1] == hdim and self.shape[0] > n:
+            cast_rows.append(self.shape[0])
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", spy_to)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, ent = linear_selective_log_softmax(h, w, ids, 4, with_entropy=True)
+    ga, gb = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    (lp * ga + ent * gb).sum().backward()
+    monkeypatch.setattr(torch.Tensor, "to", real_to)
+    assert cast_rows and max(cast_rows) == 1024 and sum(cast_rows) % vocab == 0  # slices only, whole V each pass
+
+    h2, w2 = h.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = torch.nn.functional.linear(h2, w2).float()
+    lsm = torch.log_softmax(z, -1)
+    lp2, ent2 = lsm.gather(-1, ids.unsqueeze(-1)).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
+    (lp2 * ga + ent2 * gb).sum().backward()
+    torch.testing.assert_close(lp, lp2, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent, ent2, rtol=0, atol=1e-5)
+    torch.testing.assert_close(h.grad, h2.grad, rtol=2e-2, atol=2e-3)  # the reference's dh goes through bf16
+    torch.testing.assert_close(w.grad, w2.grad, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("with_entropy_grad", [False, True])
+def test_backward_holds_one_chunk_buffer_at_a_time(with_entropy_grad):
+    """The backward's live bytes (traced tensor by tensor) stay within one float32 [chunk_rows, V] buffer plus
+    dW, dh and slice-sized temporaries: a chunk's buffer is freed before the next chunk allocates its own."""
+    from critique_rl.gpu_memory import LiveTensorTracker
+
+    n, hdim, vocab, chunk = 64, 16, 20_000, 8
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, hdim, generator=g, requires_grad=True)
+    w = (torch.randn(vocab, hdim, generator=g) * 0.3).requires_grad_(True)
+    ids = torch.randint(0, vocab, (n,), generator=g)
+    lp, ent = linear_selective_log_softmax(h, w, ids, chunk, with_entropy=True)
+    loss = lp.sum() + (ent.sum() if with_entropy_grad else ent.detach().sum())
+    tr = LiveTensorTracker()
+    with tr:
+        base = tr.current
+        loss.backward()
+    chunk_buf = chunk * vocab * 4
+    dw, dh = vocab * hdim * 4, n * hdim * 4
+    slice_tmp = chunk * 16384 * 4 if with_entropy_grad else 0
+    extra = tr.peak - base
+    assert extra >= dw + chunk_buf  # dW and the chunk buffer were traced
+    # dW twice (the float32 accumulator and the gradient autograd stores: as TRL's head), one chunk buffer; a
+    # second live chunk buffer would add another chunk_buf (640 kB) past this bound
+    assert extra <= 2 * dw + dh + chunk_buf + slice_tmp + chunk_buf // 2, (extra, dw, chunk_buf)

@@ -277,6 +277,33 @@ FUSED_CHUNK_BYTES = 160 << 20
 """Largest float32 logits chunk (bytes) the fused head holds at once; ``chunk_rows`` is capped to fit it."""
 
 
+_ENT_SLICE = 16384
+"""Vocabulary columns per step of the entropy term's in-place backward (one [rows, 16384] float32 temporary
+instead of a second [rows, V] buffer)."""
+
+FUSED_WEIGHT_SLICE_BYTES = 32 << 20
+"""Under autocast, the output embedding is cast to the low-precision dtype this many bytes of rows at a time
+(a vocabulary slice), never as one whole copy (272 MB for a 151,936 x 896 bf16 head)."""
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, autocast: tuple[str, bool, torch.dtype]) -> torch.Tensor:
+    """Float32 ``[rows, V]`` logits ``h W^T`` of one row chunk, computed as autocast would (inputs cast to its
+    dtype, product in that dtype, then float32), but with ``W`` cast one vocabulary slice at a time: autocast
+    itself would hold a cast copy of the whole ``W`` (and a whole low-precision ``[rows, V]`` product) beside
+    the float32 chunk. Without autocast (or when it would not cast), one ``linear`` as before."""
+    dev, enabled, dtype = autocast
+    if not enabled or not h.is_floating_point() or (h.dtype == dtype and weight.dtype == dtype):
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            return torch.nn.functional.linear(h, weight).float()
+    V, H = weight.shape
+    step = max(1024, FUSED_WEIGHT_SLICE_BYTES // (H * torch.finfo(dtype).bits // 8))
+    hc = h.to(dtype)
+    z = torch.empty(h.shape[0], V, dtype=torch.float32, device=h.device)
+    for a in range(0, V, step):
+        z[:, a : a + step] = torch.nn.functional.linear(hc, weight[a : a + step].to(dtype))
+    return z
+
+
 class _LinearLogProb(torch.autograd.Function):
     """``z = h W^T / tau`` in row chunks; returns ``z[a] - logsumexp(z)`` and (optionally) the entropy of
     ``softmax(z)``. Saves only ``h``, ``W``, the ids and two numbers per row; the backward recomputes each
@@ -291,7 +318,7 @@ class _LinearLogProb(torch.autograd.Function):
         lse = torch.empty_like(logp)
         ent = torch.empty_like(logp) if with_entropy else None
         for s in range(0, n, chunk_rows):
-            z = torch.nn.functional.linear(hidden[s : s + chunk_rows], weight).float()
+            z = _chunk_logits(hidden[s : s + chunk_rows], weight, ctx.autocast)
             if temperature != 1.0:
                 z.div_(temperature)
             lse_c = torch.logsumexp(z, dim=-1)
@@ -312,27 +339,29 @@ class _LinearLogProb(torch.autograd.Function):
         # (d logp_a/dz = onehot(a) - p; dH/dz_j = -p_j (log p_j + H)), and dW accumulates with addmm_.
         hidden, weight, ids, lse, ent = ctx.saved_tensors
         tau, rows = ctx.temperature, ctx.chunk_rows
-        dev, enabled, dtype = ctx.autocast
         grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         use_ent = ctx.with_entropy and g_ent is not None and g_ent.numel() > 0 and bool(g_ent.ne(0).any())
         w32 = weight.float()
         for s in range(0, hidden.shape[0], rows):
             h = hidden[s : s + rows]
-            with torch.autocast(dev, dtype=dtype, enabled=enabled):
-                z = torch.nn.functional.linear(h, weight)
-            z = z.float()
+            z = _chunk_logits(h, weight, ctx.autocast)
             if tau != 1.0:
                 z.div_(tau)
             z.sub_(lse[s : s + rows].unsqueeze(-1))  # log p
             g = g_logp[s : s + rows].float().unsqueeze(-1)
-            if use_ent:  # dz = -p * (g + g_ent * (log p + H))
-                p = z.exp()
-                z.add_(ent[s : s + rows].unsqueeze(-1)).mul_(g_ent[s : s + rows].float().unsqueeze(-1)).add_(g)
-                dz = p.mul_(z).neg_()
-                del z
+            if use_ent:  # dz = -p * (g + g_ent * (log p + H)), in place, a vocabulary slice of p at a time
+                h_ent, ge = ent[s : s + rows].unsqueeze(-1), g_ent[s : s + rows].float().unsqueeze(-1)
+                for a in range(0, z.shape[-1], _ENT_SLICE):
+                    zs = z[:, a : a + _ENT_SLICE]
+                    p = zs.exp()
+                    zs.add_(h_ent).mul_(ge).add_(g).mul_(p).neg_()
+                    del p
+                del zs  # a view of the buffer: it would keep it alive past ``del dz``
             else:  # dz = -p * g
-                dz = z.exp_().mul_(-g)
+                z.exp_().mul_(-g)
+            dz = z
+            del z  # one name for the buffer: ``del dz`` below frees it before the next chunk allocates its own
             dz.scatter_add_(-1, ids[s : s + rows].unsqueeze(-1), g)
             if tau != 1.0:
                 dz.div_(tau)
