@@ -3,6 +3,7 @@ the student the plain context; both score the student's own action tokens (obser
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,16 +19,16 @@ if TYPE_CHECKING:
 
 
 def distill_episodes(t: CritiqueGRPOTrainer, renderer: TurnRenderer, ub: UpdateBatch, trajs: list[Trajectory],
-                     rows: list[int], crit: EpisodeCritiques) -> dict[str, float]:
+                     rows: list[int], crit: EpisodeCritiques) -> tuple[UpdateBatch, dict[str, float]]:
     """Directive distillation over action tokens: teacher = the policy (or its EMA copy) with the critique in
     context, student = the policy under the plain context, both on the student's own episode tokens (rows ``rows``
-    of ``trajs``, in ``ub``'s order). ``sampled_token`` adds the log-ratio to ``ub.advantages``; ``topk_logits`` sets
-    the teacher's top-K on ``ub``. Returns ``distill/*`` metrics."""
+    of ``trajs``, in ``ub``'s order). Returns a new batch (``ub`` is not changed: ``sampled_token`` adds the
+    log-ratio to a copy of its advantages, ``topk_logits`` adds the teacher's top-K) and the ``distill/*`` metrics."""
     cfg = t.cfg
     pos = {i: r for r, i in enumerate(rows)}
     pairs = [(pos[i], crit.texts[j]) for j, i in enumerate(crit.idx) if i in pos]
     if not pairs:
-        return {}
+        return ub, {}
     sel = [r for r, _ in pairs]
     teacher_prompts = []
     for r, text in pairs:
@@ -52,13 +53,16 @@ def distill_episodes(t: CritiqueGRPOTrainer, renderer: TurnRenderer, ub: UpdateB
     out = {"distill/kl": ((s_lp - t_full) * m).sum().item() / max(1.0, m.sum().item()),
            "distill/rows": float(len(sel))}
     if cfg.distill_mode == "sampled_token":
-        ub.advantages[sel] += cfg.distill_weight * sampled_token_advantage(t_full, s_lp) * m
-    else:  # top-K of the teacher at each of the student's positions, for the divergence term of the update
-        N, K = ub.advantages.shape[0], t_tk_lp.shape[-1]
-        ub.teacher_topk_logp = torch.zeros(N, T, K)
-        ub.teacher_topk_idx = torch.zeros(N, T, K, dtype=torch.long)
-        ub.teacher_topk_logp[sel, :Tt] = t_tk_lp[:, :T].cpu()
-        ub.teacher_topk_idx[sel, :Tt] = t_tk_idx[:, :T].cpu()
-        ub.distill_rows = torch.zeros(N, dtype=torch.bool)
-        ub.distill_rows[sel] = True
-    return out
+        adv = ub.advantages.clone()
+        adv[sel] += cfg.distill_weight * sampled_token_advantage(t_full, s_lp) * m
+        return dataclasses.replace(ub, advantages=adv), out
+    # top-K of the teacher at each of the student's positions, for the divergence term of the update
+    N, K = ub.advantages.shape[0], t_tk_lp.shape[-1]
+    topk_logp = torch.zeros(N, T, K)
+    topk_idx = torch.zeros(N, T, K, dtype=torch.long)
+    topk_logp[sel, :Tt] = t_tk_lp[:, :T].cpu()
+    topk_idx[sel, :Tt] = t_tk_idx[:, :T].cpu()
+    distill_rows = torch.zeros(N, dtype=torch.bool)
+    distill_rows[sel] = True
+    return dataclasses.replace(ub, teacher_topk_logp=topk_logp, teacher_topk_idx=topk_idx,
+                               distill_rows=distill_rows), out

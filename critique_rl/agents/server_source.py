@@ -21,6 +21,8 @@ checkpoint's step on ``--resume``, so an id appears once in the run's history).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -112,7 +114,6 @@ class ServerSource(EpisodeSource):
             hub.tokenizer, hub.renderer, hub.limits = t.tokenizer, self.renderer, self.limits
             hub.temperature, hub.top_p = cfg.temperature, cfg.top_p
             hub.context_fn = self.memory.context_fn if self.memory is not None else None
-        self._guard_updates(t)
         if t.is_main:
             from critique_rl.train.metrics import JsonlWriter
 
@@ -120,28 +121,13 @@ class ServerSource(EpisodeSource):
                 (t.out / LEDGER).unlink(missing_ok=True)
             self._ledger = JsonlWriter(t.out / LEDGER)
 
-    def _guard_updates(self, t: CritiqueGRPOTrainer) -> None:
-        """The optimizer step (and an SFT phase) under ``hub.engine_lock``, then one policy version more (the
-        trainer's ``_update`` / ``_run_sft`` wrapped on this instance; a trainer hook could replace this)."""
-        update, hub = t._update, self.hub
-
-        def guarded(ub: Any, norm_constant: float) -> dict[str, Any]:
-            with hub.engine_lock:
-                out = update(ub, norm_constant)
-            hub.bump_version()
-            return out
-
-        t._update = guarded  # type: ignore[method-assign]
-        run_sft = getattr(t, "_run_sft", None)
-        if callable(run_sft):  # a later SFT phase of a schedule changes the weights too
-
-            def guarded_sft(*args: Any, **kwargs: Any) -> Any:
-                with hub.engine_lock:
-                    out = run_sft(*args, **kwargs)
-                hub.bump_version()
-                return out
-
-            t._run_sft = guarded_sft  # type: ignore[method-assign]
+    @contextmanager
+    def weight_update(self) -> Iterator[None]:
+        """The trainer holds this around each optimizer step and each SFT phase (the rollout source's hook): the
+        weights change under ``hub.engine_lock``, then the policy is one version more."""
+        with self.hub.engine_lock:
+            yield
+        self.hub.bump_version()
 
     def _build_critic(self, t: CritiqueGRPOTrainer) -> EpisodeCritic | None:
         cfg = t.cfg

@@ -22,6 +22,8 @@ to the advantages, ``topk_logits`` keeps the teacher's top-K for the divergence 
 
 from __future__ import annotations
 
+import dataclasses
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -209,6 +211,10 @@ class EpisodeSource:
             t.accelerator.wait_for_everyone()
             self.bank = MemoryBank(bank_path, config=cfg.memory)
         return EpisodeMemory(self.bank, self.spec.name, run_name=t.out.name, min_score=cfg.memory.min_score)
+
+    def weight_update(self) -> AbstractContextManager[None]:
+        """Held around every change of the policy's weights (see :class:`RolloutSource`): nothing in process."""
+        return nullcontext()
 
     def checkpoint_files(self) -> dict[str, Any] | None:
         return {"memory.sqlite": lambda p: self.bank.snapshot(p)} if self.memory is not None else None
@@ -421,26 +427,27 @@ class EpisodeSource:
             adv.append(plan.advantages[g, slot].item())
             keep.append(bool(plan.mask[g, slot]))
             off.append(True)
-        tokens = pack(prompt_ids, comp_ids, t.tokenizer.pad_token_id)
-        T = tokens.completion_len
-        action = torch.zeros(len(comp_ids), T, dtype=tokens.completion_mask.dtype)
+        packed = pack(prompt_ids, comp_ids, t.tokenizer.pad_token_id)
+        T = packed.completion_len
+        action = torch.zeros(len(comp_ids), T, dtype=packed.completion_mask.dtype)
         for r, m in enumerate(masks):
             action[r, : len(m)] = torch.tensor(m, dtype=action.dtype)
-        tokens.completion_mask = tokens.completion_mask * action * torch.tensor(keep, dtype=action.dtype)[:, None]
+        tokens = dataclasses.replace(packed, completion_mask=packed.completion_mask * action
+                                     * torch.tensor(keep, dtype=action.dtype)[:, None])
         adv_tok = cfg.eval_weight * torch.tensor(adv).unsqueeze(-1).expand(-1, T).clone()
-        ub = UpdateBatch(tokens=tokens, advantages=adv_tok, offpolicy=torch.tensor(off))
         # the engine's log-probs of every row's actions (refined episodes: under the critique context they were
         # sampled in, what offpolicy_weighting reads); zeros on observation tokens
         sampled = [trajs[i] for i in rows] + [crit.refined[j] for _, _, j in plan.kept]  # type: ignore[union-attr]
-        ub.sampling_logp = torch.zeros(len(comp_ids), T)
+        sampling_logp = torch.zeros(len(comp_ids), T)
         for r, x in enumerate(sampled):
             lp = x.sampling_logprobs()
-            ub.sampling_logp[r, : len(lp)] = torch.tensor(lp)
+            sampling_logp[r, : len(lp)] = torch.tensor(lp)
+        ub = UpdateBatch(tokens=tokens, advantages=adv_tok, offpolicy=torch.tensor(off), sampling_logp=sampling_logp)
         metrics: dict[str, float] = {}
-        if crit is not None and cfg.distill_weight > 0:
-            metrics = distill_episodes(t, self.renderer, ub, trajs, rows, crit)
+        if crit is not None and cfg.distill_weight > 0:  # a new batch with the distillation terms
+            ub, metrics = distill_episodes(t, self.renderer, ub, trajs, rows, crit)
         if cfg.kl_beta > 0:
-            ub.ref_logp = t._reference_logprobs(ub).cpu()
+            ub = dataclasses.replace(ub, ref_logp=t._reference_logprobs(ub).cpu())
         return ub, metrics
 
     # ------------------------------------------------------------------------------------------------------

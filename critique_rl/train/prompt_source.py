@@ -20,6 +20,7 @@ plain prompt.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,6 +40,12 @@ class RolloutSource(Protocol):
     def measure_pass_rates(self) -> tuple[dict[str, Any], SelectionState]:
         """``pass_rate_filter`` on the current pool (before RL and every ``refresh_every`` steps): the
         ``selection/pass_rate_*`` metrics and the new selection state (the trainer keeps it)."""
+        ...
+
+    def weight_update(self) -> AbstractContextManager[None]:
+        """Held around every change of the policy's weights (each optimizer update, each SFT phase, the warm-up
+        included): e.g. a policy server's engine lock, then a new policy version. Prompts and in-process
+        episodes: nothing (``nullcontext()``)."""
         ...
 
     def collect(self, timer: Any) -> tuple[RolloutBatch, dict[str, Any]]: ...
@@ -79,6 +86,9 @@ class PromptSource:
         if self.train_rows is None or self.out is None:
             raise ValueError("PromptSource.measure_pass_rates needs train_rows and out (the trainer passes both)")
         return selection_stage.measure_pass_rates(self.ctx, self.train_rows, self.selection, self.out)
+
+    def weight_update(self) -> AbstractContextManager[None]:
+        return nullcontext()
 
     def collect(self, timer: Any) -> tuple[RolloutBatch, dict[str, Any]]:
         return sample_stage.collect(self.ctx, self.selection, timer)

@@ -168,8 +168,9 @@ class CritiqueGRPOTrainer:
     def _run_sft(self, index: int, model: torch.nn.Module, progress: Progress | None) -> None:
         """SFT phase ``index`` on ``model``: the run's rows (with the task's demonstrations, mistakes and
         refinement demos), the environment's scripted episodes, or the phase's ``train_file`` (prompt -> answer)."""
-        self.summary.update(run_sft_phase(self.cfg, self.phases, index, model, self.tokenizer, self._sft_pairs,
-                                          progress, self.step, self.summary))
+        with self.episodes.weight_update() if self.episodes is not None else nullcontext():  # the source's guard
+            self.summary.update(run_sft_phase(self.cfg, self.phases, index, model, self.tokenizer, self._sft_pairs,
+                                              progress, self.step, self.summary))
 
     def _sft_pairs(self, ph: Any, steps: int, first: bool) -> tuple[list[tuple[str, str]], int]:
         if ph.train_file:
@@ -319,7 +320,7 @@ class CritiqueGRPOTrainer:
         with timer("prepare"):
             plan = src.advantages(batch, crit)
             ub, extra = src.update_batch(batch, crit, plan)
-        with timer("train"):
+        with timer("train"), src.weight_update():  # the source's guard around the weight change
             stats = self._update(ub, src.norm_constant())
         metrics = src.step_metrics(batch, crit, plan, {**extra, **stats, **timer.total()}, selection_metrics)
         src.log_rollouts(batch, plan, crit)
