@@ -61,19 +61,9 @@ class EpisodeMemory:
         uniq = list(dict.fromkeys(queries))  # the n episodes of a task share one retrieval
         got = self.bank.retrieve_many(uniq, tags=[self.task_name] if self.filter_by_task else None, count=self.count)
         if self.min_score is not None:
-            got = [self._drop_weak(r) for r in got]
+            got = [self.bank.above(r, self.min_score) for r in got]
         by_query = dict(zip(uniq, got, strict=True))
         return [by_query[q] for q in queries]
-
-    def _drop_weak(self, r: Retrieved) -> Retrieved:
-        """``r`` without the records scoring at or below ``min_score`` (the context re-rendered)."""
-        keep = {x.id for x in r.items if r.scores.get(x.id, 0.0) > self.min_score}  # type: ignore[operator]
-        if len(keep) == len(r.items):
-            return r
-        demos = [x for x in r.demonstrations if x.id in keep]
-        lessons = [x for x in r.lessons if x.id in keep]
-        return Retrieved(r.question, demos, lessons, {i: r.scores[i] for i in keep},
-                         self.bank.render_context(demos, lessons))
 
     def context_fn(self, tasks: list[dict[str, Any]], first_observations: list[str]) -> list[tuple[str, list[str]]]:
         """The runner's ``context_fn``: ``(rendered context, record ids)`` per episode."""

@@ -437,6 +437,14 @@ class MemoryBank:
         return render("memory_context.j2", self.template_dir, demos=[d.render() for d in demos],
                       lessons=[x.render() for x in lessons])
 
+    def above(self, r: Retrieved, min_score: float) -> Retrieved:
+        """``r`` without the records scoring at or below ``min_score`` (the context re-rendered)."""
+        keep = {x.id for x in r.items if r.scores.get(x.id, 0.0) > min_score}
+        if len(keep) == len(r.items):
+            return r
+        demos, lessons = [x for x in r.demonstrations if x.id in keep], [x for x in r.lessons if x.id in keep]
+        return Retrieved(r.question, demos, lessons, {i: r.scores[i] for i in keep}, self.render_context(demos, lessons))
+
     def context_for(self, question: str, k_demos: int | None = None, k_lessons: int | None = None,
                     token_budget: int | None = None, tags: Sequence[str] | None = None) -> str:
         """Rendered demonstrations + lessons for ``question`` within the budget; '' when nothing retrieved."""

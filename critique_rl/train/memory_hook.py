@@ -91,17 +91,8 @@ class MemoryHook:
         tags = [self.task_name] if self.filter_by_task else None
         got = self.bank.retrieve_many([r["prompt"] for r in rows], tags=tags, count=False)
         if self.min_score is not None:
-            got = [self._drop_weak(r) for r in got]
+            got = [self.bank.above(r, self.min_score) for r in got]
         return got
-
-    def _drop_weak(self, r: Retrieved) -> Retrieved:
-        keep = {x.id for x in r.items if r.scores.get(x.id, 0.0) > self.min_score}  # type: ignore[operator]
-        if len(keep) == len(r.items):
-            return r
-        demos = [x for x in r.demonstrations if x.id in keep]
-        lessons = [x for x in r.lessons if x.id in keep]
-        return Retrieved(r.question, demos, lessons, {i: r.scores[i] for i in keep},
-                         self.bank.render_context(demos, lessons))
 
     def contexts(self, rows: list[dict]) -> list[str]:
         """One rendered context per row (``""`` = none); the retrieved ids are kept for :meth:`update`."""
