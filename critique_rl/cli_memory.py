@@ -69,8 +69,8 @@ def _emit_json(data: Any) -> None:
 
 WIDE_TABLE_COLUMNS = 110
 """Terminal width from which record tables show every column; narrower ones (e.g. 80 columns) drop the kind
-column (the id's ``D-``/``L-`` prefix says it), fold merged/retrieved/helped into one ``help/ret`` column and
-show the date only, so the text column gets the width."""
+column (the id's ``D-``/``L-`` prefix says it), fold retrieved and usefulness into one ``ret use`` column (merged
+and helped: ``memory show``) and show the date only, so the text column gets the width."""
 
 
 def _records_table(title: str, recs: list[Record], scores: list[float] | None = None,
@@ -85,8 +85,7 @@ def _records_table(title: str, recs: list[Record], scores: list[float] | None = 
         table.add_column("score", justify="right", no_wrap=True)
     table.add_column("text", ratio=1, min_width=16, overflow="fold")
     if compact:
-        table.add_column("help/ret", justify="right", no_wrap=True)
-        table.add_column("use", justify="right", no_wrap=True)
+        table.add_column("ret use", justify="right", no_wrap=True)
         table.add_column("updated", no_wrap=True)
     else:
         for name in ("merged", "retrieved", "helped", "usefulness"):
@@ -99,7 +98,7 @@ def _records_table(title: str, recs: list[Record], scores: list[float] | None = 
         # rich markup is off for data cells: memory text is shown literally
         row.append(_summary(rec, 100 if compact else 150))  # about three lines of the text column
         if compact:
-            row += [f"{rec.helped}/{rec.retrieved}", f"{rec.usefulness:+.2f}",
+            row += [f"{rec.retrieved} {rec.usefulness:+.2f}",
                     _dt.datetime.fromtimestamp(rec.updated_at).strftime("%Y-%m-%d")]
         else:
             row += [str(rec.merged), str(rec.retrieved), str(rec.helped), f"{rec.usefulness:+.3f}",

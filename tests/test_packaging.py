@@ -36,7 +36,8 @@ def test_pyproject_lists_every_subpackage_and_maps_prompts():
     on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "critique_rl").rglob("__init__.py")}
     assert set(cfg["packages"]) == on_disk | {"critique_rl.prompts"}
     assert cfg["package-dir"] == {"critique_rl.prompts": "prompts"}
-    assert cfg["package-data"] == {"critique_rl.prompts": ["*.j2"]}
+    # the packaged prompts, and the constraints task's own critique template
+    assert cfg["package-data"] == {"critique_rl.prompts": ["*.j2"], "critique_rl.tasks": ["constraints_prompts/*.j2"]}
 
 
 @pytest.fixture(scope="module")
