@@ -223,6 +223,11 @@ def _ms(xs: list[float | None], scale: float = 100.0) -> str:
     return f"{scale * statistics.fmean(xs):.1f} ± {scale * sd:.1f}"
 
 
+def _paired(diffs: list[float]) -> str:
+    """mean ± std of paired differences, then each seed's in points: ``+5.0 ± 2.0 (+3.0, +7.0)``."""
+    return f"{_ms(diffs)} ({', '.join(f'{100 * d:+.1f}' for d in diffs)})"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     cols = ["accuracy", *[f"acc/{g}" for g in GROUPS]]
     head = "| stage | all | known tags | trap tags, reversed | trap tags, plain sum |"

@@ -49,7 +49,7 @@ from critique_rl.train.trainer import CritiqueGRPOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory_evidence import accuracy, prompt_text, warm_up  # noqa: E402
-from memory_on_off import _ms  # noqa: E402
+from memory_on_off import _ms, _paired  # noqa: E402
 
 ARMS = ("rl_only", "memory_only", "rl_memory")
 """Fixed before any result: see the module docstring."""
@@ -214,9 +214,7 @@ def table(results: list[dict[str, Any]]) -> str:
     for arm in ARMS:
         d_rl = [r[arm]["held_out"] - r["rl_only"]["held_out"] for r in results]
         d_mem = [r[arm]["held_out"] - r["memory_only"]["held_out"] for r in results]
-        lines.append(f"| {arm} | {_ms([r[arm]['held_out'] for r in results])} | {_ms(d_rl)} "
-                     f"({', '.join(f'{100 * d:+.1f}' for d in d_rl)}) | {_ms(d_mem)} "
-                     f"({', '.join(f'{100 * d:+.1f}' for d in d_mem)}) | "
+        lines.append(f"| {arm} | {_ms([r[arm]['held_out'] for r in results])} | {_paired(d_rl)} | {_paired(d_mem)} | "
                      f"{_ms([r[arm].get('held_out_hit_rate') for r in results])} | "
                      f"{_ms([r[arm]['novel_control'] for r in results])} | "
                      f"{_ms([r[arm]['step_seconds'] for r in results], 1.0)} |")
