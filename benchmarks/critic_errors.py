@@ -20,6 +20,23 @@ warm-up, worker, report table) is ``benchmarks/learning_evidence.py``'s; this fi
 - ``distilled``: the critic distilled from an API critic's cache (``critique-rl critic distill``,
   ``--distilled-critic``), likewise.
 
+- ``local_demos`` / ``distilled_demos``: the ``local`` / ``distilled`` arm from a warm-up whose refinement
+  demos were written by that critic (``sft_refine_critic: run``, warm-ups ``sft_local_s<seed>`` /
+  ``sft_distilled_s<seed>``; same seed, rows, tokenizer, mistakes and steps as ``sft_s<seed>``, only the
+  critiques inside the refinement demos differ).
+
+Plan of the run-demo arms (issue #29, fixed before any of them ran; wave 3 follow-up). Last session's ``local`` /
+``distilled`` arms (seed 0) had 0-1% right refinements because the warm-up's refinement demos were rule
+critiques only. Arms ``grpo``, ``gt`` (from ``sft_s<seed>``, rule demos), ``local_demos`` (from
+``sft_local_s<seed>``), ``distilled_demos`` (from ``sft_distilled_s<seed>``); 100 RL steps, 300 held-out problems,
+the critics of ``benchmarks/critic_models.py`` (local: 2000 SFT steps; distilled: 1200). Seeds in priority order
+0, 1, 2, each seed whole (its warm-ups, then its arms) before the next: seed 0 reuses last session's ``sft_s0``,
+``grpo_s0`` and ``gt_s0``; per seed the order is (seeds 1, 2) ``sft``, ``grpo``, ``gt``, then ``sft_local``,
+``local_demos``, ``sft_distilled``, ``distilled_demos``. The gain kept is read as (arm - grpo) / (gt -
+grpo) per seed and as means over the seeds that finished; the warm-ups' own held-out accuracy (``before``) is
+reported beside it, since a different warm-up is a different start. After these: the error-sweep arms for
+seeds 1 and 2 (lower priority).
+
 Runs are done arm-major in the listed order (every seed of an arm before the next arm), one or ``--jobs`` at a
 time; a finished run (``<arm>_s<seed>/result.json``) is skipped on a re-run. Writes ``results.json``,
 ``results.md`` (learning_evidence's table: mean ± std, paired difference to GRPO per seed) and ``summary.md``
@@ -58,8 +75,10 @@ def critic_arms(local: str | None, distilled: str | None) -> dict[str, dict[str,
     arms: dict[str, dict[str, Any]] = {"grpo": {"critique_on": "none"}, "gt": dict(WRONG_UNSHAPED)}
     if local:
         arms["local"] = {**WRONG_UNSHAPED, "critic": {**LOCAL, "model": str(Path(local).resolve())}}
+        arms["local_demos"] = arms["local"]  # the same run, from the sft_local warm-up (WARMUP_OF)
     if distilled:
         arms["distilled"] = {**WRONG_UNSHAPED, "critic": {**LOCAL, "model": str(Path(distilled).resolve())}}
+        arms["distilled_demos"] = arms["distilled"]
     for p in RATES:
         arms[f"verdict{p}"] = {**WRONG_UNSHAPED, "critic": {**NOISY, "error_rate": p / 100, "error_kind": "verdict",
                                                             "error_check": False}}
@@ -69,6 +88,19 @@ def critic_arms(local: str | None, distilled: str | None) -> dict[str, dict[str,
         arms[f"verdict{p}_check"] = {**WRONG_UNSHAPED, "critic": {**NOISY, "error_rate": p / 100,
                                                                   "error_kind": "verdict", "error_check": True}}
     return arms
+
+
+WARMUP_OF = {"local_demos": "sft_local", "distilled_demos": "sft_distilled"}
+"""Arms that start from a warm-up other than ``sft`` (the rule-demo warm-up of every other arm)."""
+
+
+def warmup_extra(warmup: str, defs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Config overrides of a warm-up beyond the shared ``--set``: with run demos, the arm's critic writes the
+    refinement demos (``sft_refine_critic: run``; the warm-up builds that critic because critique_on is set)."""
+    arm = {v: k for k, v in WARMUP_OF.items()}.get(warmup)
+    if arm is None:
+        return {}
+    return {"sft_refine_critic": "run", "critic": defs[arm]["critic"]}
 
 
 EXTRA_METRICS = ("critique/errors_delivered", "critique/errors_injected", "critique/verdict_accuracy",
@@ -170,11 +202,15 @@ def main() -> None:
     t0 = time.perf_counter()
     results = []
     if not args.report_only:
+        warmups = list(dict.fromkeys(WARMUP_OF.get(a, "sft") for a in arms))
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda s: launch(dict(common, arm="sft", seed=s, out=str(root / f"sft_s{s}")),
-                                           root / "logs" / f"sft_s{s}.log"), args.seeds))
+            list(pool.map(lambda ws: launch(dict(common, arm="sft", seed=ws[1], out=str(root / f"{ws[0]}_s{ws[1]}"),
+                                                 extra={**extra, **warmup_extra(ws[0], defs)}),
+                                            root / "logs" / f"{ws[0]}_s{ws[1]}.log"),
+                          [(w, s) for w in warmups for s in args.seeds]))
             specs = [dict(common, arm=a, seed=s, out=str(root / f"{a}_s{s}"),
-                          model_dir=str(root / f"sft_s{s}" / "final")) for a in arms for s in args.seeds]
+                          model_dir=str(root / f"{WARMUP_OF.get(a, 'sft')}_s{s}" / "final"))
+                     for a in arms for s in args.seeds]
             futures = [pool.submit(launch, sp, root / "logs" / f"{sp['arm']}_s{sp['seed']}.log") for sp in specs]
             for f in futures:
                 try:

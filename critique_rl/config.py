@@ -280,6 +280,12 @@ class TrainConfig:
     """`shared`: refinement demos take their share of `sft_steps` (plain demonstrations get fewer steps, which
     can lower plain accuracy); `added`: the warm-up runs longer, `sft_steps x (plain + refine demos) / plain`
     steps, so plain demonstrations get the `sft_steps` batches they get without refinement demos."""
+    sft_refine_critic: Literal["rule", "run"] = "rule"
+    """Who writes the critiques of the refinement demos. `rule`: the rule ground-truth critique (verdict plus the
+    reference answer). `run`: the run's own critic (`critic:`), one call per demo before the warm-up, so the policy
+    learns to read the critiques it will get in RL (a model critic's wording); the verifier check applies as in RL,
+    and a demo whose critique still does not call the wrong answer wrong is dropped (counted in the summary's
+    `sft_refine_demo_critiques`). Single-turn runs with a critic; not with a self-critique (`critic.model: policy`)."""
 
     # --- schedule ---------------------------------------------------------------------------------------
     phases: list[PhaseConfig] = field(default_factory=list)
@@ -378,6 +384,7 @@ class TrainConfig:
             _positive("tis_cap", self.tis_cap)
         if not 0.0 <= self.sft_refine_fraction <= 1.0:
             raise ConfigError("sft_refine_fraction", self.sft_refine_fraction, "use a value in [0, 1]")
+        self._check_sft_refine_critic()
         if self.offpolicy_gamma is not None and self.offpolicy_gamma <= 0:
             raise ConfigError("offpolicy_gamma", self.offpolicy_gamma, "use a value > 0, or null to disable shaping")
         _non_negative("refinements_per_group", self.refinements_per_group)
@@ -432,6 +439,22 @@ class TrainConfig:
                                 (ROLLOUT_ENGINES, self.rollout_backend)):
             if value not in registry:
                 raise registry.unknown(value)
+
+    def _check_sft_refine_critic(self) -> None:
+        if self.sft_refine_critic not in ("rule", "run"):
+            raise ConfigError("sft_refine_critic", self.sft_refine_critic, "use rule (the rule ground-truth critique) "
+                              "or run (the run's critic writes the refinement demos' critiques)")
+        if self.sft_refine_critic == "rule":
+            return
+        why = ("sft_refine_fraction is 0 (no refinement demos)" if self.sft_refine_fraction == 0
+               else "the run has no critic (critic.backend none)" if self.critic.backend == "none"
+               else "critique_on is none (no critic is built)" if self.critique_on == "none"
+               else "refinement_source is reference (no critic is built)" if self.refinement_source == "reference"
+               else "critic.model is policy: the policy would critique before its warm-up"
+               if self.critic.model == "policy" else "episodes (agent.env) warm up on scripted episodes, not on "
+               "refinement demos" if self.agent.env is not None else None)
+        if why:
+            raise ConfigError("sft_refine_critic", "run", f"{why}; use sft_refine_critic: rule")
 
     def _apply_preset(self) -> None:
         """Fill the preset's values into fields still at their class default (``load_config`` has already merged

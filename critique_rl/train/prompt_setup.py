@@ -22,7 +22,7 @@ from critique_rl.tasks import Task, get_task, load_callable
 from critique_rl.templates import check_templates
 from critique_rl.train import distributed as dist
 from critique_rl.train import task_mix
-from critique_rl.train.critique_step import refinement_demos
+from critique_rl.train.critique_step import refinement_demos, run_critic_demo_kwargs
 from critique_rl.train.evaluate import EVAL_SEED, greedy_records, summarise_records
 from critique_rl.train.run_setup import console
 from critique_rl.train.sampler import MixtureSampler, PromptSampler
@@ -205,7 +205,7 @@ def sft_pairs(t: CritiqueGRPOTrainer, steps: int, first: bool) -> tuple[list[tup
         plain = len(pairs)
         pairs += [(t.prompt_text({"prompt": p}), c) for p, c in refinement_demos(
             sft_task(t), t.train_rows, cfg.sft_refine_fraction, cfg.seed, t._sft_completion,
-            cfg.critic.template_dir)]
+            cfg.critic.template_dir, **run_critic_demo_kwargs(t))]  # sft_refine_critic: run -> the run's critic
         if cfg.sft_refine_steps == "added" and first:  # batches are drawn in proportion to the pairs
             steps = refine_added_steps(steps, plain, len(pairs) - plain)
             t.summary["sft_steps_run"] = steps
