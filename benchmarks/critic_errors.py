@@ -141,8 +141,9 @@ def summary(results: list[dict[str, Any]], arms: list[str], seeds: list[int]) ->
 
     gt = diffs("gt")
     gt_mean = float(np.mean(gt)) if gt else None
-    lines = ["| arm | seeds | after - GRPO, mean ± s.e. (per seed) | share of gt's gain kept | errors delivered "
-             "per step | first-try verdict accuracy | fallbacks per step |", "|---|---|---|---|---|---|---|"]
+    lines = ["| arm | seeds | start (warm-up) | after - GRPO, mean ± s.e. (per seed) | share of gt's gain kept | "
+             "refinements right | errors delivered per step | first-try verdict accuracy | fallbacks per step |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         d = diffs(arm)
         if arm == "grpo" or not d:
@@ -155,8 +156,10 @@ def summary(results: list[dict[str, Any]], arms: list[str], seeds: list[int]) ->
             vals = [r["means"].get(key) for r in rs if r["means"].get(key) is not None]
             return f"{np.mean(vals):.2f}" if vals else "-"
 
-        lines.append(f"| {arm} | {len(d)} | {np.mean(d):+.1f} ± {se:.1f} ({' / '.join(f'{x:+.1f}' for x in d)}) | "
-                     f"{kept} | {m('critique/errors_delivered')} | {m('critique/verdict_accuracy')} | {m('critique/fallbacks')} |")
+        start = " / ".join(f"{100 * r['before']:.1f}" for r in rs)
+        lines.append(f"| {arm} | {len(d)} | {start} | {np.mean(d):+.1f} ± {se:.1f} "
+                     f"({' / '.join(f'{x:+.1f}' for x in d)}) | {kept} | {m('critique/refine_success_rate')} | "
+                     f"{m('critique/errors_delivered')} | {m('critique/verdict_accuracy')} | {m('critique/fallbacks')} |")
     lines += ["", "Break-even (the lowest error rate whose mean gain over GRPO is <= 0):"]
     for kind in ("verdict{}", "verdict{}_check", "hint{}"):
         means = [(0, gt_mean)] + [(p, float(np.mean(diffs(kind.format(p))))) for p in RATES if diffs(kind.format(p))]
