@@ -82,11 +82,13 @@ def test_the_rule_critic_through_critique_fn_gives_the_default_demos():
 
 
 def test_trainer_asks_its_critic_for_the_demos_only_with_run(fast_config):
+    from critique_rl.train.metrics import read_jsonl
     from critique_rl.train.trainer import CritiqueGRPOTrainer
 
     for mode in ("rule", "run"):
         with CriticServer(responder=_api_critic) as srv:
-            cfg = fast_config(output_dir=str(Path(fast_config().output_dir).parent / mode), max_steps=0, eval_n=4,
+            cfg = fast_config(output_dir=str(Path(fast_config().output_dir).parent / mode), eval_n=4,
+                              max_steps=0 if mode == "rule" else 1, critique_on="all",
                               sft_steps=2, sft_examples=60, sft_refine_fraction=0.3, sft_refine_critic=mode,
                               critic=CriticConfig(backend="openai", model="api-critic", base_url=srv.base_url,
                                                   kind="cot", reference="hidden", max_retries=0))
@@ -96,7 +98,11 @@ def test_trainer_asks_its_critic_for_the_demos_only_with_run(fast_config):
             assert calls == 0 and "sft_refine_demo_critiques" not in summary
         else:
             counts = summary["sft_refine_demo_critiques"]
-            assert calls == counts["critiqued"] == counts["kept"] > 0
+            step = [r for r in read_jsonl(f"{cfg.output_dir}/metrics.jsonl") if "loss/total" in r][0]
+            assert counts["critiqued"] == counts["kept"] > 0 and calls >= counts["critiqued"]
+            # the warm-up's calls count in the critic's cost, not in the first step's verdict accuracy
+            assert step["critic/requests"] == counts["critiqued"] + step["critique/critiqued"]
+            assert step["critique/verdicts_checked"] == step["critique/critiqued"] == 16
             saved = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
             assert saved["sft_refine_demo_critiques"] == counts
 
