@@ -73,20 +73,27 @@ def _post(conn: http.client.HTTPConnection, path: str, body: dict, headers: dict
 
 
 def _agent(port: int, max_tokens: int, out: list, barrier: threading.Barrier) -> None:
+    """One agent loop; appends (calls, time of its last finish's answer, per-call round trips, per-call times
+    from a reply to the next request of the episode: the client's own work)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     barrier.wait()
-    calls = 0
+    calls, last_finish, rtts, between = 0, None, [], []
     while True:
         status, ep = _post(conn, "/v1/episodes/start", {"timeout": 2})
         if status != 200:
             break
         env = GuessNumberEnv()
         messages = [{"role": "user", "content": env.reset(ep["task"])}]
-        ret, success = 0.0, False
+        ret, success, replied = 0.0, False, None
         for _ in range(4):
+            t0 = time.perf_counter()
+            if replied is not None:
+                between.append(t0 - replied)
             status, reply = _post(conn, "/v1/chat/completions",
                                   {"model": "policy", "messages": messages, "max_tokens": max_tokens},
                                   {"X-Episode-Id": ep["episode_id"]})
+            replied = time.perf_counter()
+            rtts.append(replied - t0)
             if status != 200:
                 raise RuntimeError(f"chat call failed: {status} {reply}")
             calls += 1
@@ -99,21 +106,28 @@ def _agent(port: int, max_tokens: int, out: list, barrier: threading.Barrier) ->
                 break
             messages.append({"role": "user", "content": step.observation})
         _post(conn, f"/v1/episodes/{ep['episode_id']}/finish", {"reward": ret, "success": success})
-    out.append(calls)
+        last_finish = time.perf_counter()
+    out.append((calls, last_finish, rtts, between))
 
 
 def client_process(port: int, clients: int, max_tokens: int, queue: Any) -> None:
-    """``clients`` agent threads; puts (calls, wall seconds) on ``queue``."""
-    out: list[int] = []
+    """``clients`` agent threads; puts a dict on ``queue``: calls, ``wall_s`` (barrier release to the last
+    episode's finish answer), ``process_wall_s`` (to the last agent's exit: includes each agent's final
+    ``episodes/start`` that waits out its 2 s timeout once every episode is handed out), client CPU seconds, and
+    per-call round trips / times between a reply and the episode's next request (seconds)."""
+    out: list[tuple] = []
     barrier = threading.Barrier(clients + 1)
     threads = [threading.Thread(target=_agent, args=(port, max_tokens, out, barrier)) for _ in range(clients)]
     for t in threads:
         t.start()
     barrier.wait()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for t in threads:
         t.join()
-    queue.put((sum(out), time.perf_counter() - t0))
+    end = time.perf_counter()
+    queue.put({"calls": sum(o[0] for o in out), "t0": t0, "wall_s": max(o[1] for o in out if o[1] is not None) - t0,
+               "process_wall_s": end - t0, "cpu_s": time.process_time() - cpu0,
+               "rtts": [x for o in out for x in o[2]], "between": [x for o in out for x in o[3]]})
 
 
 # ---- one measurement -------------------------------------------------------------------------------------------
@@ -138,6 +152,35 @@ def replay(hub: EpisodeHub, batches: list[tuple[list[list[int]], SamplingParams]
     return time.perf_counter() - t0, tokens
 
 
+def breakdown(timeline: list[Any], t0: float, t_end: float) -> dict[str, float]:
+    """Where the wall clock from the first handout (``t0``) to the last finish (``t_end``) went, in seconds (the
+    parts add up to the wall): ``head`` (to the first call queued: handouts, first requests), ``engine`` (engine
+    calls), ``idle`` (engine thread idle, no call queued: replies sent, the agents' own work, next requests
+    parsed and prepared), ``collect`` (a batch's first call queued to its dispatch) of which ``straggler_wait``
+    (its last call queued to its dispatch: waiting for calls that may still come), ``tail`` (the last engine call
+    to the last finish answer)."""
+    out = dict(head=0.0, engine=0.0, idle=0.0, collect=0.0, straggler_wait=0.0, tail=0.0)
+    if not timeline:
+        return out
+    out["head"] = timeline[0].first_queued - t0
+    prev = None
+    for b in timeline:
+        start = b.first_queued if prev is None else max(b.first_queued, prev)
+        if prev is not None:
+            out["idle"] += start - prev
+        out["collect"] += b.dispatched - start
+        out["straggler_wait"] += b.dispatched - max(b.last_queued, start)
+        out["engine"] += b.finished - b.dispatched
+        prev = b.finished
+    out["tail"] = t_end - prev
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return round(1000 * xs[min(len(xs) - 1, int(q * len(xs)))], 3) if xs else 0.0
+
+
 def measure(size: str, clients: int, episodes_per_client: int, max_new_tokens: int, wait_ms: float) -> dict[str, Any]:
     hub, model = build(size, max_new_tokens)
     params = SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
@@ -155,18 +198,23 @@ def measure(size: str, clients: int, episodes_per_client: int, max_new_tokens: i
         proc = ctx.Process(target=client_process, args=(server.port, clients, max_new_tokens, q))
         cpu0 = time.process_time()
         proc.start()
-        calls, server_wall = q.get(timeout=1800)
+        got = q.get(timeout=1800)
         server_cpu = time.process_time() - cpu0
         proc.join(timeout=60)
         player.join(timeout=60)
         stats = server.stats()["server"]
+        handler_cpu = server.handler_cpu_s() if hasattr(server, "handler_cpu_s") else None
     hub.close()
-    batches = server.batcher.batches if server.batcher is not None else []
+    calls, server_wall = got["calls"], got["wall_s"]
+    batcher = server.batcher
+    batches = batcher.batches if batcher is not None else []
     assert batches is not None and len(results) == len(tasks)
     cpu0 = time.process_time()
     direct_s, direct_tokens = replay(hub, batches)
     direct_cpu = time.process_time() - cpu0
-    engine_cpu = server.batcher.engine_cpu_s if server.batcher is not None else 0.0
+    engine_cpu = batcher.engine_cpu_s if batcher is not None else 0.0
+    timeline = getattr(batcher, "timeline", None)
+    parts = breakdown(timeline, got["t0"], got["t0"] + server_wall) if timeline else None
     gen_tokens = stats["generated_tokens"]
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     return {
@@ -179,10 +227,17 @@ def measure(size: str, clients: int, episodes_per_client: int, max_new_tokens: i
         "server_tokens_per_s": round(gen_tokens / server_wall, 1),
         "direct_tokens_per_s": round(direct_tokens / direct_s, 1),
         "overhead": round(server_wall / direct_s - 1, 4),
+        "client_process_wall_s": round(got["process_wall_s"], 3),
+        "overhead_to_client_exit": round(got["process_wall_s"] / direct_s - 1, 4),
+        "wall_breakdown_s": parts,
+        "client_rtt_ms_p50_p90": [_pct(got["rtts"], 0.5), _pct(got["rtts"], 0.9)],
+        "client_between_calls_ms_p50_p90": [_pct(got["between"], 0.5), _pct(got["between"], 0.9)],
+        "client_cpu_ms_per_call": round(1000 * got["cpu_s"] / calls, 3),
         "batch_sizes": [len(ids) for ids, _ in batches],
         "server_cpu_s": round(server_cpu, 3), "server_engine_cpu_s": round(engine_cpu, 3),
         "direct_cpu_s": round(direct_cpu, 3),
         "server_cpu_ms_per_call_outside_engine": round(1000 * (server_cpu - engine_cpu) / calls, 3),
+        "handler_cpu_ms_per_call": None if handler_cpu is None else round(1000 * handler_cpu / calls, 3),
         "cpu_overhead": round((server_cpu - engine_cpu) / direct_cpu, 4),
         "server_ms_per_call": round(1000 * server_wall / calls, 2),
         "direct_ms_per_call": round(1000 * direct_s / calls, 2),
@@ -260,14 +315,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     print("\n| model | params | calls | engine calls (mean batch) | server calls/s | direct calls/s | server tok/s | "
-          "direct tok/s | ms/call server / direct | wall overhead | server CPU outside the engine |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "direct tok/s | ms/call server / direct | wall overhead | (old: to client exit) | server CPU outside the "
+          "engine |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['params_m']}M | {r['calls']} | {r['engine_calls']} ({r['mean_batch']}) | "
               f"{r['server_calls_per_s']} | {r['direct_calls_per_s']} | {r['server_tokens_per_s']} | "
               f"{r['direct_tokens_per_s']} | {r['server_ms_per_call']} / {r['direct_ms_per_call']} | "
-              f"{100 * r['overhead']:+.1f}% | {r['server_cpu_ms_per_call_outside_engine']} ms/call = "
-              f"{100 * r['cpu_overhead']:.1f}% of the engine's CPU |")
+              f"{100 * r['overhead']:+.1f}% | {100 * r['overhead_to_client_exit']:+.1f}% | "
+              f"{r['server_cpu_ms_per_call_outside_engine']} ms/call = {100 * r['cpu_overhead']:.1f}% of the "
+              "engine's CPU |")
+    print("\nwhere the server wall went (ms; parts add up to the wall): head = handouts and first calls, engine = engine "
+          "calls, idle = engine idle with no call queued (replies, the agents' own work, next requests), collect = "
+          "first call of a batch to its dispatch (straggler wait: last call to dispatch), tail = last engine call to "
+          "last finish")
+    for r in rows:
+        b = r["wall_breakdown_s"] or {}
+        print(f"{r['size']}: " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in b.items())
+              + f"; direct engine {1000 * r['direct_engine_s']:.1f}; handler CPU {r['handler_cpu_ms_per_call']} ms/call"
+              + f"; client: round trip p50/p90 {r['client_rtt_ms_p50_p90']} ms, reply to next request p50/p90 "
+              + f"{r['client_between_calls_ms_p50_p90']} ms, client CPU {r['client_cpu_ms_per_call']} ms/call")
     latency = server_latency()
     print(f"\nserver round trip per chat call (1 client in process, zero-time engine, {latency['calls']} calls): "
           f"p50 {latency['p50_ms']} ms, p90 {latency['p90_ms']} ms, min {latency['min_ms']} ms")

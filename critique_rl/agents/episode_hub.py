@@ -296,6 +296,18 @@ class EpisodeHub:
             self._cond.notify_all()
             return {"episode_id": episode_id, "accepted": True, "reason": None}
 
+    def in_flight(self) -> int:
+        """Episodes handed out and not yet finished or dropped (the engine thread asks before each early
+        dispatch; no reaping here: an idle episode not yet dropped still counts, so a batch waits at most its
+        window for it)."""
+        with self.lock:
+            return len(self._live)
+
+    def queued(self) -> int:
+        """Slots waiting to be handed out."""
+        with self.lock:
+            return len(self._queue)
+
     def stats(self) -> dict[str, Any]:
         """Counts for ``/v1/episodes/stats``."""
         with self.lock:

@@ -123,6 +123,7 @@ class PolicyServer:
         self._thread: threading.Thread | None = None
         self.counts = {"requests": 0, "chat_calls": 0, "recorded_calls": 0, "errors": 0}
         self._count_lock = threading.Lock()
+        self._handler_cpu_s = 0.0
         self._tok_lock = threading.Lock()  # one handler at a time in the (Rust-backed) tokenizer: no borrow errors
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -169,9 +170,19 @@ class PolicyServer:
     def base_url(self) -> str:
         return f"http://{self.options.host}:{self.port}/v1"
 
-    def pending(self, delta: int) -> None:
+    def pending(self, delta: int, expect_return: bool = False, returning: bool = False) -> None:
         if self.batcher is not None:
-            self.batcher.add_pending(delta)
+            self.batcher.add_pending(delta, expect_return=expect_return, returning=returning)
+
+    def add_handler_cpu(self, seconds: float) -> None:
+        with self._count_lock:
+            self._handler_cpu_s += seconds
+
+    def handler_cpu_s(self) -> float:
+        """CPU seconds the HTTP handler threads spent on requests (parsing, validation, rendering, recording,
+        replies; not the engine, not waiting)."""
+        with self._count_lock:
+            return self._handler_cpu_s
 
     def _count(self, key: str) -> None:
         with self._count_lock:
@@ -212,13 +223,13 @@ class PolicyServer:
     def chat(self, body: dict[str, Any], episode_id: str | None,
              on_submit: Any = None) -> tuple[PreparedCall, Completion, Any]:
         """Validate, prepare (record rule), generate and record one chat call; ``on_submit()`` runs when the call
-        is queued for the engine."""
+        is queued for the engine and says whether the request was counted in the batcher's ``pending`` (it stops
+        counting as the call is queued)."""
         assert self.batcher is not None
         prepared, params = self._prepare(body, episode_id)
-        if on_submit is not None:
-            on_submit()
+        held = bool(on_submit()) if on_submit is not None else False
         try:
-            completion = self.batcher.submit(prepared.prompt_ids, params)
+            completion = self.batcher.submit(prepared.prompt_ids, params, release_pending=held)
         except BaseException:
             release_call(prepared)
             raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from critique_rl.agents.runner import generate_from_ids
@@ -18,7 +19,7 @@ from critique_rl.rollout.base import Completion, SamplingParams
 
 
 class _Job:
-    __slots__ = ("done", "error", "ids", "params", "result")
+    __slots__ = ("done", "error", "ids", "params", "queued_at", "result")
 
     def __init__(self, ids: list[int], params: SamplingParams) -> None:
         self.ids = ids
@@ -26,6 +27,22 @@ class _Job:
         self.done = threading.Event()
         self.result: Completion | None = None
         self.error: BaseException | None = None
+        self.queued_at = time.perf_counter()
+
+
+@dataclass(frozen=True)
+class BatchTiming:
+    """When one batch's calls arrived and ran (``time.perf_counter`` seconds; kept with ``record=True``)."""
+
+    first_queued: float
+    """The batch's first call was queued."""
+    last_queued: float
+    """Its last call was queued."""
+    dispatched: float
+    """The engine thread stopped collecting and started the engine call(s)."""
+    finished: float
+    """The engine call(s) returned and every caller was woken."""
+    calls: int
 
 
 class EngineBatcher:
@@ -44,6 +61,7 @@ class EngineBatcher:
         self.wait_fraction = wait_fraction
         self.last_engine_s = 0.0
         self.batches: list[tuple[list[list[int]], SamplingParams]] | None = [] if record else None
+        self.timeline: list[BatchTiming] | None = [] if record else None
         self.engine_calls = 0
         self.rows = 0
         self.engine_s = 0.0
@@ -52,17 +70,26 @@ class EngineBatcher:
         self.generated_tokens = 0
         self.pending = 0
         """Requests in progress that may still add a call to this batch: chat calls not yet queued, start calls
-        while there are episodes to hand out, finish calls (their agent comes back with the next episode)."""
-        self._cv = threading.Condition()  # guards _jobs, pending, _closed; notified on every change
+        while there are episodes to hand out, finish calls."""
+        self.expected = 0
+        """Agents that finished an episode while more were queued, not yet back with ``episodes/start``: a batch
+        waits for them (within its window) as for a request in progress; once a batch waited its whole window,
+        the ones still missing are no longer expected."""
+        self._cv = threading.Condition()  # guards _jobs, pending, expected, _closed
         self._jobs: deque[_Job] = deque()
         self._closed = False
+        self._collecting = False  # a batch is being collected (only then can a pending change make it run early)
         self._thread = threading.Thread(target=self._loop, name="policy-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, ids: list[int], params: SamplingParams) -> Completion:
-        """Generate one completion for ``ids`` (blocks until its batch ran); the engine's error is re-raised."""
+    def submit(self, ids: list[int], params: SamplingParams, release_pending: bool = False) -> Completion:
+        """Generate one completion for ``ids`` (blocks until its batch ran); the engine's error is re-raised.
+        ``release_pending``: this call's request was counted in :attr:`pending`; it stops counting as the call is
+        queued (one wake-up of the engine thread instead of two)."""
         job = _Job(ids, params)
         with self._cv:
+            if release_pending:
+                self.pending -= 1
             if self._closed:
                 raise RuntimeError("the policy server is shutting down")
             self._jobs.append(job)
@@ -73,11 +100,18 @@ class EngineBatcher:
         assert job.result is not None
         return job.result
 
-    def add_pending(self, delta: int) -> None:
-        """A request that may add a call started (+1) or can no longer add one (-1)."""
+    def add_pending(self, delta: int, expect_return: bool = False, returning: bool = False) -> None:
+        """A request that may add a call started (+1) or can no longer add one (-1). ``expect_return``: it was a
+        finish while episodes are queued (its agent is expected back); ``returning``: it is a start (one expected
+        agent is back)."""
         with self._cv:
             self.pending += delta
-            self._cv.notify()
+            if expect_return:
+                self.expected += 1
+            if returning and self.expected:
+                self.expected -= 1
+            if self.pending == 0 and self.expected == 0 and self._collecting:  # can now run early: wake the thread
+                self._cv.notify()
 
     def close(self) -> None:
         """Stop after the calls already queued (later submits raise)."""
@@ -88,11 +122,11 @@ class EngineBatcher:
 
     def _nobody_else(self, batch_len: int) -> bool:
         """Whether every episode in flight already has its call in this batch (no one else could join)."""
-        if self.pending or self._jobs:
+        if self.pending or self.expected or self._jobs:
             return False
         try:
-            in_flight = int(self.hub.stats()["in_flight"])
-        except Exception:  # a hub without stats: fall back to the time window
+            in_flight = int(self.hub.in_flight())
+        except Exception:  # a hub that cannot say: fall back to the time window
             return False
         return in_flight <= batch_len
 
@@ -105,14 +139,22 @@ class EngineBatcher:
                     return
                 batch = [self._jobs.popleft()]
                 deadline = time.monotonic() + max(self.wait_s, self.wait_fraction * self.last_engine_s)
+                self._collecting = True
                 while len(batch) < self.max_batch:
                     while self._jobs and len(batch) < self.max_batch:
                         batch.append(self._jobs.popleft())
                     left = deadline - time.monotonic()
+                    if left <= 0:
+                        self.expected = 0  # waited a whole window for them: they are not coming back soon
                     if len(batch) >= self.max_batch or left <= 0 or self._closed or self._nobody_else(len(batch)):
                         break
-                    self._cv.wait(timeout=left)  # a new call, or a request that could add one finished
+                    self._cv.wait(timeout=left)  # a new call, or the last request that could add one finished
+                self._collecting = False
+            dispatched = time.perf_counter()
             self._run(batch)
+            if self.timeline is not None:
+                self.timeline.append(BatchTiming(batch[0].queued_at, max(j.queued_at for j in batch), dispatched,
+                                                 time.perf_counter(), len(batch)))
 
     def _run(self, batch: list[_Job]) -> None:
         groups: dict[tuple, list[_Job]] = {}

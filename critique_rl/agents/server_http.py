@@ -65,6 +65,7 @@ class PolicyHandler(BaseHTTPRequestHandler):
     owner: PolicyServer
     protocol_version = "HTTP/1.1"
     server_version = "critique-rl"
+    wbufsize = 1 << 16  # status line, headers and body leave in one write (http.server flushes after each request)
 
     def log_message(self, format: str, *args: Any) -> None:  # no access log (bodies and headers stay private)
         pass
@@ -75,6 +76,18 @@ class PolicyHandler(BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+
+    def handle_one_request(self) -> None:
+        c0 = time.thread_time()
+        try:
+            super().handle_one_request()
+        finally:
+            self.owner.add_handler_cpu(time.thread_time() - c0)
+
+    def handle_expect_100(self) -> bool:
+        ok = super().handle_expect_100()
+        self.wfile.flush()  # the client waits for this interim answer before it sends the body
+        return ok
 
     # -- plumbing ----------------------------------------------------------------------------------------------
     def _send(self, status: int, payload: dict[str, Any] | None, close: bool = False) -> None:
@@ -172,7 +185,7 @@ class PolicyHandler(BaseHTTPRequestHandler):
             else:
                 self._pending = path in ("/v1/chat/completions", "/v1/episodes/start") or path.endswith("/finish")
                 if self._pending:
-                    owner.pending(1)
+                    owner.pending(1, returning=path == "/v1/episodes/start")
                 try:
                     body = self._body()
                     if body is None:
@@ -202,12 +215,21 @@ class PolicyHandler(BaseHTTPRequestHandler):
                 pass
 
     _pending = False
+    _expect_return = False
 
     def _submitted(self) -> None:
-        """This request can no longer add a call to the batch being collected."""
+        """This request can no longer add a call to the batch being collected (a finish while episodes are queued:
+        its agent is expected back with a start, in the same step)."""
         if self._pending:
             self._pending = False
-            self.owner.pending(-1)
+            expect, self._expect_return = self._expect_return, False
+            self.owner.pending(-1, expect_return=expect)
+
+    def _handoff(self) -> bool:
+        """The chat call is being queued: whether this request was counted as pending (the batcher stops counting
+        it as it takes the call, in one step)."""
+        held, self._pending = self._pending, False
+        return held
 
     def do_GET(self) -> None:  # noqa: N802 (http.server naming)
         self._route("GET")
@@ -229,7 +251,7 @@ class PolicyHandler(BaseHTTPRequestHandler):
         if not isinstance(stream, bool):
             raise RequestError(f"stream = {stream!r}: use true or false", param="stream")
         episode_id = episode_id_of(self.headers, body)
-        prepared, c, turn = owner.chat(body, episode_id, on_submit=self._submitted)
+        prepared, c, turn = owner.chat(body, episode_id, on_submit=self._handoff)
         model = owner.hub.model_name
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         finish_reason = "stop" if c.finished else "length"
@@ -295,7 +317,7 @@ class PolicyHandler(BaseHTTPRequestHandler):
         hub = self.owner.hub
         if hub.closed:
             raise RequestError("training has ended: no more episodes are handed out", status=410, code="hub_closed")
-        if not hub.stats().get("queued", 1):
+        if not hub.queued():
             self._submitted()  # nothing to hand out now: this agent adds no call to the batch being collected
         got = hub.start(timeout=min(float(timeout), cap))
         if got is None and hub.closed:
@@ -318,4 +340,6 @@ class PolicyHandler(BaseHTTPRequestHandler):
         if feedback is not None and not isinstance(feedback, str):
             raise RequestError("feedback: expected a string (the critique or the env's verdict) or null",
                                param="feedback")
-        self._send(200, self.owner.hub.finish(episode_id, float(reward), success=success, feedback=feedback))
+        hub = self.owner.hub
+        self._send(200, hub.finish(episode_id, float(reward), success=success, feedback=feedback))
+        self._expect_return = hub.queued() > 0  # its agent will likely ask for the next episode
