@@ -6,23 +6,36 @@ One run per model size:
    connections) play guess-the-number episodes against ``PolicyServer`` on 127.0.0.1: ``POST
    /v1/episodes/start``, one ``/v1/chat/completions`` call per turn (the whole history each time), ``finish``.
    The server batches the concurrent calls into engine calls and records every batch it ran (prompt ids +
-   sampling settings). Timed: wall clock from the first handout to the last finish.
-2. **Direct.** The same engine is called directly on exactly those batches (same prompts, same batch
+   sampling settings). Timed: wall clock from the first handout (the agents released together) to the answer
+   of the last episode's ``finish`` (until 2026-12-06 the timer ran to the last agent thread's exit, which also
+   held each agent's final ``episodes/start`` waiting out its 2 s timeout once every episode was handed out;
+   that number is still printed as "old: to client exit").
+2. **Direct.** Right after, the same engine is called directly on exactly those batches (same prompts, same batch
    composition, same order), timed with nothing else running in the process.
 
 Wall overhead = server wall / direct engine time - 1: everything the server adds per call (HTTP, JSON, history
 check, rendering, batching waits, the client loop and env in between, and on a busy machine the scheduling
 delays of all those threads) relative to the engine's own time on the same work. Target (issue 27): <= 10% at 16
-concurrent clients. Also printed: the server process's CPU time outside the engine calls (HTTP, validation,
-rendering, recording; torch runs on one thread, so the engine's CPU is the engine thread's) as a fraction of the
-direct engine's CPU time: what the server costs in compute, independent of how busy the machine is. Episodes are
-greedy so both sides generate the same tokens. Timings on a shared machine are noisy: the load average
-(``uptime``) is printed with them.
+concurrent clients. It is split exactly into **gaps** (server wall - the server's engine calls, over the direct
+engine time: the time the engine thread did not generate) + **engine slowdown** (the server's engine calls / the
+same calls direct - 1: the engine sharing the process and the cores with the HTTP side, and on a shared machine
+the load drifting between the two runs; ``--rounds N`` repeats the pair and prints the median). Where the wall
+went is printed from the engine thread's batch timeline: head (to the first call queued), engine, idle (the
+engine thread with no call queued: replies sent, the agents' own work, next requests parsed), collect (a batch's
+first call queued to its dispatch; straggler wait: its last call to its dispatch), tail (the last engine call to
+the last finish); with the client's round trips and its CPU per call.
+
+Also printed: the server process's CPU time outside the engine calls (HTTP, validation, rendering, recording;
+torch runs on one thread, so the engine's CPU is the engine thread's) as a fraction of the direct engine's CPU
+time: what the server costs in compute, independent of how busy the machine is; and the HTTP handler threads'
+CPU per call. Episodes are greedy so both sides generate the same tokens. Timings on a shared machine are noisy:
+the load average (``uptime``) is printed with them.
 
 Last, the server's own round trip per call: one client in this process plays episodes one after another against
 an engine that answers at once (a zero-time stand-in, used only for this line), p50/p90 in milliseconds.
 
-Usage: python benchmarks/server_overhead.py [--sizes tiny larger] [--episodes-per-client 3] [--max-new-tokens 16]
+Usage: python benchmarks/server_overhead.py [--sizes tiny larger] [--rounds 1] [--episodes-per-client 3]
+[--max-new-tokens 16]
 Writes benchmarks/results/server_overhead.json.
 """
 
@@ -227,6 +240,8 @@ def measure(size: str, clients: int, episodes_per_client: int, max_new_tokens: i
         "server_tokens_per_s": round(gen_tokens / server_wall, 1),
         "direct_tokens_per_s": round(direct_tokens / direct_s, 1),
         "overhead": round(server_wall / direct_s - 1, 4),
+        "gaps_share": round((server_wall - stats["engine_s"]) / direct_s, 4) if parts else None,
+        "engine_slowdown": round(stats["engine_s"] / direct_s - 1, 4),
         "client_process_wall_s": round(got["process_wall_s"], 3),
         "overhead_to_client_exit": round(got["process_wall_s"] / direct_s - 1, 4),
         "wall_breakdown_s": parts,
@@ -304,16 +319,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--batch-wait-ms", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="server run + direct replay pairs per size (each pair back to back; the table shows every "
+                        "round, then the median overhead: on a shared machine the load drifts between pairs)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "server_overhead.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
     for size in args.sizes:
-        before = uptime()
-        row = measure(size, args.clients, args.episodes_per_client, args.max_new_tokens, args.batch_wait_ms)
-        row["uptime_before"], row["uptime_after"] = before, uptime()
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for k in range(args.rounds):
+            before = uptime()
+            row = measure(size, args.clients, args.episodes_per_client, args.max_new_tokens, args.batch_wait_ms)
+            row["round"] = k
+            row["uptime_before"], row["uptime_after"] = before, uptime()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     print("\n| model | params | calls | engine calls (mean batch) | server calls/s | direct calls/s | server tok/s | "
           "direct tok/s | ms/call server / direct | wall overhead | (old: to client exit) | server CPU outside the "
           "engine |")
@@ -325,13 +345,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               f"{100 * r['overhead']:+.1f}% | {100 * r['overhead_to_client_exit']:+.1f}% | "
               f"{r['server_cpu_ms_per_call_outside_engine']} ms/call = {100 * r['cpu_overhead']:.1f}% of the "
               "engine's CPU |")
+    print("\nwall overhead = gaps (server wall - its engine calls, over the direct engine time) + engine slowdown (the "
+          "engine calls inside the server vs the same calls direct)")
+    for size in args.sizes:
+        rs = [r for r in rows if r["size"] == size]
+        med = sorted(r["overhead"] for r in rs)[len(rs) // 2]
+        print(f"{size}: " + "; ".join(
+            f"round {r['round']}: {100 * r['overhead']:+.1f}% = gaps {100 * (r['gaps_share'] or 0):+.1f}% + engine "
+            f"{100 * r['engine_slowdown']:+.1f}%" for r in rs) + (f"; median {100 * med:+.1f}%" if len(rs) > 1 else ""))
     print("\nwhere the server wall went (ms; parts add up to the wall): head = handouts and first calls, engine = engine "
           "calls, idle = engine idle with no call queued (replies, the agents' own work, next requests), collect = "
           "first call of a batch to its dispatch (straggler wait: last call to dispatch), tail = last engine call to "
           "last finish")
     for r in rows:
         b = r["wall_breakdown_s"] or {}
-        print(f"{r['size']}: " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in b.items())
+        print(f"{r['size']} (round {r['round']}): " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in b.items())
               + f"; direct engine {1000 * r['direct_engine_s']:.1f}; handler CPU {r['handler_cpu_ms_per_call']} ms/call"
               + f"; client: round trip p50/p90 {r['client_rtt_ms_p50_p90']} ms, reply to next request p50/p90 "
               + f"{r['client_between_calls_ms_p50_p90']} ms, client CPU {r['client_cpu_ms_per_call']} ms/call")
@@ -339,7 +367,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(f"\nserver round trip per chat call (1 client in process, zero-time engine, {latency['calls']} calls): "
           f"p50 {latency['p50_ms']} ms, p90 {latency['p90_ms']} ms, min {latency['min_ms']} ms")
     for r in rows:
-        print(f"{r['size']}: load {r['uptime_before'].split('load average:')[-1].strip()} (before), "
+        print(f"{r['size']} (round {r['round']}): load {r['uptime_before'].split('load average:')[-1].strip()} (before), "
               f"{r['uptime_after'].split('load average:')[-1].strip()} (after)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
