@@ -8,7 +8,10 @@ arm starts from the same warm-up: a tiny model imitating :func:`~critique_rl.tas
 episodes on fresh entities (never the task's own) whose record is in the context among irrelevant ones (it
 answers from the record), on fresh entities with only irrelevant records (it guesses, then copies the code the
 env reveals), and on known entities (it answers from the weights, ignoring noise), rendered exactly as the
-episode runner renders them (plain text).
+episode runner renders them (plain text). Recipe v2 (default): the tokenizer never sees entity names, chunk 0
+without distractors, fresh rows per chunk, training until the first-answer reading check on held-out reading
+rows reaches ``--reading-target`` (cap ``--warm-max-steps``), as in ``memory_evidence.py``; ``--warm-recipe v1``:
+the 600-step warm-up of the seeds 6-8 table.
 
 Arms (fixed before any result): ``rl_only`` (episode Critique-GRPO, memory off); ``rl_memory`` (the same with
 memory: lessons retrieved at reset, failures abstracted into lessons, successes kept as demonstrations);
@@ -45,10 +48,12 @@ from critique_rl.tasks.experience import (
     render_context,
 )
 from critique_rl.tasks.experience_multiturn import reader_episode
+from critique_rl.tasks.experience_reader import greedy_success, tokenizer_texts, train_until
 from critique_rl.train.sft import sft_warmup
 from critique_rl.train.trainer import CritiqueGRPOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory_evidence import add_warm_up_args, warm_text  # noqa: E402
 from memory_on_off import _ms, _paired  # noqa: E402
 
 ARMS = ("rl_only", "memory_only", "rl_memory")
@@ -56,13 +61,13 @@ ENV = "critique_rl.tasks.experience_multiturn:spec"
 MEMORY = dict(embeddings="lexical", top_k_demos=0, top_k_lessons=1, token_budget=60)
 
 
-def warm_rows(n: int, seed: int) -> list[dict[str, Any]]:
+def warm_rows(n: int, seed: int, max_distractors: int = 2) -> list[dict[str, Any]]:
     """``reading_rows`` plus a third as many fresh entities whose record is missing (irrelevant ones only)."""
-    rows = reading_rows(n, seed)
+    rows = reading_rows(n, seed, max_distractors=max_distractors)
     rng = random.Random(seed * 7 + 3)
     for _ in range(n // 3):
         entity, code, number = fresh_entity(rng), rng.randrange(100, 1000), rng.randrange(10, 100)
-        noise = _distractors(rng, rng.randint(0, 2), entity)
+        noise = _distractors(rng, rng.randint(0, max_distractors), entity)
         rows.append({"prompt": f"{entity}:{number}=", "answer": f"{code}{number}", "entity": entity, "code": code,
                      "a": number, "context": render_context([], [_lesson_text(e, c) for e, c in noise])})
     rng.shuffle(rows)
@@ -84,17 +89,36 @@ def episode_pairs(renderer: TurnRenderer, rows: list[dict[str, Any]]) -> list[tu
 
 
 def warm_up(seed: int, args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+    """v2 (default): the tokenizer never sees entity names (spelled letter by letter everywhere), chunk 0 shows
+    records without distractors, every chunk draws fresh rows, and training stops when the reading check (greedy
+    first answer on 400 held-out reading rows, rendered as the runner renders them) reaches ``reading_target``
+    or after ``warm_max_steps``. v1: ``sft_steps`` steps on ``reading_n`` rows (the seeds 6-8 table)."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
+    v2 = args.warm_recipe == "v2"
     rows = warm_rows(args.reading_n, seed)
     probe = build_tiny_tokenizer(["0123456789"], vocab_size=300)
     texts = [p + c for p, c in episode_pairs(TurnRenderer(probe, False), rows[:3000])]
-    tok = build_tiny_tokenizer(texts, args.vocab)
+    tok = build_tiny_tokenizer(tokenizer_texts(texts) if v2 else texts, args.vocab)
     model = build_tiny_model(tok, args.hidden, args.layers, args.heads, max_positions=384, seed=seed)
-    pairs = episode_pairs(TurnRenderer(tok, False), rows)
-    losses = sft_warmup(model, tok, pairs, args.sft_steps, args.sft_batch, args.sft_lr, seed=seed)
-    info = {"sft_final_loss": statistics.fmean(losses[-20:]), "sft_seconds": time.perf_counter() - t0,
-            "warm_pairs": len(pairs)}
+    renderer = TurnRenderer(tok, False)
+    if not v2:
+        pairs = episode_pairs(renderer, rows)
+        losses = sft_warmup(model, tok, pairs, args.sft_steps, args.sft_batch, args.sft_lr, seed=seed)
+        info = {"sft_final_loss": statistics.fmean(losses[-20:]), "sft_seconds": time.perf_counter() - t0,
+                "warm_pairs": len(pairs), "warm_steps": args.sft_steps}
+    else:
+        held = episode_pairs(renderer, reading_rows(400, seed + 10_000))  # one turn each: the fact is knowable
+        got = train_until(
+            model, tok,
+            lambda i: episode_pairs(renderer, warm_rows(args.reading_n, 1_000_003 + seed * 1009 + i,
+                                                        max_distractors=0 if i == 0 else 2)),
+            lambda: greedy_success(model, tok, [p for p, _ in held], [a for _, a in held]),
+            chunk_steps=args.warm_chunk, max_steps=args.warm_max_steps, target=args.reading_target,
+            batch=args.sft_batch, lr=args.sft_lr, seed=seed, label=f"seed {seed} agent warm-up")
+        info = {"sft_final_loss": got["final_loss"], "sft_seconds": time.perf_counter() - t0,
+                "warm_steps": got["steps"], "reading_check": got["check"], "reached_target": got["reached"],
+                "history": got["history"]}
     print(f"seed {seed}: warm-up done {info}", file=sys.stderr)
     return model.eval(), tok, info
 
@@ -166,7 +190,7 @@ def write(results: list[dict[str, Any]], args: argparse.Namespace, t0: float, lo
                                                    indent=2))
     notes = [f"# Agent path: RL + memory vs RL alone vs memory alone at {args.steps} steps, multi-turn experience env "
              f"({len(results)} seeds, mean ± std)", "", md, "",
-             f"Setup: tiny Llama {args.layers}x{args.hidden}, warm-up {args.sft_steps} SFT steps x {args.sft_batch}; "
+             f"Setup: tiny Llama {args.layers}x{args.hidden}, warm-up {warm_text(results, args)}; "
              f"RL lr {args.lr}, {args.prompts} tasks x {args.n} episodes per step; memory {MEMORY}. Wall time "
              f"{(time.perf_counter() - t0) / 60:.1f} min on a shared 2-core CPU (uptime at the start: {load})."]
     out.with_suffix(".md").write_text("\n".join(notes) + "\n")
@@ -193,6 +217,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
+    add_warm_up_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load = os.popen("uptime").read().strip()

@@ -9,6 +9,11 @@ The task (``critique_rl/tasks/experience.py``): ``"qix:47="`` -> the entity's se
    code only the context tells (their lesson or a solved demonstration, among irrelevant records) and on
    entities it knows, with irrelevant records only (so it learns to ignore noise). The task's own entities
    never appear in the warm-up.
+   Recipe v2 (default, ``critique_rl/tasks/experience_reader.py``): the tokenizer never sees entity names (a
+   name is spelled the same in the question and in a record), the first chunk shows records without
+   distractors, every chunk draws fresh rows, and training stops when the held-out reading check reaches
+   ``--reading-target`` (at most ``--warm-max-steps``; both reported per seed). ``--warm-recipe v1``: the first
+   recipe (600 steps), which the tables for seeds 0-8 used.
 2. **Earlier episodes** (frozen policy, no weight update): ``--episodes`` training questions of the task,
    in batches, through the production :class:`~critique_rl.train.memory_hook.MemoryHook`: retrieval before
    answering, then failures become lessons (the rule abstraction reads the code off the verifier's reference
@@ -41,6 +46,7 @@ from critique_rl.memory import MemoryBank
 from critique_rl.models import build_tiny_model, build_tiny_tokenizer
 from critique_rl.rollout import HFGenerator, SamplingParams
 from critique_rl.tasks.experience import EXPERIENCE, make_experience, make_novel_eval, reading_rows
+from critique_rl.tasks.experience_reader import READING_CAP, READING_TARGET, reading_warm_up
 from critique_rl.train.memory_hook import MemoryHook, retrieval_quality
 from critique_rl.train.sft import sft_warmup
 
@@ -94,37 +100,66 @@ def accuracy(model: Any, tok: Any, rows: list[dict], contexts: list[str] | None)
 
 
 def warm_up(seed: int, args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
-    """The reading warm-up of one seed: (model, tokenizer, {sft_final_loss, reading_check, sft_seconds}).
-    ``args`` needs reading_n, vocab, hidden, layers, heads, sft_steps, sft_batch, sft_lr."""
+    """The reading warm-up of one seed: (model, tokenizer, {reading_check, warm_steps, sft_seconds, ...}).
+
+    ``args.warm_recipe`` ``v2`` (default): :func:`~critique_rl.tasks.experience_reader.reading_warm_up` (names
+    spelled letter by letter, curriculum, chunks of ``sft_steps`` until the reading check reaches
+    ``reading_target`` or ``warm_max_steps``); ``v1``: the first recipe (``sft_steps`` steps on ``reading_n``
+    rows, tokenizer trained on them), which every table before the v2 sections used."""
     cache = Path(args.warm_cache) / f"seed{seed}.pt" if getattr(args, "warm_cache", None) else None
-    key = {k: getattr(args, k) for k in ("reading_n", "vocab", "hidden", "layers", "heads", "sft_steps", "sft_batch",
-                                         "sft_lr")}
+    recipe = getattr(args, "warm_recipe", "v1")
+    names = ["reading_n", "vocab", "hidden", "layers", "heads", "sft_steps", "sft_batch", "sft_lr"]
+    if recipe != "v1":
+        names = [n for n in names if n != "sft_steps"] + ["warm_recipe", "warm_chunk", "reading_target",
+                                                          "warm_max_steps"]
+    key = {k: getattr(args, k) for k in names}
     if cache is not None and cache.is_file():
         saved = torch.load(cache, weights_only=False)
         if saved["key"] == key:
             print(f"seed {seed}: warm-up loaded from {cache}", file=sys.stderr)
             return saved["model"], saved["tok"], saved["info"]
+    if recipe == "v1":
+        model, tok, out = _warm_up_v1(seed, args)
+    else:
+        model, tok, out = reading_warm_up(seed, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                                          vocab=args.vocab, rows_per_chunk=args.reading_n, chunk_steps=args.warm_chunk,
+                                          max_steps=args.warm_max_steps, target=args.reading_target,
+                                          batch=args.sft_batch, lr=args.sft_lr)
+    print(f"seed {seed}: warm-up done ({recipe}), {out.setdefault('warm_steps', args.sft_steps)} steps, loss "
+          f"{out['sft_final_loss']:.3f}, reading check {out['reading_check']:.3f} ({out['sft_seconds']:.0f}s)",
+          file=sys.stderr)
+    if cache is not None:  # the same seed and settings give the same warm-up: later benchmarks reuse it
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "model": model, "tok": tok, "info": out}, cache)
+    return model, tok, out
+
+
+def add_warm_up_args(ap: argparse.ArgumentParser) -> None:
+    """The reading warm-up's recipe options (shared by memory_rl.py)."""
+    ap.add_argument("--warm-recipe", choices=("v1", "v2"), default="v2",
+                    help="v2: names spelled letter by letter, curriculum, train until the reading check reaches "
+                         "--reading-target (at most --warm-max-steps); v1: the first recipe (--sft-steps steps)")
+    ap.add_argument("--warm-chunk", type=int, default=300, help="v2: SFT steps per chunk (check after each)")
+    ap.add_argument("--warm-max-steps", type=int, default=READING_CAP, help="v2: cap on SFT steps")
+    ap.add_argument("--reading-target", type=float, default=READING_TARGET,
+                    help="v2: stop when the reading check reaches it")
+
+
+def _warm_up_v1(seed: int, args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+    """The first reading warm-up (seeds 0-8 in docs/evidence/memory.md): one SFT run of ``sft_steps``."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     warm = reading_rows(args.reading_n, seed)
     texts = [prompt_text(r, r["context"]) + r["answer"] for r in warm[:3000]]
-    # the task's questions stay out of the tokenizer's training text: merged whole-name tokens ("pad" at a line
-    # start vs " pad" in a lesson) would share no piece, and the policy matches names piece by piece
     tok = build_tiny_tokenizer(texts, args.vocab)
     model = build_tiny_model(tok, args.hidden, args.layers, args.heads, max_positions=384, seed=seed)
     pairs = [(prompt_text(r, r["context"]), r["answer"]) for r in warm]
     losses = sft_warmup(model, tok, pairs, args.sft_steps, args.sft_batch, args.sft_lr, seed=seed)
     model.eval()
     check = reading_rows(400, seed + 10_000)
-    out: dict[str, Any] = {"seed": seed, "sft_final_loss": statistics.fmean(losses[-20:]),
-                           "reading_check": accuracy(model, tok, check, [r["context"] for r in check]),
-                           "sft_seconds": time.perf_counter() - t0}
-    print(f"seed {seed}: warm-up done, loss {out['sft_final_loss']:.3f}, reading check "
-          f"{out['reading_check']:.3f} ({out['sft_seconds']:.0f}s)", file=sys.stderr)
-    if cache is not None:  # the same seed and settings give the same warm-up: later benchmarks reuse it
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "model": model, "tok": tok, "info": out}, cache)
-    return model, tok, out
+    return model, tok, {"seed": seed, "sft_final_loss": statistics.fmean(losses[-20:]),
+                        "reading_check": accuracy(model, tok, check, [r["context"] for r in check]),
+                        "sft_seconds": time.perf_counter() - t0}
 
 
 def run_seed(seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -190,6 +225,18 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def warm_text(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """How each seed's reading warm-up went: recipe, SFT steps (x batch) and reading check."""
+    recipe = getattr(args, "warm_recipe", "v1")
+    per_seed = [f"seed {r['seed']}: {r.get('warm_steps', args.sft_steps)} steps, check "
+                + (f"{100 * r['reading_check']:.1f}%" if r.get("reading_check") is not None else "not measured")
+                for r in results]
+    extra = (f", chunks of {args.warm_chunk} x {args.reading_n} fresh rows until the check reaches "
+             f"{100 * args.reading_target:.0f}% (cap {args.warm_max_steps})" if recipe == "v2" else
+             f" on {args.reading_n} rows")
+    return f"{recipe} ({'; '.join(per_seed)}) x {args.sft_batch}{extra}"
+
+
 def write(results: list[dict[str, Any]], args: argparse.Namespace, t0: float) -> str:
     md = table(results)
     out = Path(args.out)
@@ -209,9 +256,8 @@ def write(results: list[dict[str, Any]], args: argparse.Namespace, t0: float) ->
              + ", ".join(f"seed {r['seed']}: {r['bank']['lessons']} lessons, {r['bank']['demonstrations']} demos"
                          for r in results)
              + f". Hit rate during the episodes after the first batch: {_ms(ep_hits)} %.", "",
-             f"Setup: tiny Llama {args.layers}x{args.hidden}, {args.sft_steps} SFT steps x {args.sft_batch} on "
-             f"{args.reading_n} reading rows; lexical retrieval. Wall time {(time.perf_counter() - t0) / 60:.1f} "
-             "min on a shared 2-core CPU."]
+             f"Setup: tiny Llama {args.layers}x{args.hidden}, reading warm-up {warm_text(results, args)}; lexical "
+             f"retrieval. Wall time {(time.perf_counter() - t0) / 60:.1f} min on a shared 2-core CPU."]
     out.with_suffix(".md").write_text("\n".join(notes) + "\n")
     return md
 
@@ -221,8 +267,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="benchmarks/results/memory_evidence")
     ap.add_argument("--work", default="runs/bench_memory_evidence")
-    ap.add_argument("--reading-n", type=int, default=4000)
-    ap.add_argument("--sft-steps", type=int, default=600)
+    ap.add_argument("--reading-n", type=int, default=4000, help="reading rows (v2: per chunk)")
+    ap.add_argument("--sft-steps", type=int, default=600, help="SFT steps of the v1 warm-up")
     ap.add_argument("--sft-batch", type=int, default=32)
     ap.add_argument("--sft-lr", type=float, default=2e-3)
     ap.add_argument("--hidden", type=int, default=128)
@@ -236,6 +282,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes")
     ap.add_argument("--seed-out", default=None, help=argparse.SUPPRESS)  # a --jobs worker: one seed's JSON
     ap.add_argument("--warm-cache", default=None, help="folder to save / reuse each seed's warm-up (same settings)")
+    add_warm_up_args(ap)
     ap.add_argument("--arm-set", choices=sorted(ARM_SETS), default="a",
                     help="a: memory at inference vs none (default retrieval and min_score 0); d: lessons vs "
                          "demonstrations vs both, each with min_score 0")

@@ -48,7 +48,7 @@ from critique_rl.train.sampler import PromptSampler
 from critique_rl.train.trainer import CritiqueGRPOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory_evidence import accuracy, prompt_text, warm_up  # noqa: E402
+from memory_evidence import accuracy, add_warm_up_args, prompt_text, warm_text, warm_up  # noqa: E402
 from memory_on_off import _ms, _paired  # noqa: E402
 
 ARMS = ("rl_only", "memory_only", "rl_memory")
@@ -243,8 +243,8 @@ def write(results: list[dict[str, Any]], args: argparse.Namespace, t0: float, lo
              f"{', '.join(f'{x:.2f}' for x in ratio)} (mean {statistics.fmean(ratio):.2f}). Share of the "
              f"rl_memory step spent in the memory hook, measured inside that run: "
              f"{', '.join(f'{100 * x:.1f}%' for x in share)}.", "",
-             f"Setup: tiny Llama {args.layers}x{args.hidden}, reading warm-up {args.sft_steps} SFT steps x "
-             f"{args.sft_batch}; RL lr {args.lr}, {args.steps} steps; memory {MEMORY}. Wall time "
+             f"Setup: tiny Llama {args.layers}x{args.hidden}, reading warm-up {warm_text(results, args)}; RL lr {args.lr}, "
+             f"{args.steps} steps; memory {MEMORY}. Wall time "
              f"{(time.perf_counter() - t0) / 60:.1f} min on a shared 2-core CPU (uptime at the start: {load})."]
     out.with_suffix(".md").write_text("\n".join(notes) + "\n")
     return md
@@ -271,6 +271,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--warm-cache", default=None, help="folder to save / reuse each seed's warm-up (same settings)")
+    add_warm_up_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import os

@@ -30,14 +30,15 @@ import torch
 
 from critique_rl.config import MemoryConfig, TrainConfig
 from critique_rl.memory import MemoryBank
-from critique_rl.models import build_tiny_model, build_tiny_tokenizer
 from critique_rl.rollout import HFGenerator, SamplingParams
-from critique_rl.tasks.experience import EXPERIENCE, make_experience, reading_rows
+from critique_rl.tasks.experience import EXPERIENCE, make_experience
+from critique_rl.tasks.experience_reader import READING_TARGET, reading_warm_up
 from critique_rl.train.memory_hook import MemoryHook, retrieval_quality
-from critique_rl.train.sft import sft_warmup
 from critique_rl.train.trainer import CritiqueGRPOTrainer
 
 MEMORY = dict(embeddings="lexical", top_k_demos=0, top_k_lessons=3, min_score=0.0)
+LAYERS = 2
+"""The reading warm-up of benchmarks/memory_evidence.py (recipe v2)."""
 
 
 def prompt(row: dict, context: str | None) -> str:
@@ -56,19 +57,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=6)
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--sft-steps", type=int, default=600)
+    ap.add_argument("--sft-steps", type=int, default=300, help="reading warm-up: SFT steps per chunk")
+    ap.add_argument("--warm-chunks", type=int, default=6, help="reading warm-up: at most this many chunks")
     ap.add_argument("--out", default=None, help="run folder (default: a temporary one)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     out = Path(args.out or tempfile.mkdtemp(prefix="memory_demo_"))
 
-    print("1/3 reading warm-up (the policy learns to read retrieved records)...")
-    warm = reading_rows(4000, args.seed)
-    tok = build_tiny_tokenizer([prompt(r, r["context"]) + r["answer"] for r in warm[:3000]], 512)
-    model = build_tiny_model(tok, 128, 2, 4, max_positions=384, seed=args.seed)
-    sft_warmup(model, tok, [(prompt(r, r["context"]), r["answer"]) for r in warm], args.sft_steps, 32, 2e-3,
-               seed=args.seed)
+    print("1/3 reading warm-up (the policy learns to read retrieved records; it trains in chunks until its held-out "
+          "reading check reaches the target)...")
+    model, tok, warm = reading_warm_up(args.seed, layers=LAYERS, chunk_steps=args.sft_steps,
+                                       max_steps=args.sft_steps * args.warm_chunks, target=READING_TARGET)
+    print(f"    reading check {100 * warm['reading_check']:.1f}% after {warm['warm_steps']} SFT steps "
+          f"(target {100 * READING_TARGET:.0f}%{'' if warm['reached_target'] else ', not reached: cap'})")
     held = make_experience("eval", 240, args.seed)
     before = success(model.eval(), tok, held, None)
 
