@@ -10,9 +10,11 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
-from critique_rl.algos.logprobs import selective_log_softmax
 from critique_rl.rollout.base import Completion, SamplingParams
+from critique_rl.rollout.kv_cache import DEFAULT_BLOCK, block_cache, gather_rows
 from critique_rl.train.prefix_sharing import innermost_module, prefix_sharing_mode
+
+KV_CACHES = ("block", "dynamic")
 
 
 class SampledLogprobRecorder(LogitsProcessor):
@@ -21,21 +23,36 @@ class SampledLogprobRecorder(LogitsProcessor):
 
     ``generate`` calls a user logits processor after its own non-sampling processors (none unless the model's
     generation config sets e.g. ``repetition_penalty``) and before the sampling warpers (temperature, top-k,
-    top-p), so ``s_t`` are the logits before temperature and truncation. At call ``t`` (``input_ids`` ends
-    with the token ``a_{t-1}`` drawn from the previous step) it gathers ``a_{t-1}`` from the stored ``s_{t-1}``
-    and stores ``s_t``; :meth:`finish` scores the last token from the last stored scores. Extra decode steps
-    that ``generate`` later undoes (deferred stop checks) are dropped by :meth:`finish`.
+    top-p), so ``s_t`` are the logits before temperature and truncation. At call ``t`` it computes
+    ``x_t = s_t / tau`` (float32) and its log-normaliser ``logsumexp(x_t)`` ``[B]``, keeps both, and (``input_ids``
+    ending with the token ``a_{t-1}`` drawn from the previous step) records ``x_{t-1}[a_{t-1}] -
+    logsumexp(x_{t-1})``: the same float32 numbers as :func:`~critique_rl.algos.logprobs.selective_log_softmax`
+    on a copy of ``s_{t-1}``, with one pass over ``[B, V]`` per step and no copy at ``tau = 1`` (``x_t`` is then
+    ``generate``'s own fresh float32 ``s_t``; the warpers after this processor build new tensors, and a warper
+    that masked ``s_t`` in place would leave the sampled token's entry untouched). :meth:`finish` scores the
+    last token from the last kept step. Extra decode steps that ``generate`` later undoes (deferred stop
+    checks) are dropped by :meth:`finish`.
     """
 
     def __init__(self, temperature: float = 1.0) -> None:
-        self.temperature = temperature
-        self._prev: torch.Tensor | None = None
+        if not temperature > 0:
+            raise ValueError(f"SampledLogprobRecorder: temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self._prev: tuple[torch.Tensor, torch.Tensor] | None = None
         self._logprobs: list[torch.Tensor] = []
+
+    def _gather(self, ids: torch.Tensor) -> torch.Tensor:
+        assert self._prev is not None
+        x, lse = self._prev
+        return x.gather(-1, ids.reshape(-1, 1).to(x.device)).squeeze(-1) - lse
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self._prev is not None:
-            self._logprobs.append(selective_log_softmax(self._prev, input_ids[:, -1], temperature=self.temperature))
-        self._prev = scores.detach().clone()  # a later processor may edit ``scores`` in place
+            self._logprobs.append(self._gather(input_ids[:, -1]))
+        x = scores.detach().float()
+        if self.temperature != 1.0:
+            x = x / self.temperature  # a new tensor: ``scores`` stays as generate gave it
+        self._prev = (x, torch.logsumexp(x, dim=-1))
         return scores
 
     def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
@@ -44,9 +61,7 @@ class SampledLogprobRecorder(LogitsProcessor):
         if T and len(self._logprobs) < T:
             if self._prev is None or len(self._logprobs) != T - 1:
                 raise RuntimeError(f"logits processor saw {len(self._logprobs) + 1} steps for {T} tokens")
-            self._logprobs.append(
-                selective_log_softmax(self._prev, new_tokens[:, -1], temperature=self.temperature)
-            )
+            self._logprobs.append(self._gather(new_tokens[:, -1]))
         lp = (torch.stack(self._logprobs[:T], dim=1) if T
               else torch.zeros(new_tokens.shape, dtype=torch.float32, device=new_tokens.device))
         self._prev, self._logprobs = None, []
@@ -64,7 +79,10 @@ class HFGenerator:
     is ``off``, :func:`critique_rl.train.prefix_sharing.set_prefix_sharing`): the same chunks, the same random
     draws and the same logits up to float rounding as encoding every sample's prompt. ``autocast``: a context factory entered around ``generate``
     (e.g. ``accelerator.autocast``); ``synced_gpus``: passed to ``generate`` (ranks decode in lock-step, needed
-    when parameters are sharded).
+    when parameters are sharded). ``kv_cache``: ``block`` (default) decodes into a
+    :class:`~critique_rl.rollout.kv_cache.BlockKVLayer` cache (one slot written per step instead of the default
+    cache's concatenation of the whole cache; same logits and tokens), ``dynamic`` leaves ``generate`` its
+    default cache; either way a ``cache_implementation`` set in the model's generation config is respected.
     """
 
     def __init__(
@@ -75,12 +93,16 @@ class HFGenerator:
         *,
         autocast: Callable[[], AbstractContextManager[Any]] | None = None,
         synced_gpus: bool = False,
+        kv_cache: str = "block",
     ) -> None:
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"HFGenerator: kv_cache must be one of {list(KV_CACHES)}, got {kv_cache!r}")
         self._model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.autocast = autocast
         self.synced_gpus = synced_gpus
+        self.kv_cache = kv_cache
 
     @property
     def model(self) -> PreTrainedModel:
@@ -150,10 +172,13 @@ class HFGenerator:
             gen_kwargs.update(temperature=None, top_p=None, top_k=None)
         try:
             with self.autocast() if self.autocast is not None else nullcontext():
+                cache = self._new_cache(model, enc["input_ids"].shape[1] + params.max_new_tokens)
                 if not self.synced_gpus and prefix_sharing_mode(model) != "off":
-                    cache = prefill_shared_prompts(model, enc["input_ids"], enc["attention_mask"])
-                    if cache is not None:
-                        gen_kwargs[_cache_keyword(model)] = cache
+                    shared = prefill_shared_prompts(model, enc["input_ids"], enc["attention_mask"], into=cache)
+                    if shared is not None:
+                        cache = shared
+                if cache is not None:
+                    gen_kwargs[_cache_keyword(model)] = cache
                 out = model.generate(**enc, **gen_kwargs)
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
         finally:
@@ -174,6 +199,18 @@ class HFGenerator:
             results.append(Completion(token_ids=ids, logprobs=row_lp[:length], text=text, finished=finished))
         return results
 
+    def _new_cache(self, model: PreTrainedModel, capacity: int) -> Any | None:
+        """An empty block KV cache for ``capacity`` positions (prompt + new tokens), or None where ``generate``
+        should build its own (``kv_cache='dynamic'``, a ``cache_implementation`` in the generation config, or a
+        model without a default dynamic cache)."""
+        if self.kv_cache != "block":
+            return None
+        inner = innermost_module(model)
+        gen_config = getattr(inner, "generation_config", None)
+        if getattr(gen_config, "cache_implementation", None) is not None:
+            return None
+        return block_cache(inner, capacity, DEFAULT_BLOCK)
+
 
 def _cache_keyword(model: PreTrainedModel) -> str:
     """``generate``'s keyword for a prefilled cache: ``cache`` (transformers >= 5.2x), else ``past_key_values``."""
@@ -183,7 +220,7 @@ def _cache_keyword(model: PreTrainedModel) -> str:
 
 @torch.no_grad()
 def prefill_shared_prompts(model: PreTrainedModel, input_ids: torch.Tensor,
-                           attention_mask: torch.Tensor) -> Any | None:
+                           attention_mask: torch.Tensor, into: Any | None = None) -> Any | None:
     """A KV cache of every row's prompt but its last token, each distinct row encoded once, or None when no two
     rows are equal (nothing to share), a prompt is one column wide, or the model returns no batch-indexable cache.
 
@@ -192,7 +229,8 @@ def prefill_shared_prompts(model: PreTrainedModel, input_ids: torch.Tensor,
     padding); the cache is then gathered back to the ``B`` rows (``batch_select_indices``, a copy per row as
     ``generate``'s own prefill would hold). ``generate`` given this cache and the full ``[B, P]`` input encodes
     only the last prompt column and samples from there: the first step's logits equal the full prefill's up to
-    float rounding, and the random draws are the same."""
+    float rounding, and the random draws are the same. ``into``: an empty cache (:func:`block_cache`) that
+    receives the ``B`` rows instead (:func:`~critique_rl.rollout.kv_cache.gather_rows`) and is returned."""
     B, P = input_ids.shape
     if P < 2 or B < 2:
         return None
@@ -211,5 +249,8 @@ def prefill_shared_prompts(model: PreTrainedModel, input_ids: torch.Tensor,
     cache = out["cache"] if "cache" in out else out.get("past_key_values")
     if cache is None or not hasattr(cache, "batch_select_indices"):
         return None
+    if into is not None and hasattr(cache, "layers"):
+        gather_rows(into, cache, inverse.to(input_ids.device))
+        return into
     cache.batch_select_indices(inverse.to(input_ids.device))
     return cache
