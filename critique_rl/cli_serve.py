@@ -44,9 +44,8 @@ def build_serve_trainer(cfg: Any, hub: Any, *, eval_via: Literal["env", "clients
     from critique_rl.agents.server_source import ServerSource
     from critique_rl.train.trainer import CritiqueGRPOTrainer
 
-    trainer = CritiqueGRPOTrainer(args=cfg, critic=critic, memory=memory)
-    trainer.episodes = ServerSource(get_env_spec(cfg.agent.env), hub, critic=critic, bank=memory, eval_via=eval_via)
-    return trainer
+    source = ServerSource(get_env_spec(cfg.agent.env), hub, critic=critic, bank=memory, eval_via=eval_via)
+    return CritiqueGRPOTrainer(args=cfg, episode_source=source)
 
 
 class ServeRun:

@@ -189,6 +189,6 @@ def test_episodes_with_the_vllm_engine(tmp_path, monkeypatch):
     assert any(len(b) > len(a) and b[: len(a)] == a for a in flat[:40] for b in flat[:200])
     src = tr.episodes
     task = src.train_tasks[0]
-    one = src.run_groups(tr.generator, [task], 2, keys=[3], purpose="t")
-    two = src.run_groups(tr.generator, [src.train_tasks[1], task], 2, keys=[2, 3], purpose="t")
+    one = src.run_groups(tr.generator, [task], 2, keys=[3], purpose="t", step=tr.step)
+    two = src.run_groups(tr.generator, [src.train_tasks[1], task], 2, keys=[2, 3], purpose="t", step=tr.step)
     assert [x.completion_ids() for x in one] == [x.completion_ids() for x in two[2:]]

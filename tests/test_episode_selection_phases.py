@@ -209,10 +209,10 @@ def test_seed_per_task_episodes_do_not_depend_on_the_batch(tmp_path):
     tr.train()
     src = tr.episodes
     a, b = src.train_tasks[0], src.train_tasks[1]
-    both = src.run_groups(tr.generator, [a, b], 3, keys=[4, 5], purpose="t")
-    alone = src.run_groups(tr.generator, [b], 3, keys=[5], purpose="t")
-    again = src.run_groups(tr.generator, [b], 3, keys=[5], purpose="t")
-    other = src.run_groups(tr.generator, [b], 3, keys=[6], purpose="t")
+    both = src.run_groups(tr.generator, [a, b], 3, keys=[4, 5], purpose="t", step=tr.step)
+    alone = src.run_groups(tr.generator, [b], 3, keys=[5], purpose="t", step=tr.step)
+    again = src.run_groups(tr.generator, [b], 3, keys=[5], purpose="t", step=tr.step)
+    other = src.run_groups(tr.generator, [b], 3, keys=[6], purpose="t", step=tr.step)
     ids = [[x.completion_ids() for x in eps] for eps in (both[3:], alone, again, other)]
     assert ids[0] == ids[1] == ids[2]
     assert ids[3] != ids[1]  # another key samples others (with 3 episodes of up to 3 turns, a tie is negligible)

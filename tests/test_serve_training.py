@@ -56,7 +56,7 @@ def _loops(mod, base_url: str, workers: int, max_episodes: int | None = None):
     return threads, outs
 
 
-def test_serve_trains_on_concurrent_openai_loops_with_critique_and_memory(tmp_path):
+def test_serve_trains_on_concurrent_openai_loops_with_critique_and_memory(tmp_path, monkeypatch):
     from critique_rl.cli_serve import ServeRun
     from critique_rl.config import load_config
 
@@ -66,14 +66,14 @@ def test_serve_trains_on_concurrent_openai_loops_with_critique_and_memory(tmp_pa
     run = ServeRun(cfg, port=0, idle_timeout=4)
     seen: list = []
     src = run.trainer.episodes
-    update_batch = src.update_batch
+    update_batch = type(src).update_batch
 
-    def spy(batch, crit, plan):  # what the trainer steps on
-        ub, extra = update_batch(batch, crit, plan)
+    def spy(self, batch, crit, plan):  # what the trainer steps on (on the source's view of each step)
+        ub, extra = update_batch(self, batch, crit, plan)
         seen.append((batch, crit, plan, ub))
         return ub, extra
 
-    src.update_batch = spy
+    monkeypatch.setattr(type(src), "update_batch", spy)
     run.start()
     mod = load_example()
     assert mod.is_training_server(run.base_url, None)
@@ -248,7 +248,7 @@ def test_kill_9_then_resume_trains_no_episode_twice_and_keeps_the_bank(tmp_path)
     con.close()
 
 
-def test_framework_style_tool_loop_trains_and_matches_the_builtin_env(tmp_path):
+def test_framework_style_tool_loop_trains_and_matches_the_builtin_env(tmp_path, monkeypatch):
     """examples/agent_loop_tools_openai.py (tool registry, `tool` result messages) on price_lookup: a step trains on
     its episodes, and replaying each recorded episode's actions in the built-in env gives the same observations."""
     from critique_rl.agents.lookup_env import PriceLookupEnv
@@ -266,9 +266,9 @@ def test_framework_style_tool_loop_trains_and_matches_the_builtin_env(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     run = ServeRun(load_config(tmp_path / "c.yaml"), port=0, eval_via="clients")  # held-out episodes: the loop's
     seen: list = []
-    src = run.trainer.episodes
-    update_batch = src.update_batch
-    src.update_batch = lambda b, c, p: (seen.append((b, c)), update_batch(b, c, p))[1]
+    update_batch = type(run.trainer.episodes).update_batch  # runs on the source's view of each step
+    monkeypatch.setattr(type(run.trainer.episodes), "update_batch",
+                        lambda self, b, c, p: (seen.append((b, c)), update_batch(self, b, c, p))[1])
     run.start()
     outs: list = [[], []]
     threads = [threading.Thread(target=lambda i=i: outs.__setitem__(i, mod.play(run.base_url, None)), daemon=True)

@@ -11,20 +11,22 @@ import torch
 from critique_rl.agents.trajectory import Trajectory, TurnRenderer
 from critique_rl.algos import sampled_token_advantage
 from critique_rl.train.batching import pack
+from critique_rl.train.step_context import Models
 from critique_rl.train.update import UpdateBatch, score_tokens
 
 if TYPE_CHECKING:
     from critique_rl.agents.source import EpisodeCritiques
-    from critique_rl.train.trainer import CritiqueGRPOTrainer
+    from critique_rl.config import TrainConfig
 
 
-def distill_episodes(t: CritiqueGRPOTrainer, renderer: TurnRenderer, ub: UpdateBatch, trajs: list[Trajectory],
-                     rows: list[int], crit: EpisodeCritiques) -> tuple[UpdateBatch, dict[str, float]]:
-    """Directive distillation over action tokens: teacher = the policy (or its EMA copy) with the critique in
-    context, student = the policy under the plain context, both on the student's own episode tokens (rows ``rows``
-    of ``trajs``, in ``ub``'s order). Returns a new batch (``ub`` is not changed: ``sampled_token`` adds the
-    log-ratio to a copy of its advantages, ``topk_logits`` adds the teacher's top-K) and the ``distill/*`` metrics."""
-    cfg = t.cfg
+def distill_episodes(ub: UpdateBatch, trajs: list[Trajectory], rows: list[int], crit: EpisodeCritiques, *,
+                     cfg: TrainConfig, models: Models, renderer: TurnRenderer,
+                     pad_id: int) -> tuple[UpdateBatch, dict[str, float]]:
+    """Directive distillation over action tokens: teacher = the policy (``models.policy``, or the EMA teacher
+    ``models.teacher``) with the critique in context, student = the policy under the plain context, both on the
+    student's own episode tokens (rows ``rows`` of ``trajs``, in ``ub``'s order; ``pad_id`` pads the teacher's
+    prompts). Returns a new batch (``ub`` is not changed: ``sampled_token`` adds the log-ratio to a copy of its
+    advantages, ``topk_logits`` adds the teacher's top-K) and the ``distill/*`` metrics."""
     pos = {i: r for r, i in enumerate(rows)}
     pairs = [(pos[i], crit.texts[j]) for j, i in enumerate(crit.idx) if i in pos]
     if not pairs:
@@ -38,9 +40,9 @@ def distill_episodes(t: CritiqueGRPOTrainer, renderer: TurnRenderer, ub: UpdateB
     student = ub.tokens.select(torch.tensor(sel))
     T = ub.tokens.completion_len
     comp = [trajs[rows[r]].completion_ids() for r in sel]
-    teacher = pack(teacher_prompts, comp, t.tokenizer.pad_token_id)
-    model, dev, ac = t._policy(), t.accelerator.device, t.accelerator.autocast
-    teacher_model = t._ema_teacher.model if t._ema_teacher is not None else model
+    teacher = pack(teacher_prompts, comp, pad_id)
+    model, dev, ac = models.policy, models.accelerator.device, models.accelerator.autocast
+    teacher_model = models.teacher if models.teacher is not None else model
     topk = cfg.distill_topk if cfg.distill_mode == "topk_logits" else None
     t_lp, t_tk_lp, t_tk_idx = score_tokens(teacher_model, teacher.to(dev), cfg.temperature, cfg.mini_batch_size,
                                            ac, topk=topk)

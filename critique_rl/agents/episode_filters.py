@@ -89,20 +89,20 @@ def measure_pass_rates(src: EpisodeSource, pool: EpisodePool,
                        sampler: PromptSampler) -> tuple[dict[str, Any], SelectionState]:
     """``pass_rate_filter`` on ``pool``: ``samples`` episodes per measured task (processes measure disjoint shares,
     the rates are gathered), then too hard / too easy tasks leave ``sampler``'s pool, unless fewer than one batch
-    of tasks would remain (then a warning and the pool as it was). Returns ``selection/pass_rate_*`` metrics and the
-    trainer's selection state with them (a new frozen state; the caller keeps it)."""
-    t = src.t
-    cfg, pf = t.cfg, t.cfg.pass_rate_filter
+    of tasks would remain (then a warning and the pool as it was). ``src`` is the source's view for the step
+    (:meth:`EpisodeSource.for_step`). Returns ``selection/pass_rate_*`` metrics and the step's selection state with
+    them (a new frozen state; the caller keeps it)."""
+    cfg, pf, ctx, run = src.cfg, src.cfg.pass_rate_filter, src.ctx, src.run_info
     t0 = time.perf_counter()
     tasks = pool.tasks
     measured = selection.measured_indices(len(tasks), pf.max_prompts, cfg.seed)
-    mine = measured[t.rank::t.world]
+    mine = measured[run.rank::run.world]
     rates: dict[int, float] = {}
     chunk = max(1, cfg_bs(cfg) // pf.samples)
     for s in range(0, len(mine), chunk):
         idx = mine[s:s + chunk]
-        trajs = src.run_groups(t.generator, [tasks[i] for i in idx], pf.samples, keys=idx, purpose="pass_rate",
-                               env_kwargs=pool.env_kwargs)
+        trajs = src.run_groups(ctx.engine, [tasks[i] for i in idx], pf.samples, keys=idx, purpose="pass_rate",
+                               step=ctx.step, env_kwargs=pool.env_kwargs)
         for j, i in enumerate(idx):
             rates[i] = sum(x.success for x in trajs[j * pf.samples:(j + 1) * pf.samples]) / pf.samples
     rates = {i: r for part in dist.gather_objects(rates) for i, r in part.items()}
@@ -111,14 +111,14 @@ def measure_pass_rates(src: EpisodeSource, pool: EpisodePool,
     applied = sampler.can_exclude(hard | easy, cfg.prompts_per_step)
     if applied:
         sampler.exclude(hard | easy)
-    elif t.is_main:
+    elif run.is_main:
         console.print(f"[bold yellow]warning: pass_rate_filter would leave {total - len(hard | easy)} of {total} "
                       f"tasks ({len(hard)} too hard, {len(easy)} too easy), fewer than one batch "
                       f"({cfg.prompts_per_step}); the pool is left as it was[/]", soft_wrap=True)
-    if t.is_main:  # what the filter removed, task by task (rewritten if a resumed run measures again)
-        folder = t.out / "selection"
+    if run.is_main:  # what the filter removed, task by task (rewritten if a resumed run measures again)
+        folder = run.out / "selection"
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"pass_rates_step{t.step:06d}.jsonl", "w") as fh:
+        with open(folder / f"pass_rates_step{ctx.step:06d}.jsonl", "w") as fh:
             for i in sorted(rates):
                 reason = "too_hard" if i in hard else "too_easy" if i in easy else None
                 fh.write(json.dumps({"index": i, "prompt": tasks[i].get("prompt"), "pool": pool.key or "run",
@@ -128,5 +128,5 @@ def measure_pass_rates(src: EpisodeSource, pool: EpisodePool,
             "selection/pass_rate_too_hard": len(hard), "selection/pass_rate_too_easy": len(easy),
             "selection/pass_rate_applied": int(applied), "selection/pool_size": total - len(sampler.excluded),
             "selection/pass_rate_samples": len(measured) * pf.samples, "time/pass_rate": time.perf_counter() - t0}
-    return info, replace(t.selection, samples_total=t.selection.samples_total + len(measured) * pf.samples,
+    return info, replace(ctx.selection, samples_total=ctx.selection.samples_total + len(measured) * pf.samples,
                          pass_rate=info)

@@ -10,7 +10,7 @@
 
 A phase with its own tasks draws from its own pool (``sft_examples`` tasks from the env's generator, seeded like
 the run's) through its own :class:`~critique_rl.train.sampler.PromptSampler`, which travels with checkpoints (it
-is registered in the trainer's ``_phase_samplers`` under ``agent:phases[i]``); an sft phase imitates scripted
+is returned by :meth:`EpisodePhases.samplers` under ``agent:phases[i]`` and checkpointed with the trainer's); an sft phase imitates scripted
 episodes of its tasks. Evaluation always uses the run's held-out tasks and env, so before/after numbers compare
 the same games. A phase that sets neither uses the run's pool (and its sampler).
 """
@@ -54,6 +54,7 @@ class EpisodePhases:
 
     def __init__(self, spec: EnvSpec, phases: list[Any], run_tasks: list[dict[str, Any]], env_kwargs: dict[str, Any],
                  task_kwargs: dict[str, Any], num_tasks: int, seed: int) -> None:
+        self.schedule = phases
         self.run = EpisodePool(run_tasks, dict(env_kwargs), dict(task_kwargs))
         self.pools: dict[int, EpisodePool] = {}
         for i, ph in enumerate(phases):
@@ -90,7 +91,6 @@ class EpisodePhases:
         """The phases' pools that differ from the run's (their scripted episodes also teach the tiny tokenizer)."""
         return list(self.pools.values())
 
-    @staticmethod
-    def start_step(phases: list[Any], index: int) -> int:
+    def start_step(self, index: int) -> int:
         """The run's RL step count when phase ``index`` starts (the rl steps of the phases before it)."""
-        return sum((ph.steps or 0) for ph in phases[:index] if ph.kind == "rl")
+        return sum((ph.steps or 0) for ph in self.schedule[:index] if ph.kind == "rl")

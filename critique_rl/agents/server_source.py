@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from critique_rl.agents.episode_hub import EpisodeHub
 from critique_rl.agents.registry import EnvSpec, EpisodeCritic
@@ -32,10 +32,9 @@ from critique_rl.agents.source import EpisodeCritiques, EpisodeSource
 from critique_rl.agents.trajectory import Trajectory
 from critique_rl.critics.base import Critique
 from critique_rl.errors import ConfigError
+from critique_rl.train.metrics import JsonlWriter
 from critique_rl.train.rollout_batch import AdvantagePlan, RolloutBatch
-
-if TYPE_CHECKING:
-    from critique_rl.train.trainer import CritiqueGRPOTrainer
+from critique_rl.train.step_context import EpisodeRun, EpisodeStep
 
 LEDGER = "served_episodes.jsonl"
 NO_FEEDBACK = "The episode did not succeed. Think about what went wrong and try a different approach."
@@ -74,6 +73,30 @@ class ClientFeedbackCritic:
         return {"critic/feedback_used": float(self.feedback_used), "critic/feedback_missing": float(self.fallbacks)}
 
 
+class ServedLedger:
+    """``served_episodes.jsonl`` (main process): per step, the ids of the episodes it trained on. A run cuts it back
+    to the step it starts from before its first step (a resumed run trains the steps after its checkpoint again,
+    so an id appears once in the run's history)."""
+
+    def __init__(self, path: Path, fresh: bool) -> None:
+        if fresh:
+            path.unlink(missing_ok=True)
+        self.writer = JsonlWriter(path)
+        self.started = False
+
+    def start(self, step: int) -> None:
+        """Before step ``step + 1``: the first time, drop the rows after ``step``."""
+        if not self.started:
+            self.writer.truncate_after_step(step)
+            self.started = True
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.writer.write(row)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class ServerSource(EpisodeSource):
     """Episodes of remote clients (through ``hub``) as the trainer's rollout source.
 
@@ -92,9 +115,13 @@ class ServerSource(EpisodeSource):
             raise ConfigError("eval_via", eval_via, "use env (held-out episodes in process) or clients")
         self.hub = hub
         self.eval_via = eval_via
-        self._ledger: Any = None
-        self._ledger_cut = False
-        self._ids: dict[int, str] = {}  # id(trajectory) -> episode id, for the step being played
+        self._ledger: ServedLedger | None = None
+        self._ids: dict[int, str] = {}  # id(trajectory) -> episode id of the step's training episodes
+
+    def for_step(self, ctx: EpisodeStep) -> ServerSource:
+        view = super().for_step(ctx)
+        view._ids = {}  # the view's own: the ids of the episodes it plays
+        return view
 
     @staticmethod
     def check_config(cfg: Any, world: int) -> None:
@@ -107,19 +134,16 @@ class ServerSource(EpisodeSource):
                               "the clients' feedback text as the critique; set agent.critique_source: critic")
 
     # ------------------------------------------------------------------------------------------------------
-    def setup_model(self, t: CritiqueGRPOTrainer, resume_from: Path | None) -> None:
-        super().setup_model(t, resume_from)
-        hub, cfg = self.hub, t.cfg
+    def setup_model(self, run: EpisodeRun, resume_from: Path | None) -> dict[str, Any]:
+        samplers = super().setup_model(run, resume_from)
+        hub, cfg = self.hub, self.cfg
         with hub.lock:
-            hub.tokenizer, hub.renderer, hub.limits = t.tokenizer, self.renderer, self.limits
+            hub.tokenizer, hub.renderer, hub.limits = run.tokenizer, self.renderer, self.limits
             hub.temperature, hub.top_p = cfg.temperature, cfg.top_p
             hub.context_fn = self.memory.context_fn if self.memory is not None else None
-        if t.is_main:
-            from critique_rl.train.metrics import JsonlWriter
-
-            if resume_from is None:
-                (t.out / LEDGER).unlink(missing_ok=True)
-            self._ledger = JsonlWriter(t.out / LEDGER)
+        if run.is_main:
+            self._ledger = ServedLedger(run.out / LEDGER, fresh=resume_from is None)
+        return samplers
 
     @contextmanager
     def weight_update(self) -> Iterator[None]:
@@ -129,12 +153,12 @@ class ServerSource(EpisodeSource):
             yield
         self.hub.bump_version()
 
-    def _build_critic(self, t: CritiqueGRPOTrainer) -> EpisodeCritic | None:
-        cfg = t.cfg
+    def _build_critic(self, run: EpisodeRun) -> EpisodeCritic | None:
+        cfg = self.cfg
         if (cfg.critique_on != "none" and self._critic_arg is None and cfg.agent.critique_source == "critic"
                 and cfg.critic.backend == "feedback"):
             return ClientFeedbackCritic(self.spec.critic() if self.spec.critic is not None else None)
-        return super()._build_critic(t)
+        return super()._build_critic(run)
 
     # ------------------------------------------------------------------------------------------------------
     # episodes
@@ -154,22 +178,20 @@ class ServerSource(EpisodeSource):
         label = "eval" if greedy else ("refine" if contexts is not None else "train")
         ids: list[str] = []
         trajs = self.hub.play(tasks, n, contexts, greedy=greedy, label=label, ids_out=ids)
-        self._ids.update((id(x), e) for x, e in zip(trajs, ids, strict=True))
+        if not greedy:  # held-out episodes are never trained
+            self._ids.update((id(x), e) for x, e in zip(trajs, ids, strict=True))
         return trajs
 
-    def evaluate(self, t: CritiqueGRPOTrainer, generator: Any) -> dict[str, Any]:
+    def evaluate(self, generator: Any) -> dict[str, Any]:
         """Held-out success (greedy); in process it runs under ``engine_lock`` (one engine user at a time)."""
         if self.eval_via == "clients":
-            return super().evaluate(t, generator)
+            return super().evaluate(generator)
         with self.hub.engine_lock:
-            return super().evaluate(t, generator)
+            return super().evaluate(generator)
 
     def collect(self, timer: Any) -> tuple[RolloutBatch, dict[str, Any]]:
-        t = self.t
-        if not self._ledger_cut and self._ledger is not None:
-            self._ledger.truncate_after_step(t.step)  # resumed: the steps after the checkpoint are trained again
-        self._ledger_cut = True
-        self._ids = {}
+        if self._ledger is not None:
+            self._ledger.start(self.ctx.step)  # resumed: the steps after the checkpoint are trained again
         return super().collect(timer)
 
     def _memory_update(self, batch: RolloutBatch, crit: EpisodeCritiques | None) -> dict[str, Any]:
@@ -186,7 +208,7 @@ class ServerSource(EpisodeSource):
         out.update({f"serve/{k}": float(st[k]) for k in ("handed_out", "finished", "dropped_timeout",
                                                            "dropped_stale", "policy_version")})
         if self._ledger is not None:
-            self._ledger.write({"step": self.t.step + 1, "episodes": trained, "refinements": refined,
+            self._ledger.write({"step": self.ctx.step + 1, "episodes": trained, "refinements": refined,
                                 "policy_version": st["policy_version"]})
         return out
 

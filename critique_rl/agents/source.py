@@ -22,11 +22,12 @@ to the advantages, ``topk_logits`` keeps the teacher's top-K for the divergence 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -45,17 +46,21 @@ from critique_rl.errors import ConfigError
 from critique_rl.models import build_tiny_model, build_tiny_tokenizer, wants_chat_template
 from critique_rl.train import distributed as dist
 from critique_rl.train.batching import pack
+from critique_rl.train.critique_stage import reference_logprobs
 from critique_rl.train.critique_step import choose_refinements, select_for_critique
 from critique_rl.train.evaluate import EVAL_SEED
 from critique_rl.train.rollout_batch import AdvantagePlan, RolloutBatch
 from critique_rl.train.sampler import PromptSampler
 from critique_rl.train.selection import SelectionState
+from critique_rl.train.step_context import EpisodeRun, EpisodeStep
 from critique_rl.train.update import UpdateBatch
 
 if TYPE_CHECKING:
+    from critique_rl.config import TrainConfig
     from critique_rl.train.trainer import CritiqueGRPOTrainer
 
 TINY_MAX_POSITIONS = 512
+_Source = TypeVar("_Source", bound="EpisodeSource")
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,10 @@ class EpisodeSource:
 
     The trainer owns the model, optimizer, engine, phases, checkpoints and logs; this object owns the tasks,
     the renderer, the episode critic and the episode memory, and turns episodes into the typed values of a step.
+    It never holds the trainer: setup gets the config (:meth:`setup_data`) and an :class:`EpisodeRun`
+    (:meth:`setup_model`); the stages of a step run on :meth:`for_step`'s view, which reads the step's
+    :class:`EpisodeStep` (``ctx``). What a stage changes comes back as a value (a new selection state, the phases'
+    samplers) for the trainer to keep.
     """
 
     kind = "episodes"
@@ -92,6 +101,20 @@ class EpisodeSource:
         self.bank = bank
         self.memory: EpisodeMemory | None = None
         self.critic: EpisodeCritic | None = None
+        self._ctx: EpisodeStep | None = None
+
+    def for_step(self: _Source, ctx: EpisodeStep) -> _Source:
+        """This source for one step: a shallow copy (the same tasks, renderer, critic and memory) whose stages
+        read ``ctx``. The source itself is not changed."""
+        view = copy.copy(self)
+        view._ctx = ctx
+        return view
+
+    @property
+    def ctx(self) -> EpisodeStep:
+        if self._ctx is None:
+            raise RuntimeError("the stages of a step run on the source's view for that step: source.for_step(ctx)")
+        return self._ctx
 
     # ------------------------------------------------------------------------------------------------------
     # setup
@@ -111,9 +134,10 @@ class EpisodeSource:
                                       f"and its env with phases[i].env_kwargs; remove {name}")
 
     # ------------------------------------------------------------------------------------------------------
-    def setup_data(self, t: CritiqueGRPOTrainer) -> None:
-        cfg, a = t.cfg, t.cfg.agent
-        self.t = t
+    def setup_data(self, cfg: TrainConfig) -> None:
+        """The run's config; the env's training and held-out tasks and every phase's pool."""
+        a = cfg.agent
+        self.cfg = cfg
         self.env_kwargs, self.task_kwargs = dict(a.env_kwargs), dict(a.task_kwargs)
         try:
             self.spec.make_env(**self.env_kwargs)
@@ -125,10 +149,10 @@ class EpisodeSource:
         self.phases = EpisodePhases(self.spec, cfg.schedule(), self.train_tasks, self.env_kwargs, self.task_kwargs,
                                     cfg.sft_examples, cfg.seed)
 
-    def build_tiny(self, t: CritiqueGRPOTrainer) -> tuple[Any, Any]:
+    def build_tiny(self) -> tuple[Any, Any]:
         """The tiny policy: its tokenizer learns from rendered warm-up episodes (rendering needs only the
         chat template)."""
-        cfg = t.cfg
+        cfg = self.cfg
         probe = build_tiny_tokenizer(["0123456789"], vocab_size=300)
         probe.chat_template = TINY_CHAT_TEMPLATE
         probe_renderer = TurnRenderer(probe, cfg.use_chat_template != "no")
@@ -141,43 +165,41 @@ class EpisodeSource:
                                  max_positions=TINY_MAX_POSITIONS, seed=cfg.seed)
         return model, tok
 
-    def setup_model(self, t: CritiqueGRPOTrainer, resume_from: Path | None) -> None:
-        """Renderer, episode limits, critic and memory, once the policy and tokenizer exist."""
-        cfg, a = t.cfg, t.cfg.agent
-        self.renderer = TurnRenderer(t.tokenizer, wants_chat_template(t.tokenizer, cfg.use_chat_template))
-        limit = getattr(t.model.config, "max_position_embeddings", None)
+    def setup_model(self, run: EpisodeRun, resume_from: Path | None) -> dict[str, PromptSampler]:
+        """Renderer, episode limits, critic and memory, once the policy and tokenizer exist. Returns the phases'
+        own samplers by checkpoint key (the trainer checkpoints them with its own)."""
+        cfg, a = self.cfg, self.cfg.agent
+        self.run_info = run
+        self.renderer = TurnRenderer(run.tokenizer, wants_chat_template(run.tokenizer, cfg.use_chat_template))
+        limit = getattr(run.model.config, "max_position_embeddings", None)
         max_ep = a.max_episode_tokens or (limit if isinstance(limit, int) else None)
         if max_ep is not None and isinstance(limit, int) and max_ep > limit:
             raise ConfigError("agent.max_episode_tokens", max_ep, f"the model has {limit} positions; use <= {limit}")
         self.limits = EpisodeLimits(a.max_turns, a.max_turn_tokens, max_ep)
-        self.critic = self._build_critic(t)
-        self.memory = self._build_memory(t, resume_from)  # every process reads; the main process writes
-        t._phase_samplers.update(self.phases.samplers())  # the phases' own samplers travel with checkpoints
+        self.critic = self._build_critic(run)
+        self.memory = self._build_memory(run, resume_from)  # every process reads; the main process writes
+        return self.phases.samplers()  # the phases' own samplers travel with checkpoints
 
     def _sft_pairs(self, cfg: Any, renderer: TurnRenderer, pool: EpisodePool | None = None) -> list[tuple[str, str]]:
         pool = pool or self.phases.run
         return sft_pairs(self.spec, renderer, pool.tasks, pool.env_kwargs, cfg.agent.max_turns,
                          cfg.sft_refine_fraction, cfg.seed, cfg.critic.template_dir)
 
-    def sft_pairs(self, cfg: Any) -> list[tuple[list[int], list[int]]]:
-        """Warm-up pairs of the current (sft) phase as the runner's token ids: (context ids, action ids + EOS) for
+    def sft_pairs(self, phase: int) -> list[tuple[list[int], list[int]]]:
+        """Warm-up pairs of (sft) phase ``phase`` as the runner's token ids: (context ids, action ids + EOS) for
         every turn of the scripted episodes of its tasks (re-tokenising the rendered text would give other ids
         with a chat template). ``_sft_pairs`` (text) stays: build_tiny trains the tokenizer on the text form."""
-        pool = self._pool()[0]
+        cfg, pool = self.cfg, self.phases.pool(phase)
         return sft_id_pairs(self.spec, self.renderer, pool.tasks, pool.env_kwargs, cfg.agent.max_turns,
                             cfg.sft_refine_fraction, cfg.seed, cfg.critic.template_dir)
 
-    def _phase_index(self) -> int:
-        """The schedule phase running now (the trainer counts the phases done; the running one is next)."""
-        return int(getattr(self.t, "_phases_done", 0))
-
     def _pool(self) -> tuple[EpisodePool, PromptSampler]:
-        """The current phase's tasks and env arguments, and the sampler that draws them."""
-        pool = self.phases.pool(self._phase_index())
-        return pool, pool.sampler if pool.sampler is not None else self.t.sampler
+        """The step's phase's tasks and env arguments, and the sampler that draws them."""
+        pool = self.phases.pool(self.ctx.phase)
+        return pool, pool.sampler if pool.sampler is not None else self.ctx.sampler
 
-    def _build_critic(self, t: CritiqueGRPOTrainer) -> EpisodeCritic | None:
-        cfg = t.cfg
+    def _build_critic(self, run: EpisodeRun) -> EpisodeCritic | None:
+        cfg = self.cfg
         if cfg.critique_on == "none":
             return None
         given = self._critic_arg
@@ -192,25 +214,25 @@ class EpisodeSource:
             return None
         from critique_rl.critics import build_critic
 
-        return TranscriptCritic(build_critic(cfg.critic, policy=t.model, tokenizer=t.tokenizer, output_dir=t.out))
+        return TranscriptCritic(build_critic(cfg.critic, policy=run.model, tokenizer=run.tokenizer, output_dir=run.out))
 
-    def _build_memory(self, t: CritiqueGRPOTrainer, resume_from: Path | None) -> EpisodeMemory | None:
-        cfg = t.cfg
+    def _build_memory(self, run: EpisodeRun, resume_from: Path | None) -> EpisodeMemory | None:
+        cfg = self.cfg
         if self.bank is None and not cfg.memory.enabled:
             return None
         from critique_rl.memory import MemoryBank
         from critique_rl.train.memory_hook import MemoryHook
 
         if self.bank is None:
-            bank_path = Path(cfg.memory.bank_path or t.out / "memory.sqlite")
-            if t.is_main:  # one process puts the bank file in place before any opens it
+            bank_path = Path(cfg.memory.bank_path or run.out / "memory.sqlite")
+            if run.is_main:  # one process puts the bank file in place before any opens it
                 if resume_from is not None:
                     MemoryHook.restore(resume_from / "memory.sqlite", bank_path)
                 else:
-                    MemoryHook.begin_fresh_run(bank_path, t.out)
-            t.accelerator.wait_for_everyone()
+                    MemoryHook.begin_fresh_run(bank_path, run.out)
+            run.wait_for_everyone()
             self.bank = MemoryBank(bank_path, config=cfg.memory)
-        return EpisodeMemory(self.bank, self.spec.name, run_name=t.out.name, min_score=cfg.memory.min_score)
+        return EpisodeMemory(self.bank, self.spec.name, run_name=run.out.name, min_score=cfg.memory.min_score)
 
     def weight_update(self) -> AbstractContextManager[None]:
         """Held around every change of the policy's weights (see :class:`RolloutSource`): nothing in process."""
@@ -225,7 +247,7 @@ class EpisodeSource:
     def run(self, generator: Any, tasks: list[dict[str, Any]], n: int, *, greedy: bool = False,
             contexts: list[str | None] | None = None, env_kwargs: dict[str, Any] | None = None) -> list[Trajectory]:
         """``n`` episodes per task (``env_kwargs``: the env's arguments, default the run's)."""
-        cfg = self.t.cfg
+        cfg = self.cfg
         kw = self.env_kwargs if env_kwargs is None else env_kwargs
         return run_episodes(generator, self.renderer, lambda: self.spec.make_env(**kw), tasks,
                             n=n, contexts=contexts, limits=self.limits, temperature=cfg.temperature,
@@ -233,12 +255,12 @@ class EpisodeSource:
                             context_fn=self.memory.context_fn if self.memory is not None else None)
 
     def run_groups(self, generator: Any, tasks: list[dict[str, Any]], n: int, *, keys: list[int], purpose: str,
-                   contexts: list[str | None] | None = None,
+                   step: int, contexts: list[str | None] | None = None,
                    env_kwargs: dict[str, Any] | None = None) -> list[Trajectory]:
         """:meth:`run` for sampled training episodes. ``keys[i]``: task ``i``'s place in the global batch. With
         ``agent.seed_per_task`` each run of equal consecutive keys is sampled under its own seed (see
-        :mod:`critique_rl.agents.episode_seeds`); else all in one batched run."""
-        cfg = self.t.cfg
+        :mod:`critique_rl.agents.episode_seeds`; ``step``: the steps done); else all in one batched run."""
+        cfg = self.cfg
         # env arguments only where a phase changes them (a subclass's run may take the run's env only)
         kw = {} if env_kwargs is None or env_kwargs == self.env_kwargs else {"env_kwargs": env_kwargs}
         if not cfg.agent.seed_per_task:
@@ -249,18 +271,18 @@ class EpisodeSource:
             e = s + 1
             while e < len(tasks) and keys[e] == keys[s]:
                 e += 1
-            with seeded(task_seed(cfg.seed, self.t.step, keys[s], purpose)):
+            with seeded(task_seed(cfg.seed, step, keys[s], purpose)):
                 out += self.run(generator, tasks[s:e], n, contexts=None if contexts is None else contexts[s:e], **kw)
             s = e
         return out
 
-    def evaluate(self, t: CritiqueGRPOTrainer, generator: Any) -> dict[str, Any]:
+    def evaluate(self, generator: Any) -> dict[str, Any]:
         """Greedy episodes on the held-out tasks (memory read, nothing written), each process its share:
         ``accuracy`` (success rate), ``mean_turns``, ``mean_return``."""
-        n = len(self.eval_tasks)
-        mine = self.eval_tasks[t.rank * n // t.world: (t.rank + 1) * n // t.world]
+        n, run = len(self.eval_tasks), self.run_info
+        mine = self.eval_tasks[run.rank * n // run.world: (run.rank + 1) * n // run.world]
         trajs: list[Trajectory] = []
-        bs = t.cfg.eval_batch_size
+        bs = self.cfg.eval_batch_size
         for s in range(0, len(mine), bs):
             trajs += self.run(generator, mine[s:s + bs], 1, greedy=True)
         if trajs and all(x.stop_reason == "max_tokens" and not x.turns for x in trajs):
@@ -276,37 +298,40 @@ class EpisodeSource:
     def eval_metrics(result: dict[str, Any]) -> dict[str, Any]:
         return {f"eval/{k}": result[k] for k in ("accuracy", "mean_turns", "mean_return")}
 
-    def final_summary(self, final: dict[str, Any], eval_n: int) -> dict[str, Any]:
+    def final_summary(self, final: dict[str, Any], steps: int, wall_seconds: float) -> dict[str, Any]:
         return {"eval_accuracy_after_rl": final["accuracy"], "eval_mean_turns_after_rl": final["mean_turns"],
-                "eval_n": eval_n, "task": self.spec.name, "env": self.spec.name}
+                "eval_n": len(self.eval_tasks), "task": self.spec.name, "env": self.spec.name, "steps": steps,
+                "wall_seconds": wall_seconds}
 
     # ------------------------------------------------------------------------------------------------------
     # the stages of a step
     # ------------------------------------------------------------------------------------------------------
     def measure_pass_rates(self) -> tuple[dict[str, Any], SelectionState]:
-        """``pass_rate_filter`` on the current phase's tasks (:func:`episode_filters.measure_pass_rates`): the
-        metrics and the new selection state (the trainer asks this before RL and every ``refresh_every`` steps)."""
+        """``pass_rate_filter`` on the step's phase's tasks (:func:`episode_filters.measure_pass_rates`): the
+        metrics and the new selection state (the trainer asks this before RL, every ``refresh_every`` steps and
+        when an rl phase with its own tasks starts, :meth:`measures_new_pool`)."""
         return filters.measure_pass_rates(self, *self._pool())
+
+    def measures_new_pool(self) -> bool:
+        """Whether the step starts an rl phase with its own tasks (after the first step, whose pool is measured
+        before RL): ``pass_rate_filter`` measures that pool first."""
+        ctx = self.ctx
+        return (self.cfg.pass_rate_filter.enabled and ctx.step > 0 and self.phases.pool(ctx.phase).key is not None
+                and ctx.step == self.phases.start_step(ctx.phase))
 
     def collect(self, timer: Any) -> tuple[RolloutBatch, dict[str, Any]]:
         """This process's share of the step's tasks (the current phase's), ``n`` episodes each, as a
         :class:`RolloutBatch`; with ``dynamic_sampling`` groups of equal returns are replaced by further draws."""
-        t, cfg = self.t, self.t.cfg
+        cfg, ctx, run = self.cfg, self.ctx, self.run_info
         n, P = cfg.num_generations, cfg.prompts_per_step
         pool, sampler = self._pool()
-        info: dict[str, Any] = {}
-        pf = cfg.pass_rate_filter
-        if (pf.enabled and pool.key is not None and t.step > 0 and not (pf.refresh_every and t.step % pf.refresh_every == 0)
-                and t.step == EpisodePhases.start_step(t.phases, self._phase_index())):
-            # an rl phase with its own tasks starts: its pool measured; the trainer's selection state replaced
-            info, t.selection = filters.measure_pass_rates(self, pool, sampler)
         draws = [0]
 
         def draw() -> RolloutBatch:
             with timer("generate"):
-                tasks = dist.shard(sampler.next_batch(P), t.rank, t.world)
-                keys = [t.rank * len(tasks) + j for j in range(len(tasks))]
-                trajs = self.run_groups(t.generator, tasks, n, keys=keys, purpose=f"collect{draws[0]}",
+                tasks = dist.shard(sampler.next_batch(P), run.rank, run.world)
+                keys = [run.rank * len(tasks) + j for j in range(len(tasks))]
+                trajs = self.run_groups(ctx.engine, tasks, n, keys=keys, purpose=f"collect{draws[0]}", step=ctx.step,
                                         env_kwargs=pool.env_kwargs)
             draws[0] += 1
             return self.episode_batch(trajs, n)
@@ -314,9 +339,8 @@ class EpisodeSource:
         ds = cfg.dynamic_sampling
         fill = filters.fill_episodes(draw(), draw, ds.max_refill_batches, enabled=ds.enabled)
         # the trainer adds selection/samples to its selection state once collect returns
-        info.update(filters.fill_metrics(fill, t.selection.samples_total + fill.samples, ds.enabled,
-                                         len(sampler.rows) - len(sampler.excluded) if pf.enabled else None))
-        return fill.batch, info
+        pool_size = len(sampler.rows) - len(sampler.excluded) if cfg.pass_rate_filter.enabled else None
+        return fill.batch, filters.fill_metrics(fill, ctx.selection.samples_total + fill.samples, ds.enabled, pool_size)
 
     def episode_batch(self, trajs: list[Trajectory], n: int) -> RolloutBatch:
         """Episodes as rows of a :class:`RolloutBatch` (one objective: the episode return)."""
@@ -332,7 +356,7 @@ class EpisodeSource:
     def critique_and_refine(self, batch: RolloutBatch) -> EpisodeCritiques | None:
         if self.critic is None:
             return None
-        cfg = self.t.cfg
+        cfg, ctx = self.cfg, self.ctx
         trajs, n = batch.episodes, batch.group_size
         mode = "all" if cfg.distill_on == "all" and cfg.distill_weight > 0 else cfg.critique_on
         idx = [i for i in select_for_critique(batch.correct, n, mode) if trajs[i].turns]
@@ -345,16 +369,16 @@ class EpisodeSource:
         refined = []
         if ref_src:  # keyed by the source episode's global group (seed_per_task)
             G = batch.num_groups
-            refined = self.run_groups(self.t.generator, [trajs[i].task for i in ref_src], 1,
-                                      keys=[self.t.rank * G + i // n for i in ref_src], purpose="refine",
-                                      contexts=[texts[idx.index(i)] for i in ref_src],
+            refined = self.run_groups(ctx.engine, [trajs[i].task for i in ref_src], 1,
+                                      keys=[self.run_info.rank * G + i // n for i in ref_src], purpose="refine",
+                                      step=ctx.step, contexts=[texts[idx.index(i)] for i in ref_src],
                                       env_kwargs=self._pool()[0].env_kwargs)
         return EpisodeCritiques(idx, texts, sum(c.fallback for c in critiques), ref_src, refined)
 
     def advantages(self, batch: RolloutBatch, crit: EpisodeCritiques | None) -> AdvantagePlan:
         """Group advantages over n episodes (+ k refinement slots). Groups are whole inside a process and the
         episode path has one objective, so a group's advantages need no other process's groups."""
-        cfg = self.t.cfg
+        cfg = self.cfg
         n, G = batch.group_size, batch.num_groups
         k = cfg.refinements_per_group if crit is not None else 0
         R = torch.full((G, n + k, 1), float("nan"))
@@ -376,7 +400,8 @@ class EpisodeSource:
         lv = cfg.low_variance_filter
         dropped = None
         if lv.enabled:  # DRO: on the initial episodes' returns, decided over all processes' groups
-            drop, dropped = filters.low_variance_groups(batch.rewards, n, lv.min_std, lv.drop_fraction, self.t.rank)
+            drop, dropped = filters.low_variance_groups(batch.rewards, n, lv.min_std, lv.drop_fraction,
+                                                      self.run_info.rank)
             mask = mask & ~drop.unsqueeze(-1)
         adv, diag = aggregate_rewards(cfg.reward_aggregator, R, torch.ones(1), mask,
                                       estimator=cfg.advantage_estimator, w_lambda=cfg.w_lambda,
@@ -389,14 +414,14 @@ class EpisodeSource:
     def _choose(self, group_of: list[int], correct: list[bool], k: int, G: int) -> list[list[int]]:
         """Refinements per group (Critique-GRPO's choice); with ``seed_per_task`` each group draws from its own
         RNG (:func:`group_rng`), so the choice does not depend on the process count."""
-        t = self.t
-        if not t.cfg.agent.seed_per_task:
-            return choose_refinements(group_of, correct, k, G, t.rng)
+        ctx, rank = self.ctx, self.run_info.rank
+        if not self.cfg.agent.seed_per_task:
+            return choose_refinements(group_of, correct, k, G, ctx.rng)
         chosen = []
         for g in range(G):
             js = [j for j, gg in enumerate(group_of) if gg == g]
             pick = choose_refinements([0] * len(js), [correct[j] for j in js], k, 1,
-                                      group_rng(t.cfg.seed, t.step, t.rank * G + g))[0]
+                                      group_rng(self.cfg.seed, ctx.step, rank * G + g))[0]
             chosen.append([js[p] for p in pick])
         return chosen
 
@@ -407,7 +432,7 @@ class EpisodeSource:
                      plan: AdvantagePlan) -> tuple[UpdateBatch | None, dict[str, float]]:
         """Loss rows: episodes with at least one turn, then kept refined episodes under the plain context. None
         when no episode has a turn (every first prompt was over ``max_episode_tokens``)."""
-        t, cfg = self.t, self.t.cfg
+        cfg, models = self.cfg, self.ctx.models
         trajs, n = batch.episodes, batch.group_size
         rows = [i for i, x in enumerate(trajs) if x.turns]
         if not rows:
@@ -427,7 +452,8 @@ class EpisodeSource:
             adv.append(plan.advantages[g, slot].item())
             keep.append(bool(plan.mask[g, slot]))
             off.append(True)
-        packed = pack(prompt_ids, comp_ids, t.tokenizer.pad_token_id)
+        pad_id = self.run_info.tokenizer.pad_token_id
+        packed = pack(prompt_ids, comp_ids, pad_id)
         T = packed.completion_len
         action = torch.zeros(len(comp_ids), T, dtype=packed.completion_mask.dtype)
         for r, m in enumerate(masks):
@@ -445,9 +471,10 @@ class EpisodeSource:
         ub = UpdateBatch(tokens=tokens, advantages=adv_tok, offpolicy=torch.tensor(off), sampling_logp=sampling_logp)
         metrics: dict[str, float] = {}
         if crit is not None and cfg.distill_weight > 0:  # a new batch with the distillation terms
-            ub, metrics = distill_episodes(t, self.renderer, ub, trajs, rows, crit)
+            ub, metrics = distill_episodes(ub, trajs, rows, crit, cfg=cfg, models=models, renderer=self.renderer,
+                                           pad_id=pad_id)
         if cfg.kl_beta > 0:
-            ub = dataclasses.replace(ub, ref_logp=t._reference_logprobs(ub).cpu())
+            ub = dataclasses.replace(ub, ref_logp=reference_logprobs(models, cfg, ub).cpu())
         return ub, metrics
 
     # ------------------------------------------------------------------------------------------------------
@@ -456,11 +483,10 @@ class EpisodeSource:
     def step_metrics(self, batch: RolloutBatch, crit: EpisodeCritiques | None, plan: AdvantagePlan,
                      local: dict[str, Any], selection: dict[str, Any]) -> dict[str, Any]:
         """The step's metrics: this process's, merged over processes; then the memory bank's (main process)."""
-        t = self.t
         trajs, n = batch.episodes, batch.group_size
         grouped = batch.grouped_correct()
         out: dict[str, Any] = {
-            "step": t.step + 1,
+            "step": self.ctx.step + 1,
             "reward/mean": batch.rewards.mean().item(),
             "train/accuracy": grouped.mean().item(),
             "train/all_wrong_groups": (grouped.sum(-1) == 0).float().mean().item(),
@@ -491,40 +517,39 @@ class EpisodeSource:
 
     def _memory_update(self, batch: RolloutBatch, crit: EpisodeCritiques | None) -> dict[str, Any]:
         """Record and credit on the main process, from the episodes of every process (in rank order)."""
-        t = self.t
-        if not t.memory_on:
+        if self.memory is None:
             return {}
         texts = [crit.text_of(i) if crit else None for i in range(len(batch.episodes))]
         parts = dist.gather_objects((batch.episodes, texts))
         metrics: dict[str, Any] = {}
-        if self.memory is not None and t.is_main:
+        if self.run_info.is_main:
             trajs = [x for p in parts for x in p[0]]
             crits = [c for p in parts for c in p[1]]
-            metrics = self.memory.record(trajs, crits, t.step + 1, batch.group_size)
+            metrics = self.memory.record(trajs, crits, self.ctx.step + 1, batch.group_size)
         return dist.broadcast_object(metrics)
 
     def log_rollouts(self, batch: RolloutBatch, plan: AdvantagePlan, crit: EpisodeCritiques | None) -> None:
-        t = self.t
+        ctx, run, log_n = self.ctx, self.run_info, self.cfg.log_rollouts
         trajs, n = batch.episodes, batch.group_size
-        chosen = list(range(min(t.cfg.log_rollouts, len(trajs))))
+        chosen = list(range(min(log_n, len(trajs))))
         if crit is not None:
-            chosen += [i for i in crit.idx[: t.cfg.log_rollouts] if i not in chosen]
+            chosen += [i for i in crit.idx[:log_n] if i not in chosen]
         ref_at = {i: j for j, i in enumerate(crit.ref_src)} if crit else {}
         out = []
         for i in chosen:
-            row = {"step": t.step + 1, "group": i // n, "advantage": plan.advantages[i // n, i % n].item(),
+            row = {"step": ctx.step + 1, "group": i // n, "advantage": plan.advantages[i // n, i % n].item(),
                    **trajs[i].to_log()}
-            if t.world > 1:
-                row["rank"] = t.rank
+            if run.world > 1:
+                row["rank"] = run.rank
             if crit is not None and crit.text_of(i) is not None:
                 row["critique"] = crit.text_of(i)
             if i in ref_at:
                 row["refinement"] = crit.refined[ref_at[i]].to_log()  # type: ignore[union-attr]
             out.append(row)
         for part in dist.gather_objects(out):
-            if t.is_main:
+            if run.is_main:
                 for row in part:
-                    t.rollout_log.write(row)
+                    ctx.rollout_log.write(row)
 
 
 def EpisodeTrainer(args: Any, env_spec: EnvSpec | None = None, model: Any = None, tokenizer: Any = None,  # noqa: N802

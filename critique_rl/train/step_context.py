@@ -4,6 +4,9 @@ of every step. The stages (:mod:`~critique_rl.train.sample_stage`, :mod:`~critiq
 :mod:`~critique_rl.train.log_stage`, :mod:`~critique_rl.train.selection_stage`) are functions of it: they return
 new values and change none of their inputs. The handles they hold (engine, models, sampler, RNG, memory hook) are
 the run's live objects; a stage uses them (sampling advances the sampler and the RNG) but never rebinds them.
+
+The episode source (:class:`~critique_rl.agents.source.EpisodeSource`) reads the same way: an :class:`EpisodeRun`
+(fixed for the run, given at setup) and an :class:`EpisodeStep` per step; it never holds the trainer.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +23,7 @@ from critique_rl.config import TrainConfig
 from critique_rl.models import format_prompt
 from critique_rl.rewards import TrainerState, evaluate_gates, reward_inputs, score_rewards
 from critique_rl.rollout.base import Completion, Generator
+from critique_rl.train.selection import SelectionState
 
 
 @dataclass(frozen=True)
@@ -131,3 +136,36 @@ class StepContext:
     sft_completion: Callable[[dict[str, Any]], str]
     memory_hook: Any = None
     memory_on: bool = False
+
+
+@dataclass(frozen=True)
+class EpisodeRun:
+    """What an episode source reads of the run once the policy exists (given to its ``setup_model``): the policy
+    and tokenizer, the run directory, this process's rank, the process count, whether it is the main process,
+    and the barrier every process passes (before a shared file is opened)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    out: Path
+    rank: int
+    world: int
+    is_main: bool
+    wait_for_everyone: Callable[[], None]
+
+
+@dataclass(frozen=True)
+class EpisodeStep:
+    """What the stages of one step on episodes read (given to ``EpisodeSource.for_step``): the steps done before
+    this one, the schedule phase running (its index), the rollout engine, the model handles, the refinement RNG,
+    the run's task sampler (a phase with its own tasks has its own), the selection state before the step and the
+    rollout log (main process). As in :class:`StepContext` the handles are the run's live objects: sampling
+    advances the sampler and the RNG, nothing rebinds them."""
+
+    step: int
+    phase: int
+    engine: Generator
+    models: Models
+    rng: random.Random
+    sampler: Any
+    selection: SelectionState
+    rollout_log: Any = None

@@ -21,7 +21,6 @@ writes metrics, rollouts, checkpoints, the summary, plots and the memory bank.
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 import time
@@ -30,23 +29,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType, ProjectConfiguration
+from accelerate.utils import ProjectConfiguration
 from rich.progress import Progress
 
 from critique_rl.config import TrainConfig
-from critique_rl.errors import UserError
 from critique_rl.model_card import write_model_card
 from critique_rl.rollout import Generator, engine_is_separate, engine_sleep
 from critique_rl.rollout.factory import build_generator
 from critique_rl.train import distributed as dist
 from critique_rl.train import prompt_setup, selection_stage, task_mix
 from critique_rl.train.batching import enable_fused_head
-from critique_rl.train.critique_stage import reference_logprobs
-from critique_rl.train.ema import EmaTeacher
 from critique_rl.train.log_stage import CriticWatch, check_critic, run_totals
 from critique_rl.train.metrics import JsonlWriter, plot_curves
-from critique_rl.train.phase_state import enter_phase, setup_phases
-from critique_rl.train.policy_setup import fused_head_wanted, load_model, prepare_policy, save_final
+from critique_rl.train.phase_state import PhaseInputs, enter_phase, setup_phases
+from critique_rl.train.policy_setup import (
+    fused_head_wanted,
+    load_model,
+    prepare_policy,
+    reference_and_teacher,
+    save_final,
+)
 from critique_rl.train.prefix_sharing import configure_prefix_sharing
 from critique_rl.train.prompt_source import PromptSource, RolloutSource
 from critique_rl.train.run_setup import (
@@ -65,7 +67,15 @@ from critique_rl.train.run_state import RunHandles, restore_run_state, resume_po
 from critique_rl.train.sampler import PromptSampler
 from critique_rl.train.selection import SelectionState
 from critique_rl.train.sft_phase import run_sft_phase
-from critique_rl.train.step_context import Models, PromptDraw, PromptFormat, Scorer, StepContext
+from critique_rl.train.step_context import (
+    EpisodeRun,
+    EpisodeStep,
+    Models,
+    PromptDraw,
+    PromptFormat,
+    Scorer,
+    StepContext,
+)
 from critique_rl.train.trackers import flat_config, resolve_trackers, scalars, tracker_init_kwargs
 from critique_rl.train.update import NonFiniteGuard, Normalisation, UpdateBatch, policy_update
 
@@ -82,6 +92,9 @@ class CritiqueGRPOTrainer:
         critic: a :class:`critique_rl.critics.Critic`, or None to build one from ``args.critic``.
         memory: a :class:`critique_rl.memory.MemoryBank`, or None to build one from ``args.memory``.
         args: the run config.
+        env_spec: train on episodes of this environment (default: ``args.agent.env``'s, when set).
+        episode_source: train on episodes from this :class:`~critique_rl.agents.source.EpisodeSource` (its own
+            critic and memory bank; ``critique-rl serve`` passes its ``ServerSource``).
     """
 
     def __init__(
@@ -95,15 +108,16 @@ class CritiqueGRPOTrainer:
         tokenizer: Any = None,
         eval_dataset: Any = None,
         env_spec: Any = None,
+        episode_source: Any = None,
     ) -> None:
         self.cfg = args or TrainConfig()
-        self.episodes: Any = None  # EpisodeSource on multi-turn episodes (agent.env or env_spec); None: prompts
-        if env_spec is not None or self.cfg.agent.env is not None:
+        self.episodes: Any = episode_source  # the rollout source on multi-turn episodes; None: prompts
+        if episode_source is None and (env_spec is not None or self.cfg.agent.env is not None):
             from critique_rl.agents.registry import get_env_spec
             from critique_rl.agents.source import EpisodeSource
 
             self.episodes = EpisodeSource(env_spec or get_env_spec(self.cfg.agent.env), critic=critic, bank=memory)
-            critic = memory = None
+        critic, memory = (None, None) if self.episodes is not None else (critic, memory)  # episodes: the source's
         self._model_arg = model if model is not None else self.cfg.model
         self._tokenizer_arg = tokenizer
         self._train_arg = train_dataset
@@ -133,7 +147,7 @@ class CritiqueGRPOTrainer:
         dist.validate_world(cfg.generation_batch_size, cfg.num_generations, cfg.mini_batch_size, self.world)
         if self.episodes is not None:
             self.episodes.check_config(cfg, self.world)
-            self.episodes.setup_data(self)
+            self.episodes.setup_data(cfg)
         else:
             prompt_setup.setup_prompt_data(self)
         self._nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps)
@@ -143,16 +157,17 @@ class CritiqueGRPOTrainer:
             prompt_setup.setup_prompt_objectives(self)
         else:
             self.reward_funcs, self.reward_names, self.reward_weights = [], ["return"], torch.ones(1)
-        self._task_blocks: list[tuple[str, int, int]] = []
-        setup_phases(self)
+        self.phases, self._phase_rows, self._phase_samplers = setup_phases(cfg)  # + each train_file's rows, sampler
+        self._run_rewards = (self.reward_funcs, self.reward_names, self.reward_weights)  # a phase's default
+        self._phase, self._phases_done, self._task_blocks = PhaseInputs(None, None, self._run_rewards), 0, []
         self.rng = random.Random(cfg.seed + 1 + 7919 * self.rank)  # refinement choice; checkpointed
         if self.episodes is not None:
             self.sampler = PromptSampler(self.episodes.train_tasks, cfg.seed)
-            self.episodes.setup_model(self, resume_from)
-            self.critic, self.memory_hook = self.episodes.critic, None
-            self.memory = self.episodes.bank
-            self.memory_on = self.episodes.bank is not None
-            self._refines = self.critic is not None
+            self._phase_samplers.update(self.episodes.setup_model(EpisodeRun(  # + the phases' own samplers
+                self.model, self.tokenizer, self.out, self.rank, self.world, self.is_main,
+                self.accelerator.wait_for_everyone), resume_from))
+            self.critic, self.memory_hook, self.memory = self.episodes.critic, None, self.episodes.bank
+            self.memory_on, self._refines = self.memory is not None, self.critic is not None
         else:
             prompt_setup.setup_prompt_critic_memory(self, resume_from)
         if self.is_main:
@@ -163,7 +178,9 @@ class CritiqueGRPOTrainer:
         return resume_from
 
     def _load_model(self, resume_from: Path | None) -> tuple[Any, Any]:
-        return load_model(self, resume_from)  # a method: benchmarks wrap it
+        tiny = self.episodes.build_tiny if self.episodes is not None else lambda: prompt_setup.build_tiny(self)
+        return load_model(self.cfg, resume_from, device=self.accelerator.device, out=self.out, model=self._model_arg,
+                          tokenizer=self._tokenizer_arg, build_tiny=tiny)  # a method: benchmarks wrap it
 
     def _run_sft(self, index: int, model: torch.nn.Module, progress: Progress | None) -> None:
         """SFT phase ``index`` on ``model``: the run's rows (with the task's demonstrations, mistakes and
@@ -176,17 +193,11 @@ class CritiqueGRPOTrainer:
         if ph.train_file:
             return [(self.prompt_text(r), str(r["answer"])) for r in self._phase_rows[ph.train_file]], steps
         if self.episodes is not None:  # scripted episodes of the environment
-            return self.episodes.sft_pairs(self.cfg), steps
+            return self.episodes.sft_pairs(self._phases_done), steps
         return prompt_setup.sft_pairs(self, steps, first)
 
     def prompt_text(self, row: dict[str, Any], context: str | None = None) -> str:
         return PromptFormat(self.tokenizer, self.use_chat, 0).text(row, context)
-
-    def _policy_module(self) -> Any:
-        """The transformers model itself (below a peft wrapper, if any)."""
-        from critique_rl.lora import is_lora
-
-        return self.model.get_base_model() if is_lora(self.model) else self.model
 
     def _policy(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
@@ -216,30 +227,21 @@ class CritiqueGRPOTrainer:
         return self.task.sft_completion(row) if self._task_rows else row["answer"]
 
     def _evaluate(self) -> dict[str, Any]:
-        """Greedy held-out accuracy; with a ``brier`` reward in use, also calibration (ECE, Brier score, AUROC).
-        Each process decodes its share of the held-out rows; the records are gathered before summarising."""
-        return (self.episodes or prompt_setup).evaluate(self, self.generator)
+        """Greedy held-out accuracy, each process its share (prompts with a ``brier`` reward: also calibration)."""
+        gen = self.generator
+        return self.episodes.evaluate(gen) if self.episodes is not None else prompt_setup.evaluate(self, gen)
 
     def _build_optim(self) -> None:
         cfg = self.cfg
-        prepare_policy(self)  # LoRA adapter on the warmed-up base, gradient checkpointing
+        self.model, lora_summary = prepare_policy(cfg, self.model, self.tokenizer, self.out, self.is_main)
+        self.summary.update(lora_summary)  # LoRA adapter on the warmed-up base, gradient checkpointing
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, phase_lr(lr_schedule(cfg), self.phases, cfg.learning_rate))
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, self.optimizer, self.scheduler)
-        self.ref_model = None
-        if cfg.kl_beta > 0 and not cfg.lora.enabled:  # with LoRA the reference is the base, adapter disabled
-            self.ref_model = copy.deepcopy(self._policy()).eval()
-            for p in self.ref_model.parameters():
-                p.requires_grad_(False)
-        self._ema_teacher = None
-        if cfg.distill_weight > 0 and cfg.distill_teacher == "ema":  # stabilised self-teacher (SDPO)
-            if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-                raise UserError("distill_teacher: ema keeps a full copy of the policy and needs unsharded weights; "
-                                "use it on one process or with DDP, or distill_teacher: current under FSDP/ZeRO")
-            self._ema_teacher = EmaTeacher(self._policy(), cfg.distill_teacher_ema)
+        self.ref_model, self._ema_teacher = reference_and_teacher(cfg, self._policy(), self.accelerator)
         models = [m for m in (self.model, self.ref_model, self._ema_teacher and self._ema_teacher.model) if m]
-        for m in models if fused_head_wanted(self) else ():  # after the reference copy: each its own patched forward
+        for m in models if fused_head_wanted(cfg, self.model, self.accelerator.device) else ():  # after the copies
             enable_fused_head(m)
         configure_prefix_sharing(models, cfg.prefix_sharing)  # policy, reference and teacher passes + generation
         if engine_is_separate(self.generator) and getattr(self.critic, "shares_policy", False):
@@ -249,10 +251,9 @@ class CritiqueGRPOTrainer:
 
     @property
     def generator(self) -> Generator:
-        """The rollout engine (``rollout_backend``, from the engine registry), built on first use (the held-out
-        evaluation after the SFT warm-up) and kept: it serves rollouts, refinements and evaluation, and gets the
-        weights after every optimizer step. It reads the policy through ``self._policy`` at each use, so a LoRA
-        wrap after it was built is seen. What differs between engines is asked of the engine (its protocol)."""
+        """The rollout engine (``rollout_backend``, from the engine registry), built on first use and kept: it serves
+        rollouts, refinements and evaluation, and gets the weights after every optimizer step. It reads the policy
+        through ``self._policy`` at each use (a later LoRA wrap is seen); engine differences are its protocol's."""
         if self._generator is None:
             cfg = self.cfg
             sharded = self.world > 1 and not cfg.lora.enabled  # FSDP / ZeRO-3: full weights gathered for a push
@@ -282,10 +283,10 @@ class CritiqueGRPOTrainer:
         """The frozen context of a single-turn stage: this step's handles and objectives, and its prompt draw
         (an rl phase's own sampler, else the run's: one task at a time under ``task_order``, or a phase's task
         weights)."""
-        sampler = self._phase_sampler or self.sampler
+        sampler = self._phase.sampler or self.sampler
         own = sampler is self.sampler
         draw = PromptDraw(sampler, self.sampler, task_mix.task_at(self.step, self._task_blocks)
-                          if own and self._task_blocks else None, self._phase_task_weights if own else None)
+                          if own and self._task_blocks else None, self._phase.task_weights if own else None)
         scorer = Scorer(self.reward_funcs, self.reward_names, self.reward_weights, self.gates, self.verify,
                         self.use_chat, self.cfg.max_steps)
         return StepContext(cfg=self.cfg, engine=self.generator, critic=self.critic, scorer=scorer,
@@ -296,16 +297,13 @@ class CritiqueGRPOTrainer:
 
     @property
     def rollouts(self) -> RolloutSource:
-        """The rollout source of this step: episodes of an environment, or single-turn prompts (over this step's
-        :class:`StepContext`)."""
+        """This step's rollout source: episodes (the source's view of an :class:`EpisodeStep`) or prompts."""
         if self.episodes is not None:
-            return self.episodes
+            return self.episodes.for_step(EpisodeStep(self.step, self._phases_done, self.generator, self._models(),
+                                                      self.rng, self.sampler, self.selection,
+                                                      getattr(self, "rollout_log", None)))
         return PromptSource(self._context(), self.selection, getattr(self, "rollout_log", None), self.train_rows,
                             self.out)
-
-    def _reference_logprobs(self, ub: UpdateBatch) -> torch.Tensor:
-        """log pi_ref of ``ub``'s loss tokens (:func:`critique_stage.reference_logprobs`; episodes call it)."""
-        return reference_logprobs(self._models(), self.cfg, ub)
 
     def _step(self) -> dict[str, Any]:
         """One RL step: sample -> score -> critique/refine -> advantages -> update -> log. The selection state
@@ -355,9 +353,6 @@ class CritiqueGRPOTrainer:
         self._task_blocks = task_mix.task_blocks(self.selection.task_order, self.cfg.tasks, self.cfg.max_steps)
         self.summary.update(selection_stage.task_order_summary(self.selection, self._task_blocks, self.is_main))
         return info
-
-    def _check_critic(self, metrics: dict[str, Any]) -> None:
-        self._critic_watch = check_critic(self._critic_watch, metrics, self.critic, self.cfg, self.step, self.is_main)
 
     def _write_metrics(self, row: dict[str, Any]) -> None:
         if self.is_main:
@@ -434,7 +429,9 @@ class CritiqueGRPOTrainer:
                     self._run_sft(index, self._policy(), progress)
                     self.generator.sync_weights()
                 else:
-                    enter_phase(self, index)
+                    self._phase = enter_phase(self.cfg, phase, self._phase_samplers, getattr(self, "task", None),
+                                              self._run_rewards)  # the phase's data and objectives
+                    self.reward_funcs, self.reward_names, self.reward_weights = self._phase.rewards
                     self._rl_until(rl_end, progress, task_id)
                 self._phases_done = index + 1
                 if index < len(self.phases) - 1 and (phase.kind == "sft" or self.step % self.cfg.checkpoint_every):
@@ -451,12 +448,15 @@ class CritiqueGRPOTrainer:
             refresh = self.cfg.pass_rate_filter.refresh_every
             measured = self._measure_pass_rates() if (self.cfg.pass_rate_filter.enabled and refresh
                                                       and self.step and self.step % refresh == 0) else {}
+            if not measured and self.episodes is not None and self.rollouts.measures_new_pool():
+                measured = self._measure_pass_rates()  # an rl phase with its own tasks starts: its pool first
             metrics = self._step()
             metrics.update(measured)
             if self.cfg.phases:
                 metrics["phase"] = self._phases_done
             self.step += 1
-            self._check_critic(metrics)
+            self._critic_watch = check_critic(self._critic_watch, metrics, self.critic, self.cfg, self.step,
+                                              self.is_main)
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.max_steps:
                 metrics.update(self._eval_metrics(self._evaluate()))
             self._write_metrics(metrics)
@@ -469,8 +469,8 @@ class CritiqueGRPOTrainer:
     def _finish(self, t_start: float) -> dict[str, Any]:
         final = self._evaluate()
         if self.episodes is not None:
-            self.summary.update(self.episodes.final_summary(final, len(self.episodes.eval_tasks)))
-            self.summary.update({"steps": self.step, "wall_seconds": self._wall_prior + time.perf_counter() - t_start})
+            self.summary.update(self.episodes.final_summary(final, self.step,
+                                                            self._wall_prior + time.perf_counter() - t_start))
         else:
             prompt_setup.prompt_summary(self, final, t_start)
         if self.world > 1:
@@ -488,7 +488,7 @@ class CritiqueGRPOTrainer:
             self._write_metrics({"step": self.step, **self._eval_metrics(final), "final": True})
             self.metrics_log.close()
             self.rollout_log.close()
-            save_final(self, self.out / "final")
+            save_final(self.cfg, self._policy(), self.tokenizer, self.step, self.out / "final")
             plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
             (self.out / "summary.json").write_text(json.dumps(self.summary, indent=2))
             write_model_card(self.out)
