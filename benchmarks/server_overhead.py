@@ -47,6 +47,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import threading
@@ -240,7 +241,7 @@ def measure(size: str, clients: int, episodes_per_client: int, max_new_tokens: i
         "server_tokens_per_s": round(gen_tokens / server_wall, 1),
         "direct_tokens_per_s": round(direct_tokens / direct_s, 1),
         "overhead": round(server_wall / direct_s - 1, 4),
-        "gaps_share": round((server_wall - stats["engine_s"]) / direct_s, 4) if parts else None,
+        "gaps_share": round((server_wall - stats["engine_s"]) / direct_s, 4),
         "engine_slowdown": round(stats["engine_s"] / direct_s - 1, 4),
         "client_process_wall_s": round(got["process_wall_s"], 3),
         "overhead_to_client_exit": round(got["process_wall_s"] / direct_s - 1, 4),
@@ -349,9 +350,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           "engine calls inside the server vs the same calls direct)")
     for size in args.sizes:
         rs = [r for r in rows if r["size"] == size]
-        med = sorted(r["overhead"] for r in rs)[len(rs) // 2]
+        med = statistics.median(r["overhead"] for r in rs)
         print(f"{size}: " + "; ".join(
-            f"round {r['round']}: {100 * r['overhead']:+.1f}% = gaps {100 * (r['gaps_share'] or 0):+.1f}% + engine "
+            f"round {r['round']}: {100 * r['overhead']:+.1f}% = gaps {100 * r['gaps_share']:+.1f}% + engine "
             f"{100 * r['engine_slowdown']:+.1f}%" for r in rs) + (f"; median {100 * med:+.1f}%" if len(rs) > 1 else ""))
     print("\nwhere the server wall went (ms; parts add up to the wall): head = handouts and first calls, engine = engine "
           "calls, idle = engine idle with no call queued (replies, the agents' own work, next requests), collect = "
