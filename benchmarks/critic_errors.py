@@ -76,9 +76,11 @@ def critic_arms(local: str | None, distilled: str | None) -> dict[str, dict[str,
     if local:
         arms["local"] = {**WRONG_UNSHAPED, "critic": {**LOCAL, "model": str(Path(local).resolve())}}
         arms["local_demos"] = arms["local"]  # the same run, from the sft_local warm-up (WARMUP_OF)
+        arms["grpo_local_start"] = {"critique_on": "none"}  # post hoc: GRPO from that warm-up (same start)
     if distilled:
         arms["distilled"] = {**WRONG_UNSHAPED, "critic": {**LOCAL, "model": str(Path(distilled).resolve())}}
         arms["distilled_demos"] = arms["distilled"]
+        arms["grpo_distilled_start"] = {"critique_on": "none"}
     for p in RATES:
         arms[f"verdict{p}"] = {**WRONG_UNSHAPED, "critic": {**NOISY, "error_rate": p / 100, "error_kind": "verdict",
                                                             "error_check": False}}
@@ -90,14 +92,19 @@ def critic_arms(local: str | None, distilled: str | None) -> dict[str, dict[str,
     return arms
 
 
-WARMUP_OF = {"local_demos": "sft_local", "distilled_demos": "sft_distilled"}
-"""Arms that start from a warm-up other than ``sft`` (the rule-demo warm-up of every other arm)."""
+WARMUP_OF = {"local_demos": "sft_local", "distilled_demos": "sft_distilled", "grpo_local_start": "sft_local",
+             "grpo_distilled_start": "sft_distilled"}
+"""Arms that start from a warm-up other than ``sft`` (the rule-demo warm-up of every other arm). The
+``grpo_*_start`` arms were added after ``local_demos`` seed 0 had run (its warm-up starts 1.7 points lower than
+``sft_s0``): GRPO from the same run-demo warm-up, so the model critic's arm has a baseline from its own start."""
+WARMUP_CRITIC = {"sft_local": "local", "sft_distilled": "distilled"}
+"""The arm whose critic writes a run-demo warm-up's refinement demos."""
 
 
 def warmup_extra(warmup: str, defs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Config overrides of a warm-up beyond the shared ``--set``: with run demos, the arm's critic writes the
     refinement demos (``sft_refine_critic: run``; the warm-up builds that critic because critique_on is set)."""
-    arm = {v: k for k, v in WARMUP_OF.items()}.get(warmup)
+    arm = WARMUP_CRITIC.get(warmup)
     if arm is None:
         return {}
     return {"sft_refine_critic": "run", "critic": defs[arm]["critic"]}
