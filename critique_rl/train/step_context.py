@@ -23,6 +23,7 @@ from critique_rl.config import TrainConfig
 from critique_rl.models import format_prompt
 from critique_rl.rewards import TrainerState, evaluate_gates, reward_inputs, score_rewards
 from critique_rl.rollout.base import Completion, Generator
+from critique_rl.train.sampler import PromptSampler
 from critique_rl.train.selection import SelectionState
 
 
@@ -166,6 +167,6 @@ class EpisodeStep:
     engine: Generator
     models: Models
     rng: random.Random
-    sampler: Any
+    sampler: PromptSampler
     selection: SelectionState
     rollout_log: Any = None
