@@ -2,8 +2,10 @@
 
 One thread takes the calls waiting and runs one engine call per distinct sampling setting, holding the hub's
 ``engine_lock`` (the trainer holds it during optimizer steps). A batch runs at once when no other call can join it
-(every episode in flight has its call in it, no chat/start/finish request is still on its way), else after at
-most ``max(wait_s, wait_fraction * the last engine call's seconds)``, or at ``max_batch`` calls.
+(every episode in flight has its call in it, no chat/start/finish request is still on its way, no agent that just
+finished an episode while more were queued is still to come back for the next one), else after at most
+``max(wait_s, wait_fraction * the last engine call's seconds)``, or at ``max_batch`` calls. An agent expected back
+is waited for once: a batch that waits out its window stops expecting the ones still missing.
 """
 
 from __future__ import annotations
