@@ -53,6 +53,20 @@ def test_agents_assign_no_attribute_of_another_object_by_name_and_keep_no_traine
     assert offenders == []
 
 
+def test_no_module_but_the_trainer_reads_or_sets_a_private_trainer_attribute():
+    """The single-turn setup helpers (``prompt_setup``, still functions of the trainer ``t``) and every other module
+    use the trainer's public attributes only; what was private (constructor arguments, the wall clock) is passed."""
+    offenders = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if path == ROOT / "train" / "trainer.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in
+                    ("t", "tr", "trainer") and node.attr.startswith("_") and not node.attr.startswith("__")):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}")
+    assert offenders == []
+
+
 class _Watched(CritiqueGRPOTrainer):
     """The trainer, recording every attribute read or write made directly from a frame in critique_rl/agents."""
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +38,7 @@ def kwargs_for(names: list[Any], reward_kwargs: dict[str, Any] | None) -> dict[s
     return picked or None
 
 
-def setup_prompt_data(t: CritiqueGRPOTrainer) -> None:
+def setup_prompt_data(t: CritiqueGRPOTrainer, train_dataset: Any, eval_dataset: Any) -> None:
     """Single-turn prompts: the task, its verifier, the training and held-out rows. Refuses the episode-only phase
     fields (the config cannot: ``EpisodeTrainer(env_spec=...)`` trains on episodes with ``agent.env`` unset)."""
     cfg = t.cfg
@@ -54,26 +53,26 @@ def setup_prompt_data(t: CritiqueGRPOTrainer) -> None:
         t.task = copy.copy(t.task)
         t.task.verify = t.verify
         t.task.parts = {k: dataclasses.replace(part, verify=t.verify) for k, part in t.task.parts.items()}
-    t.train_rows = load_split_rows(t, t._train_arg, cfg.train_file, "train", cfg.sft_examples)
-    t.eval_rows = load_split_rows(t, t._eval_arg, cfg.eval_file, "eval", cfg.eval_n)[: cfg.eval_n]
+    t.train_rows = load_split_rows(t, train_dataset, cfg.train_file, "train", cfg.sft_examples)
+    t.eval_rows = load_split_rows(t, eval_dataset, cfg.eval_file, "eval", cfg.eval_n)[: cfg.eval_n]
     for split, rows in (("training", t.train_rows), ("held-out", t.eval_rows)) if cfg.tasks else ():
         i = next((i for i, r in enumerate(rows) if r.get("task") not in cfg.tasks), None)
         if i is not None:
             raise ConfigError("tasks", cfg.tasks, f"{split} row {i + 1} has task {rows[i].get('task')!r}; with "
                               "`tasks` every row needs a `task` column naming one of them")
     # task-specific SFT helpers (the task's mistake, its completion format) only on the task's own rows
-    t._task_rows = t._train_arg is None and not cfg.train_file and not cfg.dataset_name
+    t.task_rows = train_dataset is None and not cfg.train_file and not cfg.dataset_name
     check_templates(cfg.critic.template_dir)
 
 
-def setup_prompt_objectives(t: CritiqueGRPOTrainer) -> None:
+def setup_prompt_objectives(t: CritiqueGRPOTrainer, reward_funcs: list[Any] | None) -> None:
     """Single-turn: chat template, lengths, reward functions, gates, the prompt sampler."""
     cfg = t.cfg
     t.use_chat = wants_chat_template(t.tokenizer, cfg.use_chat_template)
     t.verify.conversational = t.use_chat
     t.max_new_tokens = cfg.max_new_tokens or t.task.max_new_tokens
     check_lengths(t)
-    funcs = t._reward_arg if t._reward_arg is not None else cfg.reward_funcs
+    funcs = reward_funcs if reward_funcs is not None else cfg.reward_funcs
     t.reward_funcs = [
         f if callable(f) else build_reward_funcs([f], t.task, kwargs_for([f], cfg.reward_kwargs))[0] for f in funcs
     ]
@@ -101,7 +100,7 @@ def setup_prompt_critic_memory(t: CritiqueGRPOTrainer, resume_from: Path | None)
     if cfg.critique_on == "none":
         t.critic = None
     # groups get an off-policy sample: a refinement from a critique, or (control) the reference answer
-    t._refines = t.critic is not None or (cfg.refinement_source == "reference" and cfg.critique_on != "none")
+    t.refines = t.critic is not None or (cfg.refinement_source == "reference" and cfg.critique_on != "none")
     t.memory_on = t.memory is not None or cfg.memory.enabled
     t.memory_hook = build_memory(t, resume_from) if t.is_main else None
 
@@ -164,7 +163,7 @@ def check_lengths(t: CritiqueGRPOTrainer) -> None:
                         "shorten or drop the row (or lower max_new_tokens)")
 
 
-def prompt_summary(t: CritiqueGRPOTrainer, final: dict[str, Any], t_start: float) -> None:
+def prompt_summary(t: CritiqueGRPOTrainer, final: dict[str, Any], wall_seconds: float) -> None:
     t.summary.update({
         "eval_accuracy_after_rl": final["accuracy"],
         **({"eval_accuracy_after_rl_by_task": final["by_task"]} if final.get("by_task") else {}),
@@ -173,7 +172,7 @@ def prompt_summary(t: CritiqueGRPOTrainer, final: dict[str, Any], t_start: float
         "eval_n": len(t.eval_rows),
         "steps": t.step,
         "task": t.cfg.task,
-        "wall_seconds": t._wall_prior + time.perf_counter() - t_start,
+        "wall_seconds": wall_seconds,
     })
 
 
@@ -184,13 +183,13 @@ def demonstration(t: CritiqueGRPOTrainer, row: dict[str, Any]) -> str:
         wrong = mistake(row)
         if wrong is not None and random.Random(f"{t.cfg.seed}:{row['prompt']}").random() < rate:
             return wrong
-    return t._sft_completion(row)
+    return t.sft_completion(row)
 
 
 def sft_task(t: CritiqueGRPOTrainer) -> Task:
     """The task for SFT helpers: itself on its own generated rows; without its typical mistake on user rows
     (a train_file or train_dataset need not hold the columns the mistake reads, e.g. addition's `a`, `b`)."""
-    if t._task_rows:
+    if t.task_rows:
         return t.task
     parts = {k: dataclasses.replace(t, mistake=None) for k, t in t.task.parts.items()}  # a mixture's too
     return dataclasses.replace(t.task, mistake=None, parts=parts)
@@ -204,7 +203,7 @@ def sft_pairs(t: CritiqueGRPOTrainer, steps: int, first: bool) -> tuple[list[tup
     if cfg.sft_refine_fraction > 0:
         plain = len(pairs)
         pairs += [(t.prompt_text({"prompt": p}), c) for p, c in refinement_demos(
-            sft_task(t), t.train_rows, cfg.sft_refine_fraction, cfg.seed, t._sft_completion,
+            sft_task(t), t.train_rows, cfg.sft_refine_fraction, cfg.seed, t.sft_completion,
             cfg.critic.template_dir, **run_critic_demo_kwargs(t))]  # sft_refine_critic: run -> the run's critic
         if cfg.sft_refine_steps == "added" and first:  # batches are drawn in proportion to the pairs
             steps = refine_added_steps(steps, plain, len(pairs) - plain)
@@ -215,9 +214,9 @@ def sft_pairs(t: CritiqueGRPOTrainer, steps: int, first: bool) -> tuple[list[tup
 def build_tiny(t: CritiqueGRPOTrainer) -> tuple[Any, Any]:
     """The tiny policy: a tokenizer learned from the task's demonstrations and refinement prompts, a fresh model."""
     cfg = t.cfg
-    texts = [r["prompt"] + t._sft_completion(r) for r in t.train_rows[:4000]]
+    texts = [r["prompt"] + t.sft_completion(r) for r in t.train_rows[:4000]]
     texts += [p + c for p, c in refinement_demos(sft_task(t), t.train_rows[:500], 1.0, cfg.seed,
-                                                 t._sft_completion, cfg.critic.template_dir)]
+                                                 t.sft_completion, cfg.critic.template_dir)]
     tok = build_tiny_tokenizer(texts, cfg.tiny_vocab_size)
     return build_tiny_model(tok, cfg.tiny_hidden_size, cfg.tiny_layers, cfg.tiny_heads, seed=cfg.seed), tok
 

@@ -149,12 +149,12 @@ class CritiqueGRPOTrainer:
             self.episodes.check_config(cfg, self.world)
             self.episodes.setup_data(cfg)
         else:
-            prompt_setup.setup_prompt_data(self)
+            prompt_setup.setup_prompt_data(self, self._train_arg, self._eval_arg)
         self._nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps)
         resume_from = resume_point(self.out, resume, self.accelerator)
         self.model, self.tokenizer = self._load_model(resume_from)
         if self.episodes is None:
-            prompt_setup.setup_prompt_objectives(self)
+            prompt_setup.setup_prompt_objectives(self, self._reward_arg)
         else:
             self.reward_funcs, self.reward_names, self.reward_weights = [], ["return"], torch.ones(1)
         self.phases, self._phase_rows, self._phase_samplers = setup_phases(cfg)  # + each train_file's rows, sampler
@@ -167,7 +167,7 @@ class CritiqueGRPOTrainer:
                 self.model, self.tokenizer, self.out, self.rank, self.world, self.is_main,
                 self.accelerator.wait_for_everyone), resume_from))
             self.critic, self.memory_hook, self.memory = self.episodes.critic, None, self.episodes.bank
-            self.memory_on, self._refines = self.memory is not None, self.critic is not None
+            self.memory_on, self.refines = self.memory is not None, self.critic is not None
         else:
             prompt_setup.setup_prompt_critic_memory(self, resume_from)
         if self.is_main:
@@ -222,9 +222,9 @@ class CritiqueGRPOTrainer:
     def _eval_metrics(self, result: dict[str, Any]) -> dict[str, Any]:
         return self.episodes.eval_metrics(result) if self.episodes is not None else _eval_metrics(result)
 
-    def _sft_completion(self, row: dict[str, Any]) -> str:
+    def sft_completion(self, row: dict[str, Any]) -> str:
         """SFT target of a row: the task's completion format on its own rows, the reference answer on user rows."""
-        return self.task.sft_completion(row) if self._task_rows else row["answer"]
+        return self.task.sft_completion(row) if self.task_rows else row["answer"]
 
     def _evaluate(self) -> dict[str, Any]:
         """Greedy held-out accuracy, each process its share (prompts with a ``brier`` reward: also calibration)."""
@@ -292,7 +292,7 @@ class CritiqueGRPOTrainer:
         return StepContext(cfg=self.cfg, engine=self.generator, critic=self.critic, scorer=scorer,
                            fmt=PromptFormat(self.tokenizer, self.use_chat, self.max_new_tokens), models=self._models(),
                            rank=self.rank, world=self.world, is_main=self.is_main, rng=self.rng, step=self.step,
-                           task=self.task, draw=draw, refines=self._refines, sft_completion=self._sft_completion,
+                           task=self.task, draw=draw, refines=self.refines, sft_completion=self.sft_completion,
                            memory_hook=self.memory_hook, memory_on=self.memory_on)
 
     @property
@@ -472,7 +472,7 @@ class CritiqueGRPOTrainer:
             self.summary.update(self.episodes.final_summary(final, self.step,
                                                             self._wall_prior + time.perf_counter() - t_start))
         else:
-            prompt_setup.prompt_summary(self, final, t_start)
+            prompt_setup.prompt_summary(self, final, self._wall_prior + time.perf_counter() - t_start)
         if self.world > 1:
             self.summary["num_processes"] = self.world
         cfg = self.cfg
