@@ -167,6 +167,24 @@ def summary(results: list[dict[str, Any]], arms: list[str], seeds: list[int]) ->
         lines.append(f"| {arm} | {len(d)} | {start} | {np.mean(d):+.1f} ± {se:.1f} "
                      f"({' / '.join(f'{x:+.1f}' for x in d)}) | {kept} | {m('critique/refine_success_rate')} | "
                      f"{m('critique/errors_delivered')} | {m('critique/verdict_accuracy')} | {m('critique/fallbacks')} |")
+    same = [(a, g) for a, g in (("gt", "grpo"), ("local_demos", "grpo_local_start"),
+                                ("distilled_demos", "grpo_distilled_start")) if a in arms]
+    if len(same) > 1:  # each critic arm against GRPO from its own warm-up
+        lines += ["", "Against GRPO from the same warm-up (the run-demo arms start from their own warm-ups):", "",
+                  "| arm | baseline | seeds | arm - baseline, mean (per seed) | share of gt's same-start gain kept |",
+                  "|---|---|---|---|---|"]
+        paired = {a: [(s, 100 * (by[(a, s)]["after"] - by[(g, s)]["after"])) for s in seeds
+                      if (a, s) in by and (g, s) in by] for a, g in same}
+        gt_same = dict(paired.get("gt", []))
+        for a, g in same:
+            d = paired[a]
+            if not d:
+                continue
+            both = [x for s, x in d if s in gt_same]
+            kept = (f"{np.mean(both) / np.mean([gt_same[s] for s, _ in d if s in gt_same]):.2f}"
+                    if a != "gt" and both and np.mean([gt_same[s] for s, _ in d if s in gt_same]) > 0 else "-")
+            lines.append(f"| {a} | {g} | {len(d)} | {np.mean([x for _, x in d]):+.1f} "
+                         f"({' / '.join(f'{x:+.1f}' for _, x in d)}) | {kept} |")
     lines += ["", "Break-even (the lowest error rate whose mean gain over GRPO is <= 0):"]
     for kind in ("verdict{}", "verdict{}_check", "hint{}"):
         means = [(0, gt_mean)] + [(p, float(np.mean(diffs(kind.format(p))))) for p in RATES if diffs(kind.format(p))]
