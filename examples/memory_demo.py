@@ -1,6 +1,6 @@
 """Memory demo (issue #28): what memory adds to RL on a task where experience matters, end to end on CPU.
 
-    python examples/memory_demo.py            # about 6 minutes on 2 free cores; --seed to change the seed
+    python examples/memory_demo.py            # about 3 minutes on a 2-core CPU; --seed to change the seed
 
 Task ``experience`` (``critique_rl/tasks/experience.py``): ``"qix:47="`` -> the entity's secret code then the
 number (``"58347"``). The code is in no question: only an earlier episode's feedback (the reference answer of a
@@ -17,7 +17,8 @@ failure, turned into a lesson) reveals it. The demo
 The same settings as ``benchmarks/memory_rl.py``. With the first warm-up (600 fixed steps) that benchmark measured
 seeds 6-8 (docs/evidence/memory.md): RL alone 3.6 ± 1.2%, RL + memory 58.2 ± 37.0%, the spread set by how well
 each seed's warm-up learned to read; the warm-up used here made memory at inference add +34 to +37 points on
-each of seeds 9-11.
+each of seeds 9-11. This demo at its default seed 6 (one run, 2.8 min): reading check 56.2% after 900 steps,
+RL alone 3.8%, RL + memory 87.5% (+83.8 points; with the first warm-up, seed 6 read 34% and gained +20.4).
 """
 
 from __future__ import annotations
