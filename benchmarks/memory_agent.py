@@ -48,7 +48,7 @@ from critique_rl.tasks.experience import (
     render_context,
 )
 from critique_rl.tasks.experience_multiturn import reader_episode
-from critique_rl.tasks.experience_reader import greedy_success, tokenizer_texts, train_until
+from critique_rl.train.experience_reader import greedy_success, tokenizer_texts, train_until
 from critique_rl.train.sft import sft_warmup
 from critique_rl.train.trainer import CritiqueGRPOTrainer
 

@@ -9,7 +9,7 @@ The task (``critique_rl/tasks/experience.py``): ``"qix:47="`` -> the entity's se
    code only the context tells (their lesson or a solved demonstration, among irrelevant records) and on
    entities it knows, with irrelevant records only (so it learns to ignore noise). The task's own entities
    never appear in the warm-up.
-   Recipe v2 (default, ``critique_rl/tasks/experience_reader.py``): the tokenizer never sees entity names (a
+   Recipe v2 (default, ``critique_rl/train/experience_reader.py``): the tokenizer never sees entity names (a
    name is spelled the same in the question and in a record), the first chunk shows records without
    distractors, every chunk draws fresh rows, and training stops when the held-out reading check reaches
    ``--reading-target`` (at most ``--warm-max-steps``; both reported per seed). ``--warm-recipe v1``: the first
@@ -46,7 +46,7 @@ from critique_rl.memory import MemoryBank
 from critique_rl.models import build_tiny_model, build_tiny_tokenizer
 from critique_rl.rollout import HFGenerator, SamplingParams
 from critique_rl.tasks.experience import EXPERIENCE, make_experience, make_novel_eval, reading_rows
-from critique_rl.tasks.experience_reader import READING_CAP, READING_TARGET, reading_warm_up
+from critique_rl.train.experience_reader import READING_CAP, READING_TARGET, reading_warm_up
 from critique_rl.train.memory_hook import MemoryHook, retrieval_quality
 from critique_rl.train.sft import sft_warmup
 
@@ -102,7 +102,7 @@ def accuracy(model: Any, tok: Any, rows: list[dict], contexts: list[str] | None)
 def warm_up(seed: int, args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     """The reading warm-up of one seed: (model, tokenizer, {reading_check, warm_steps, sft_seconds, ...}).
 
-    ``args.warm_recipe`` ``v2`` (default): :func:`~critique_rl.tasks.experience_reader.reading_warm_up` (names
+    ``args.warm_recipe`` ``v2`` (default): :func:`~critique_rl.train.experience_reader.reading_warm_up` (names
     spelled letter by letter, curriculum, chunks of ``sft_steps`` until the reading check reaches
     ``reading_target`` or ``warm_max_steps``); ``v1``: the first recipe (``sft_steps`` steps on ``reading_n``
     rows, tokenizer trained on them), which every table before the v2 sections used."""

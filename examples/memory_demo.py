@@ -8,7 +8,7 @@ failure, turned into a lesson) reveals it. The demo
 
 1. warms a tiny model up to *read* retrieved records (fresh entities whose lesson is in the prompt among
    irrelevant ones; the task's own entities never appear), with the reading warm-up of
-   ``critique_rl/tasks/experience_reader.py``: 300-step chunks until its held-out reading check reaches 55%
+   ``critique_rl/train/experience_reader.py``: 300-step chunks until its held-out reading check reaches 55%
    (at most 6 chunks; the check and the steps are printed);
 2. trains two copies with the same Critique-GRPO settings and the same questions, one with memory off and one
    with memory on (lessons abstracted from failures, retrieved into later prompts);
@@ -35,7 +35,7 @@ from critique_rl.config import MemoryConfig, TrainConfig
 from critique_rl.memory import MemoryBank
 from critique_rl.rollout import HFGenerator, SamplingParams
 from critique_rl.tasks.experience import EXPERIENCE, make_experience
-from critique_rl.tasks.experience_reader import READING_TARGET, reading_warm_up
+from critique_rl.train.experience_reader import READING_TARGET, reading_warm_up
 from critique_rl.train.memory_hook import MemoryHook, retrieval_quality
 from critique_rl.train.trainer import CritiqueGRPOTrainer
 

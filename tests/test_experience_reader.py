@@ -1,4 +1,4 @@
-"""The experience task's reading warm-up (critique_rl/tasks/experience_reader.py): names spelled the same in the
+"""The experience task's reading warm-up (critique_rl/train/experience_reader.py): names spelled the same in the
 question and in a record, the curriculum's first chunk without distractors, training until the check reaches
 its target or the cap."""
 
@@ -8,7 +8,7 @@ import pytest
 
 from critique_rl.models import build_tiny_model, build_tiny_tokenizer
 from critique_rl.tasks.experience import EXPERIENCED, KNOWN, NOVEL, reading_rows
-from critique_rl.tasks.experience_reader import context_prompt, curriculum_rows, tokenizer_texts, train_until
+from critique_rl.train.experience_reader import context_prompt, curriculum_rows, tokenizer_texts, train_until
 
 
 def _pieces(tok, text: str) -> list[str]:
