@@ -13,12 +13,7 @@ from critique_rl.algos.logprobs import selective_log_softmax
 from critique_rl.models import build_tiny_model, build_tiny_tokenizer
 from critique_rl.rollout import hf as hf_module
 from critique_rl.rollout.base import SamplingParams
-from critique_rl.rollout.hf import (
-    HFGenerator,
-    SampledLogprobRecorder,
-    prefill_shared_prompts,
-    saved_prefill_flops,
-)
+from critique_rl.rollout.hf import HFGenerator, SampledLogprobRecorder, prefill_shared_prompts
 from critique_rl.rollout.kv_cache import BlockKVLayer, block_cache, gather_rows
 from critique_rl.train.batching import completion_logprobs, pack
 from critique_rl.train.prefix_sharing import set_prefix_sharing
@@ -208,32 +203,3 @@ def test_recorded_logprobs_match_a_teacher_forced_forward_under_temperature_and_
     for i, c in enumerate(flat):
         torch.testing.assert_close(lp[i, : len(c.token_ids)], torch.tensor(c.logprobs), rtol=0, atol=ATOL)
 
-
-# ---- when auto shares in generation on CPU ----------------------------------------------------------------
-
-def test_saved_prefill_flops_counts_the_parameters_outside_the_embeddings(tok):
-    model = build_tiny_model(tok, hidden_size=64, layers=2, heads=2)  # tied embeddings
-    per_layer = 4 * 64 * 64 + 3 * 64 * 128 + 2 * 64  # q k v o, gate up down, two norms
-    expected = 2 * (2 * per_layer + 64) * 3 * 5  # + the final norm
-    assert saved_prefill_flops(model, 3, 5) == expected
-
-
-@pytest.mark.parametrize("mode,floor,shares", [("auto", 1e18, False), ("auto", 0.0, True), ("on", 1e18, True)])
-def test_auto_generation_on_cpu_shares_only_above_the_flops_floor(tok, monkeypatch, mode, floor, shares):
-    """``auto`` skips the separate prefill forward when it saves fewer FLOPs than CPU_MIN_SAVED_FLOPS; ``on``
-    always shares; the samples are the same either way (same seed)."""
-    model = build_tiny_model(tok, hidden_size=64, layers=1, heads=2, seed=0)
-    monkeypatch.setattr(hf_module, "CPU_MIN_SAVED_FLOPS", floor)
-    gathered: list[int] = []
-    real_gather = hf_module.gather_rows
-    monkeypatch.setattr(hf_module, "gather_rows", lambda *a: (gathered.append(1), real_gather(*a))[1])
-    params = SamplingParams(n=4, temperature=0.9, max_new_tokens=6)
-    out = {}
-    for m in ("off", mode):
-        set_prefix_sharing(model, m)
-        torch.manual_seed(1)
-        out[m] = [c for g in HFGenerator(model, tok).generate(["12+34=", "7+8="], params) for c in g]
-    assert bool(gathered) is shares
-    for a, b in zip(out["off"], out[mode], strict=True):
-        assert a.token_ids == b.token_ids
-        torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), rtol=0, atol=ATOL)

@@ -16,14 +16,6 @@ from critique_rl.train.prefix_sharing import innermost_module, prefix_sharing_mo
 
 KV_CACHES = ("block", "dynamic")
 
-CPU_MIN_SAVED_FLOPS = 1e9
-"""``prefix_sharing: auto`` generation on CPU encodes the shared prompts once only when that saves at least this
-many FLOPs (``2 x`` non-embedding parameters ``x`` prompt positions not encoded). The separate prefill forward
-has a fixed cost (module calls, one pass over the weights): on one CPU thread 2.6 ms for the 2 x 128
-``cpu-tiny`` model, where sharing 4 six-token prompts over 32 rows saves 0.09 GFLOP and nothing measurable
-(generation 31 ms vs 28 ms for ``generate`` alone), and 26 ms for the 6 x 512 ``cpu-medium`` model, where the
-same prompts save 4.4 GFLOP and generation drops ~3%. On accelerators every repeated prompt is shared."""
-
 
 class SampledLogprobRecorder(LogitsProcessor):
     """Records ``log softmax(s_t / tau)[a_t]`` for each sampled token ``a_t`` while ``generate`` runs, keeping
@@ -185,12 +177,8 @@ class HFGenerator:
         try:
             with self.autocast() if self.autocast is not None else nullcontext():
                 cache = self._new_cache(model, enc["input_ids"].shape[1] + params.max_new_tokens)
-                mode = prefix_sharing_mode(model)
-                if not self.synced_gpus and mode != "off":
-                    # ``auto`` on CPU: only where the prompt compute saved outweighs the extra forward's cost
-                    floor = CPU_MIN_SAVED_FLOPS if mode == "auto" and device.type == "cpu" else 0.0
-                    shared = prefill_shared_prompts(model, enc["input_ids"], enc["attention_mask"], into=cache,
-                                                    min_saved_flops=floor)
+                if not self.synced_gpus and prefix_sharing_mode(model) != "off":
+                    shared = prefill_shared_prompts(model, enc["input_ids"], enc["attention_mask"], into=cache)
                     if shared is not None:
                         cache = shared
                 if cache is not None:
@@ -248,8 +236,8 @@ def _cache_keyword(model: PreTrainedModel) -> str:
 
 
 @torch.no_grad()
-def prefill_shared_prompts(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           into: Any | None = None, min_saved_flops: float = 0.0) -> Any | None:
+def prefill_shared_prompts(model: PreTrainedModel, input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor, into: Any | None = None) -> Any | None:
     """A KV cache of every row's prompt but its last token, each distinct row encoded once, or None when no two
     rows are equal (nothing to share), a prompt is one column wide, or the model returns no batch-indexable cache.
 
@@ -259,16 +247,13 @@ def prefill_shared_prompts(model: PreTrainedModel, input_ids: torch.Tensor, atte
     ``generate``'s own prefill would hold). ``generate`` given this cache and the full ``[B, P]`` input encodes
     only the last prompt column and samples from there: the first step's logits equal the full prefill's up to
     float rounding, and the random draws are the same. ``into``: an empty cache (:func:`block_cache`) that
-    receives the ``B`` rows instead (:func:`~critique_rl.rollout.kv_cache.gather_rows`) and is returned.
-    ``min_saved_flops``: None as well when sharing saves fewer FLOPs than this (:func:`saved_prefill_flops`)."""
+    receives the ``B`` rows instead (:func:`~critique_rl.rollout.kv_cache.gather_rows`) and is returned."""
     B, P = input_ids.shape
     if P < 2 or B < 2:
         return None
     key = torch.cat([input_ids.masked_fill(attention_mask == 0, -1), attention_mask.long()], dim=1)
     uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
     if uniq.shape[0] == B:
-        return None
-    if min_saved_flops > 0 and saved_prefill_flops(model, B - uniq.shape[0], P - 1) < min_saved_flops:
         return None
     rows = torch.arange(B, device=input_ids.device)
     first = torch.full((uniq.shape[0],), B, device=input_ids.device).scatter_reduce_(0, inverse, rows, "amin")
@@ -286,17 +271,3 @@ def prefill_shared_prompts(model: PreTrainedModel, input_ids: torch.Tensor, atte
         return into
     cache.batch_select_indices(inverse.to(input_ids.device))
     return cache
-
-
-def saved_prefill_flops(model: PreTrainedModel, repeated_rows: int, positions: int) -> float:
-    """FLOPs that encoding ``repeated_rows`` fewer prompts of ``positions`` positions saves: ``2 x`` the parameters
-    outside the input and output embeddings per position (attention scores left out)."""
-    inner = innermost_module(model)
-    n = sum(p.numel() for p in inner.parameters())
-    emb = inner.get_input_embeddings()
-    out = inner.get_output_embeddings()
-    if emb is not None:
-        n -= emb.weight.numel()
-    if out is not None and (emb is None or out.weight is not emb.weight):
-        n -= out.weight.numel()
-    return 2.0 * max(n, 0) * repeated_rows * positions
