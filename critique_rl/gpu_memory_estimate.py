@@ -9,7 +9,9 @@
 
 The update is traced on fake tensors (:mod:`critique_rl.gpu_memory_step`); generation is computed from shapes:
 
-    KV cache       = 2 x layers x kv_heads x head_dim x B x (P + T) x bytes(activation dtype)
+    KV cache       = 2 x layers x kv_heads x head_dim x B x (P + T') x bytes(activation dtype), T' = T when
+                     T <= 256, else T rounded up to a multiple of 256 (the block cache of rollout/kv_cache.py
+                     grows 256 positions at a time)
     decode buffers = B x V x 4 bytes x (4 + 3 if top_p < 1)   (float32 logits, the sampled-log-prob recorder's
                      log-softmax, softmax probabilities, the processor's copy; top-p's sort values + indices)
     prefill        = B x P x (3 x intermediate + 4 x hidden) x bytes(activation dtype)   (one layer at a time)
@@ -100,6 +102,13 @@ def _param_count(model_config: Any) -> int:
     return sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
 
 
+def _kv_positions(completion_tokens: int, block: int = 256) -> int:
+    """Completion positions the block KV cache holds (first ``min(block, T)``, then whole blocks)."""
+    if completion_tokens <= block:
+        return completion_tokens
+    return -(-completion_tokens // block) * block
+
+
 def generation_parts(model_config: Any, cfg: TrainConfig, shape: StepShape, target: Target,
                      weight_bytes: int) -> dict[str, int]:
     """KV cache, decode buffers, prefill activations and autocast weight copies of HF generation (bytes)."""
@@ -115,7 +124,7 @@ def generation_parts(model_config: Any, cfg: TrainConfig, shape: StepShape, targ
     B, P, T = cfg.generation_batch_size, shape.prompt_tokens, shape.completion_tokens
     buffers = 4 + (3 if cfg.top_p < 1.0 else 0)
     parts = {
-        "KV cache": 2 * layers * kv_heads * head_dim * B * (P + T) * act,
+        "KV cache": 2 * layers * kv_heads * head_dim * B * (P + _kv_positions(T)) * act,
         "decode buffers": B * vocab * 4 * buffers,
         "prefill activations": B * P * (3 * inter + 4 * hidden) * act,
     }

@@ -104,6 +104,9 @@ def test_generation_kv_cache_from_shape():
     assert parts["KV cache"] == 2 * 2 * 2 * 32 * 16 * 20 * 2
     assert parts["decode buffers"] == 16 * 512 * 4 * 4
     assert parts["autocast weight copies"] == 500
+    # past one 256-position block the cache holds whole blocks: 300 new tokens -> 512 positions after the prompt
+    longer = generation_parts(mc, cfg, step_shape(cfg, 12, 300), Target(), weight_bytes=1000)
+    assert longer["KV cache"] == 2 * 2 * 2 * 32 * 16 * (12 + 512) * 2
 
 
 def test_estimate_needs_a_local_config_json(tmp_path):
@@ -131,3 +134,11 @@ def test_cli_says_whether_it_fits_and_what_to_change(tmp_path):
     assert small.exit_code == 0, small.output
     assert "does NOT fit" in small.output
     assert "change: " in small.output
+
+
+def test_kv_positions_follow_the_block_cache_growth():
+    from critique_rl.gpu_memory_estimate import _kv_positions
+    from critique_rl.rollout.kv_cache import DEFAULT_BLOCK
+
+    assert DEFAULT_BLOCK == 256  # the estimator's block; change both together
+    assert [_kv_positions(t) for t in (8, 256, 257, 512, 2048, 2049)] == [8, 256, 512, 512, 2048, 2304]
