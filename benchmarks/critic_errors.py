@@ -163,7 +163,7 @@ def summary(results: list[dict[str, Any]], arms: list[str], seeds: list[int]) ->
             vals = [r["means"].get(key) for r in rs if r["means"].get(key) is not None]
             return f"{np.mean(vals):.2f}" if vals else "-"
 
-        start = " / ".join(f"{100 * r['before']:.1f}" for r in rs)
+        start = " / ".join(f"{100 * r['before']:.1f}" if r.get("before") is not None else "-" for r in rs)
         lines.append(f"| {arm} | {len(d)} | {start} | {np.mean(d):+.1f} ± {se:.1f} "
                      f"({' / '.join(f'{x:+.1f}' for x in d)}) | {kept} | {m('critique/refine_success_rate')} | "
                      f"{m('critique/errors_delivered')} | {m('critique/verdict_accuracy')} | {m('critique/fallbacks')} |")

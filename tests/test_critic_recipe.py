@@ -106,9 +106,10 @@ def test_critic_error_summary_finds_the_break_even_rate():
     after = {"grpo": [0.70, 0.60], "gt": [0.74, 0.64], "local": [0.72, 0.62], "verdict10": [0.73, 0.63],
              "verdict30": [0.71, 0.61], "verdict50": [0.69, 0.60]}
     results = [{"arm": a, "seed": s, "after": v, "means": {}} for a, vals in after.items() for s, v in enumerate(vals)]
+    results[2]["before"] = 0.5  # gt seed 0's warm-up start; runs without one print "-"
     text = critic_errors.summary(results, list(after), [0, 1])
-    assert "| gt | 2 | +4.0 ± 0.0 (+4.0 / +4.0) | - |" in text
-    assert "| local | 2 | +2.0 ± 0.0 (+2.0 / +2.0) | 0.50 |" in text  # half of the ground-truth critic's gain
+    assert "| gt | 2 | 50.0 / - | +4.0 ± 0.0 (+4.0 / +4.0) | - |" in text
+    assert "| local | 2 | - / - | +2.0 ± 0.0 (+2.0 / +2.0) | 0.50 |" in text  # half of the ground-truth critic's gain
     # 0%: +4.0, 10%: +3.0, 30%: +1.0, 50%: -0.5 -> break-even at 50%
     assert "- verdictP: 0%: +4.0, 10%: +3.0, 30%: +1.0, 50%: -0.5 -> stops beating GRPO at 50%" in text
     assert "- hintP: 0%: +4.0 -> ahead of GRPO at every rate run" in text
