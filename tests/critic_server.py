@@ -225,3 +225,20 @@ def tiny_model_responder(max_new_tokens: int = 12) -> Callable[[dict], Action]:
         return {"content": text, "usage": (int(ids.shape[1]), int(new.shape[0]))}
 
     return respond
+
+
+def addition_responder(right: str, wrong: str, usage: tuple[int, int] = (60, 12)) -> Callable[[dict], Action]:
+    """An API critic stand-in for two-number additions: it reads ``Question:`` / ``Response:`` from the last
+    message, recomputes the sum and replies ``right``, or ``wrong`` formatted with ``a``, ``b`` and ``sum``."""
+    import re
+
+    def respond(body: dict) -> Action:
+        prompt = body["messages"][-1]["content"]
+        question = prompt.split("Question:\n", 1)[1].split("\n", 1)[0]
+        response = prompt.split("Response:\n", 1)[1].split("\n", 1)[0].strip()
+        a, b = (int(x) for x in re.findall(r"\d+", question)[:2])
+        digits = re.findall(r"-?\d+", response)
+        ok = bool(digits) and int(digits[-1]) == a + b
+        return {"content": right if ok else wrong.format(a=a, b=b, sum=a + b), "usage": usage}
+
+    return respond

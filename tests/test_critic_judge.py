@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from critic_server import CriticServer
+from critic_server import CriticServer, addition_responder
 from typer.testing import CliRunner
 
 from critique_rl.config import CriticConfig
@@ -160,16 +160,9 @@ def test_reference_free_run_trains_from_the_judge_with_one_call_per_response(fas
     assert all(r["reward/critic/mean"] is not None for r in rows)
 
 
-def _addition_critic(body: dict) -> dict:
-    """An API critic stand-in that checks two-digit additions (it sees the reference, as API critics often do)."""
-    prompt = body["messages"][-1]["content"]
-    question = prompt.split("Question:\n", 1)[1].split("\n", 1)[0]
-    response = prompt.split("Response:\n", 1)[1].split("\n", 1)[0].strip()
-    a, b = (int(x) for x in re.findall(r"\d+", question)[:2])
-    digits = re.findall(r"-?\d+", response)
-    ok = bool(digits) and int(digits[-1]) == a + b
-    text = "The sum is right.\nVerdict: correct" if ok else f"Check the carry: {a}+{b} is {a + b}.\nVerdict: incorrect"
-    return {"content": text, "usage": (60, 12)}
+# an API critic stand-in that checks two-digit additions (it sees the reference, as API critics often do)
+_addition_critic = addition_responder("The sum is right.\nVerdict: correct",
+                                      "Check the carry: {a}+{b} is {sum}.\nVerdict: incorrect")
 
 
 def test_distill_a_run_cache_into_a_local_critic(fast_config, tmp_path: Path):

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from critic_server import CriticServer
+from critic_server import CriticServer, addition_responder
 
 from critique_rl.config import CriticConfig, TrainConfig
 from critique_rl.critics import build_critic
@@ -17,17 +17,9 @@ from critique_rl.errors import ConfigError
 from critique_rl.tasks import get_task
 from critique_rl.train.critique_step import refine_text, refinement_demos
 
-
-def _api_critic(body: dict) -> dict:
-    """A hidden-reference API critic stand-in that recomputes the sum and writes in its own words."""
-    prompt = body["messages"][-1]["content"]
-    question = prompt.split("Question:\n", 1)[1].split("\n", 1)[0]
-    response = prompt.split("Response:\n", 1)[1].split("\n", 1)[0].strip()
-    a, b = (int(x) for x in re.findall(r"\d+", question)[:2])
-    digits = re.findall(r"-?\d+", response)
-    ok = bool(digits) and int(digits[-1]) == a + b
-    text = "Looks right.\nVerdict: correct" if ok else f"Carry check: {a} plus {b} makes {a + b}.\nVerdict: incorrect"
-    return {"content": text, "usage": (40, 10)}
+# a hidden-reference API critic stand-in that recomputes the sum and writes in its own words
+_api_critic = addition_responder("Looks right.\nVerdict: correct",
+                                 "Carry check: {a} plus {b} makes {sum}.\nVerdict: incorrect", usage=(40, 10))
 
 
 def _rows(n: int = 60) -> tuple[object, list[dict]]:
