@@ -46,7 +46,13 @@ from critique_rl.memory import MemoryBank
 from critique_rl.models import build_tiny_model, build_tiny_tokenizer
 from critique_rl.rollout import HFGenerator, SamplingParams
 from critique_rl.tasks.experience import EXPERIENCE, make_experience, make_novel_eval, reading_rows
-from critique_rl.train.experience_reader import READING_CAP, READING_TARGET, reading_warm_up
+from critique_rl.train.experience_reader import (  # noqa: E402
+    READING_CAP,
+    READING_TARGET,
+    context_prompt,
+    greedy_success,
+    reading_warm_up,
+)
 from critique_rl.train.memory_hook import MemoryHook, retrieval_quality
 from critique_rl.train.sft import sft_warmup
 
@@ -72,9 +78,7 @@ ARM_SETS: dict[str, tuple[dict[str, tuple[int, int] | None], dict[str, float | N
 }
 
 
-def prompt_text(row: dict[str, Any], context: str | None) -> str:
-    """What the trainer's ``prompt_text`` builds for a raw (non-chat) policy."""
-    return row["prompt"] if not context else f"{context}\n{row['prompt']}"
+prompt_text = context_prompt  # what the trainer's ``prompt_text`` builds for a raw (non-chat) policy
 
 
 def mem_config(bank: Path, arm: tuple[int, int]) -> MemoryConfig:
@@ -95,8 +99,7 @@ def answer(model: Any, tok: Any, prompts: list[str], batch: int = 128) -> list[s
 
 def accuracy(model: Any, tok: Any, rows: list[dict], contexts: list[str] | None) -> float:
     prompts = [prompt_text(r, contexts[i] if contexts else None) for i, r in enumerate(rows)]
-    texts = answer(model, tok, prompts)
-    return sum(EXPERIENCE.verify(t, r["answer"]) for t, r in zip(texts, rows, strict=True)) / len(rows)
+    return greedy_success(model, tok, prompts, [r["answer"] for r in rows])
 
 
 def warm_up(seed: int, args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
