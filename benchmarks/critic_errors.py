@@ -9,6 +9,7 @@ lr 5e-4), then every arm of that seed from it, 100 RL steps, 300 held-out proble
 warm-up, worker, report table) is ``benchmarks/learning_evidence.py``'s; this file only adds the arms:
 
 - ``grpo``: no critiques.
+- ``indicative``: the ``gt`` arm with verdict-only critiques (no feedback content).
 - ``gt``: Critique-GRPO as the defaults run it (a critiqued refinement in every group with a wrong answer,
   unshaped) with the rule ground-truth critic: the error-free critic (``critique_wrong_unshaped``).
 - ``verdict<P>`` / ``verdict<P>_check``: the same critic with P% of its verdicts flipped (``critic.backend:
@@ -62,6 +63,8 @@ import learning_evidence as le  # noqa: E402  (F2's file: imported, not edited)
 
 RATES = (10, 30, 50)
 WRONG_UNSHAPED = {"critique_on": "wrong", "offpolicy_gamma": None}
+INDICATIVE = {"backend": "rule", "kind": "indicative"}
+"""Verdict-only critiques ("Your answer 3514 is incorrect. Re-check..."): what the critique's content adds."""
 NOISY = {"backend": "noisy", "kind": "ground_truth", "error_inner": "rule", "max_regenerations": 2,
          "fallback_kind": "auto"}
 LOCAL = {"backend": "hf", "kind": "cot", "reference": "hidden", "max_tokens": 96, "max_regenerations": 1,
@@ -70,9 +73,11 @@ LOCAL = {"backend": "hf", "kind": "cot", "reference": "hidden", "max_tokens": 96
 (sampled), then replaced by a verdict-only rule critique (it quotes no answer either)."""
 
 
-def critic_arms(local: str | None, distilled: str | None) -> dict[str, dict[str, Any]]:
+def critic_arms(local: str | None, distilled: str | None,
+                rates: tuple[int, ...] = RATES) -> dict[str, dict[str, Any]]:
     """Arm name -> config overrides (on top of learning_evidence's base)."""
-    arms: dict[str, dict[str, Any]] = {"grpo": {"critique_on": "none"}, "gt": dict(WRONG_UNSHAPED)}
+    arms: dict[str, dict[str, Any]] = {"grpo": {"critique_on": "none"}, "gt": dict(WRONG_UNSHAPED),
+                                       "indicative": {**WRONG_UNSHAPED, "critic": dict(INDICATIVE)}}
     if local:
         arms["local"] = {**WRONG_UNSHAPED, "critic": {**LOCAL, "model": str(Path(local).resolve())}}
         arms["local_demos"] = arms["local"]  # the same run, from the sft_local warm-up (WARMUP_OF)
@@ -81,12 +86,12 @@ def critic_arms(local: str | None, distilled: str | None) -> dict[str, dict[str,
         arms["distilled"] = {**WRONG_UNSHAPED, "critic": {**LOCAL, "model": str(Path(distilled).resolve())}}
         arms["distilled_demos"] = arms["distilled"]
         arms["grpo_distilled_start"] = {"critique_on": "none"}
-    for p in RATES:
+    for p in rates:
         arms[f"verdict{p}"] = {**WRONG_UNSHAPED, "critic": {**NOISY, "error_rate": p / 100, "error_kind": "verdict",
                                                             "error_check": False}}
-    for p in RATES:
+    for p in rates:
         arms[f"hint{p}"] = {**WRONG_UNSHAPED, "critic": {**NOISY, "error_rate": p / 100, "error_kind": "hint"}}
-    for p in RATES:
+    for p in rates:
         arms[f"verdict{p}_check"] = {**WRONG_UNSHAPED, "critic": {**NOISY, "error_rate": p / 100,
                                                                   "error_kind": "verdict", "error_check": True}}
     return arms
@@ -137,7 +142,7 @@ def launch(spec: dict[str, Any], log: Path) -> dict[str, Any]:
     return json.loads(result.read_text())
 
 
-def summary(results: list[dict[str, Any]], arms: list[str], seeds: list[int]) -> str:
+def summary(results: list[dict[str, Any]], arms: list[str], seeds: list[int], rates: tuple[int, ...] = RATES) -> str:
     """Gain over GRPO per arm (paired by seed), the share of the ground-truth critic's gain kept, errors
     delivered, and where each error kind stops beating GRPO."""
     by = {(r["arm"], r["seed"]): r for r in results}
@@ -187,7 +192,7 @@ def summary(results: list[dict[str, Any]], arms: list[str], seeds: list[int]) ->
                          f"({' / '.join(f'{x:+.1f}' for _, x in d)}) | {kept} |")
     lines += ["", "Break-even (the lowest error rate whose mean gain over GRPO is <= 0):"]
     for kind in ("verdict{}", "verdict{}_check", "hint{}"):
-        means = [(0, gt_mean)] + [(p, float(np.mean(diffs(kind.format(p))))) for p in RATES if diffs(kind.format(p))]
+        means = [(0, gt_mean)] + [(p, float(np.mean(diffs(kind.format(p))))) for p in rates if diffs(kind.format(p))]
         below = [p for p, v in means if v is not None and v <= 0]
         row = ", ".join(f"{p}%: {v:+.1f}" for p, v in means if v is not None)
         lines.append(f"- {kind.format('P')}: {row} -> "
@@ -204,6 +209,9 @@ def main() -> None:
     ap.add_argument("--arms", nargs="*", default=None, help="subset of the arms, in this order (default: all)")
     ap.add_argument("--local-critic", default=None, help="directory of `critique-rl critic train` (the local arm)")
     ap.add_argument("--distilled-critic", default=None, help="directory of `critique-rl critic distill`")
+    ap.add_argument("--task", default="addition", help="task of the RL runs (default: the addition mid-range start)")
+    ap.add_argument("--sft-task", default=None, help="task of the warm-up when it differs from --task")
+    ap.add_argument("--rates", type=int, nargs="+", default=list(RATES), help="error rates (%%) of the sweep arms")
     ap.add_argument("--max-steps", type=int, default=100)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-n", type=int, default=300)
@@ -214,7 +222,8 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true",
                     help="run nothing: tabulate the finished runs of --arms (and grpo) x --seeds under --out")
     args = ap.parse_args()
-    defs = critic_arms(args.local_critic, args.distilled_critic)
+    rates = tuple(args.rates)
+    defs = critic_arms(args.local_critic, args.distilled_critic, rates)
     arms = args.arms or list(defs)
     unknown = [a for a in arms if a not in defs]
     if unknown:
@@ -223,7 +232,7 @@ def main() -> None:
     root = Path(args.out)
     (root / "logs").mkdir(parents=True, exist_ok=True)
     extra = le.parse_set(args.set)
-    common = dict(task="addition", sft_task=None, max_steps=args.max_steps, eval_every=args.eval_every,
+    common = dict(task=args.task, sft_task=args.sft_task, max_steps=args.max_steps, eval_every=args.eval_every,
                   eval_n=args.eval_n, extra=extra, threads=1, arm_defs={a: defs[a] for a in arms})
     (root / "setup.json").write_text(json.dumps({**common, "arms": arms, "seeds": args.seeds}, indent=1))
     command = "python benchmarks/critic_errors.py " + " ".join(sys.argv[1:])
@@ -255,7 +264,7 @@ def main() -> None:
     (root / "results.json").write_text(json.dumps(results, indent=1))
     done_arms = [a for a in arms if any(r["arm"] == a for r in results)]
     table = le.report(results, root, "grpo", command) if any(r["arm"] == "grpo" for r in results) else ""
-    text = summary(results, done_arms, args.seeds)
+    text = summary(results, done_arms, args.seeds, rates)
     (root / "summary.md").write_text(f"`{command}`\n\n{text}\n")
     print(table)
     print(text)

@@ -92,3 +92,48 @@ def test_built_from_config_with_the_inner_backend_and_clear_errors():
         CriticConfig(backend="noisy", error_rate=1.5)
     with pytest.raises(UserError, match="error_inner"):
         build_critic(CriticConfig(backend="noisy", error_inner="noisy"))
+
+
+def test_constraints_misleading_spec_names_a_wrong_sum_and_flips_the_parity_rule():
+    import random
+
+    from critique_rl.tasks.constraints import misleading_spec, parse_spec, violations
+
+    ref = "sum=15 first=3 end=odd tag=kir"
+    for seed in range(30):
+        spec = misleading_spec(ref, "3514", random.Random(seed))  # own sum 13, even last digit (the trap mistake)
+        total, first, end, tag = parse_spec(spec)
+        assert (first, end, tag) == (3, "even", "kir") and total != 13 and 12 <= total <= 18 and total != 15
+        # the critique under the wrong spec calls the sum wrong and says nothing of the (real) parity problem
+        assert violations("3514", spec) == [f"its digits sum to 13, not {total}"]
+    # a right-parity answer is told to change its parity (a wrong fix)
+    spec = misleading_spec(ref, "3615", random.Random(0))
+    assert any("end in an even digit" in v for v in violations("3615", spec))
+
+
+def test_hint_errors_use_the_tasks_wrong_reference_through_the_constraints_templates():
+    from critique_rl.tasks.constraints import TEMPLATE_DIR, misleading_spec
+
+    reqs = [CritiqueRequest(question=f"q{i}", response="3514", reference="sum=15 first=3 end=odd tag=kir",
+                            verdict=False, metadata={"answer": "3514"}) for i in range(20)]
+    inner = RuleCritic(kind="ground_truth", template_dir=str(TEMPLATE_DIR))
+    truth = inner.critique(reqs[:1])[0].text
+    assert "kir answers end in an odd digit" in truth  # the error-free critique names the real fix
+    critic = NoisyCritic(inner, error_rate=1.0, error_kind="hint", seed=0, template_dir=str(TEMPLATE_DIR),
+                         wrong_reference=misleading_spec)
+    out = critic.critique(reqs)
+    assert all(c.verdict is False and not c.fallback for c in out)
+    assert all("end in an odd digit" not in c.text and "its digits sum to 13, not 1" in c.text for c in out)
+    assert critic.metrics()["critic/errors_delivered"] == 20
+
+
+def test_trainer_gives_the_noisy_critic_its_tasks_wrong_reference(fast_config):
+    from critique_rl.tasks.constraints import misleading_spec
+    from critique_rl.train.trainer import CritiqueGRPOTrainer
+
+    cfg = fast_config(task="constraints_plateau", max_steps=0, sft_steps=2, eval_n=4, eval_batch_size=4,
+                      critique_on="wrong", critic=CriticConfig(backend="noisy", kind="ground_truth",
+                                                                 error_rate=0.3, error_kind="hint"))
+    trainer = CritiqueGRPOTrainer(args=cfg)
+    trainer.train()
+    assert trainer.critic.wrong_reference is misleading_spec

@@ -7,8 +7,9 @@ critic) and, for a share ``error_rate`` of the critiques it hands out, replaces 
   correct.``), a right one incorrect (``Your answer 85 is incorrect. Re-check your work and try again.``).
 - ``error_kind: hint`` -- a critique of a wrong answer keeps its (right) verdict but names a wrong fix: ``Your
   answer 84 is incorrect. The correct answer is 95.`` (a number answer moved by 1, 2, 10 or 11, never the
-  reference nor the response's own answer; else another request's reference from the same batch). Critiques
-  of right answers name no fix and are left alone.
+  reference nor the response's own answer; else another request's reference from the same batch; a task with
+  ``Task.wrong_reference``, e.g. ``constraints``, gives its own misleading reference). Critiques of right answers
+  name no fix and are left alone.
 
 ``error_check`` is the verifier check every model critic has (:class:`~critique_rl.critics.base.BaseCritic`):
 ``true``, a critique whose verdict contradicts the verifier is drawn again (up to ``max_regenerations`` times,
@@ -26,6 +27,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from critique_rl.critics.base import BaseCritic, Critique, CritiqueRequest, render_rule, response_answer
@@ -40,6 +42,8 @@ class NoisyCritic(BaseCritic):
         inner: any critic (its critiques are the error-free ones).
         error_rate: share of draws made wrong, in [0, 1].
         error_kind: ``verdict`` (flipped verdicts) or ``hint`` (right verdict, wrong fix named).
+        wrong_reference: the task's misleading reference for hint errors (``Task.wrong_reference``; the trainer
+            sets the run's task's); None moves a number answer (else takes another request's reference).
         check: the verifier check (regenerate, then fall back, when the verdict contradicts the verifier).
         max_regenerations: draws after the first when the check rejects one.
         seed: seed of the error stream.
@@ -47,7 +51,8 @@ class NoisyCritic(BaseCritic):
 
     def __init__(self, inner: Any, *, error_rate: float, error_kind: str = "verdict", check: bool = True,
                  max_regenerations: int = 2, seed: int = 0, fallback_kind: str = "auto",
-                 template_dir: str | None = None) -> None:
+                 template_dir: str | None = None,
+                 wrong_reference: Callable[[str, str | None, random.Random], str | None] | None = None) -> None:
         if not 0.0 <= float(error_rate) <= 1.0:
             raise ValueError(f"critic error_rate must be in [0, 1], got {error_rate!r}")
         if error_kind not in ERROR_KINDS:
@@ -59,6 +64,8 @@ class NoisyCritic(BaseCritic):
         self.error_rate = float(error_rate)
         self.error_kind = error_kind
         self.check = bool(check)
+        self.wrong_reference = wrong_reference
+        """The task's misleading reference (``Task.wrong_reference``) for hint errors; None: move a number."""
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self.injected = 0
@@ -153,6 +160,9 @@ class NoisyCritic(BaseCritic):
         avoid = {str(req.reference).strip(), response_answer(req).strip()}
         ref = str(req.reference or "").strip()
         with self._lock:
+            if self.wrong_reference is not None and ref:
+                fix = self.wrong_reference(ref, response_answer(req), self._rng)
+                return None if fix is None or fix.strip() in avoid else fix
             if ref.lstrip("-").isdigit():
                 deltas = [-11, -10, -2, -1, 1, 2, 10, 11]
                 self._rng.shuffle(deltas)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,11 @@ class Task:
     """The task's typical mistake: a wrong completion for an example (None where it does not apply). The SFT
     warm-up imitates a demonstrator that makes it at rate ``sft_mistake_rate``, the systematic error RL,
     critiques and memory lessons are there to fix."""
+
+    wrong_reference: Callable[[str, str | None, random.Random], str | None] | None = None
+    """A reference that names a wrong fix for a response: ``(reference, the response's answer, rng)`` -> a
+    plausible wrong reference (None: none to give). The noisy critic's ``error_kind: hint`` renders its
+    critique with it (a right verdict, a misleading fix); without it a number answer is moved by a small amount."""
 
     parts: dict[str, Task] = field(default_factory=dict)
     """A mixture's tasks by name (:func:`critique_rl.tasks.mixture.mix_tasks`); its rows carry a ``task``

@@ -176,10 +176,23 @@ def wrong_parity(ex: Example) -> str | None:
     return random.Random(ex["prompt"]).choice(wrong) if wrong else None
 
 
+def misleading_spec(reference: str, answer: str | None, rng: random.Random) -> str:
+    """A wrong specification for a critique that names a wrong fix (``critic.error_kind: hint``): the digit sum
+    moved by 1-3 (never to the response's own sum, so its sum is called wrong) and the last-digit rule flipped (a
+    response with the wrong parity hears nothing about it; one with the right parity is told to change it)."""
+    total, first, end, tag = parse_spec(reference)
+    digits = extract_digits(answer or "")
+    own = sum(map(int, digits)) if digits else None
+    deltas = [-3, -2, -1, 1, 2, 3]
+    rng.shuffle(deltas)
+    moved = next(total + d for d in deltas if total + d != own and total + d > 0)
+    return f"sum={moved} first={first} end={'even' if end == 'odd' else 'odd'} tag={tag}"
+
+
 def _task(name: str, make, description: str) -> Task:
     return Task(name=name, make_examples=make, verify=verify_constraints, extract=extract_digits,
                 description=description, sft_completion=lambda ex: ex["example"], max_new_tokens=6,
-                mistake=wrong_parity)
+                mistake=wrong_parity, wrong_reference=misleading_spec)
 
 
 CONSTRAINTS = _task(
@@ -191,5 +204,5 @@ CONSTRAINTS_PLATEAU = _task(
     "constraints, trained and held out on the tags the demonstrator gets wrong (a plateau)")
 
 __all__ = ["CONSTRAINTS", "CONSTRAINTS_PLATEAU", "KNOWN_TAGS", "RULES", "TEMPLATE_DIR", "TRAP_TAGS", "feedback",
-           "make_constraints", "make_constraints_plateau", "parse_spec", "questions", "verify_constraints",
+           "make_constraints", "make_constraints_plateau", "misleading_spec", "parse_spec", "questions", "verify_constraints",
            "violations", "wrong_parity"]

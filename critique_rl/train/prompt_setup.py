@@ -97,6 +97,8 @@ def setup_prompt_critic_memory(t: CritiqueGRPOTrainer, resume_from: Path | None)
         from critique_rl.critics import build_critic
 
         t.critic = build_critic(cfg.critic, policy=t.model, tokenizer=t.tokenizer, output_dir=t.out)
+        if getattr(t.critic, "wrong_reference", False) is None and not t.task.parts:
+            t.critic.wrong_reference = t.task.wrong_reference  # hint errors name this task's kind of wrong fix
     if cfg.critique_on == "none":
         t.critic = None
     # groups get an off-policy sample: a refinement from a critique, or (control) the reference answer
