@@ -5,7 +5,9 @@ against GRPO from the same start (issue #29 item 4).
         --out benchmarks/results/critic_errors
 
 One SFT warm-up per seed (the mid-range start of docs/evidence/midrange.md: task ``addition``, 1500 SFT steps at
-lr 5e-4), then every arm of that seed from it, 100 RL steps, 300 held-out problems. The machinery (base config,
+lr 5e-4), then every arm of that seed from it, 100 RL steps, 300 held-out problems. ``--task`` / ``--sft-task`` /
+``--rates`` run the same arms elsewhere, e.g. the held-out plateau (docs/evidence/critic-errors.md):
+``--task constraints_plateau --sft-task constraints --rates 10 30 50 90 --eval-n 156 --set ... critic.template_dir=...``. The machinery (base config,
 warm-up, worker, report table) is ``benchmarks/learning_evidence.py``'s; this file only adds the arms:
 
 - ``grpo``: no critiques.
