@@ -36,6 +36,8 @@ JUDGE = {"backend": "openai", "model": "judge", "kind": "cot", "reference": "hid
 ARMS: dict[str, dict[str, Any]] = {
     "judge_critique": {"reward_funcs": ["critic"], "verifier": "critique_rl.rewards.critic_judge:judge_verdict",
                        "critique_on": "wrong", "offpolicy_gamma": None, "critic": JUDGE},
+    # control: plain GRPO on the task's own verifier (the judge is exact, so the same reward, no critiques)
+    "verifier_grpo": {"reward_funcs": ["correctness"], "critique_on": "none"},
 }
 
 
@@ -75,6 +77,7 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--arms", nargs="+", default=["judge_critique"], choices=list(ARMS))
     ap.add_argument("--max-steps", type=int, default=60)
     ap.add_argument("--eval-n", type=int, default=200)
     ap.add_argument("--set", nargs="*", default=["sft_steps=1000", "sft_learning_rate=5e-4", "sft_mistake_rate=0.5"])
@@ -88,7 +91,7 @@ def main() -> None:
     results = []
     for seed in args.seeds:
         le.launch(dict(common, arm="sft", seed=seed, out=str(root / f"sft_s{seed}")), root / "logs" / f"sft_s{seed}.log")
-        for arm in ARMS:
+        for arm in args.arms:
             results.append(le.launch(dict(common, arm=arm, seed=seed, out=str(root / f"{arm}_s{seed}"),
                                           model_dir=str(root / f"sft_s{seed}" / "final")),
                                      root / "logs" / f"{arm}_s{seed}.log"))
