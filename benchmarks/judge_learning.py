@@ -59,7 +59,8 @@ def work(spec: dict[str, Any]) -> None:
     """One arm run with its own judge server; adds the judge's call counts to result.json."""
     with CriticServer(responder=rule_judge) as srv:
         arm = dict(ARMS[spec["arm"]])
-        arm["critic"] = {**arm["critic"], "base_url": srv.base_url}
+        if "critic" in arm:  # the judge arm's critic is this server
+            arm["critic"] = {**arm["critic"], "base_url": srv.base_url}
         le.ARMS[spec["arm"]] = arm
         le.work(spec)
         bodies = [json.dumps(b["messages"], sort_keys=True) for b in srv.bodies]
