@@ -65,8 +65,6 @@ import learning_evidence as le  # noqa: E402  (F2's file: imported, not edited)
 
 RATES = (10, 30, 50)
 WRONG_UNSHAPED = {"critique_on": "wrong", "offpolicy_gamma": None}
-INDICATIVE = {"backend": "rule", "kind": "indicative"}
-"""Verdict-only critiques ("Your answer 3514 is incorrect. Re-check..."): what the critique's content adds."""
 NOISY = {"backend": "noisy", "kind": "ground_truth", "error_inner": "rule", "max_regenerations": 2,
          "fallback_kind": "auto"}
 LOCAL = {"backend": "hf", "kind": "cot", "reference": "hidden", "max_tokens": 96, "max_regenerations": 1,
@@ -79,7 +77,7 @@ def critic_arms(local: str | None, distilled: str | None,
                 rates: tuple[int, ...] = RATES) -> dict[str, dict[str, Any]]:
     """Arm name -> config overrides (on top of learning_evidence's base)."""
     arms: dict[str, dict[str, Any]] = {"grpo": {"critique_on": "none"}, "gt": dict(WRONG_UNSHAPED),
-                                       "indicative": {**WRONG_UNSHAPED, "critic": dict(INDICATIVE)}}
+                                       "indicative": {**WRONG_UNSHAPED, "critic": dict(le.INDICATIVE)}}  # verdict-only
     if local:
         arms["local"] = {**WRONG_UNSHAPED, "critic": {**LOCAL, "model": str(Path(local).resolve())}}
         arms["local_demos"] = arms["local"]  # the same run, from the sft_local warm-up (WARMUP_OF)
